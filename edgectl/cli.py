@@ -1,0 +1,164 @@
+"""The `edgectl` command line: parse, call one stage function, render its result.
+
+No torch/executorch import at module level, so `edgectl --help` is instant. Results go
+to stdout, everything else to stderr. `main()` is the one place where exceptions become
+one-line messages (traceback only with --debug or EDGECTL_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgectl import __version__
+from edgectl.errors import EdgectlError, UsageError
+
+app = typer.Typer(
+    name="edgectl",
+    help="Take a Hugging Face causal LM to on-device inference with ExecuTorch.\n\n"
+    "MODEL is a local Hugging Face directory, a hub id (HuggingFaceTB/SmolLM2-135M-Instruct) "
+    "or a .gguf file. Add --debug anywhere for a traceback on errors.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="Runtime threads (default: runtime's choice).")]
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"edgectl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+):
+    pass
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Hub id, Hugging Face directory or .gguf file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .pte.")],
+    backend: Annotated[str, typer.Option(help="xnnpack (ARM/x86 CPU), portable, vulkan, coreml.")] = "xnnpack",
+    max_seq_len: Annotated[Optional[int], typer.Option(help="KV cache length (default: min(model's, 2048)).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print delegated vs non-delegated op counts.")] = False,
+    json_out: JsonOpt = False,
+):
+    """Export MODEL to a self-contained .pte (weights, tokenizer, chat template, config).
+
+    Example: edgectl export HuggingFaceTB/SmolLM2-135M-Instruct -o smollm2.pte
+    """
+    from edgectl import ui
+    from edgectl.checkpoint import resolve
+    from edgectl.export import export_pte
+
+    if output.suffix != ".pte":
+        raise UsageError(f"--output {output}: expected a .pte path")
+    ckpt = resolve(model)
+    with ui.stages(f"exporting {model}") as step:
+        res = export_pte(ckpt, output, backend=backend, max_seq_len=max_seq_len, progress=step)
+    if verbose:
+        _print_ops(res.ops)
+    if json_out:
+        ui.emit_json(res.to_dict())
+    else:
+        typer.echo(f"{res.path}  {res.bytes / 1e6:.1f} MB  {res.seconds:.1f}s ({res.cpu_seconds:.0f} CPU-s)")
+
+
+def _print_ops(ops: dict) -> None:
+    from edgectl import ui
+
+    nd = ops["non_delegated"]
+    ui.info(f"delegated calls: {ops['delegated']}   non-delegated ops: {sum(nd.values())}")
+    for name, n in nd.items():
+        ui.info(f"  {n:5d}  {name}")
+
+
+@app.command()
+def run(
+    artifact: Annotated[Path, typer.Argument(help="A .pte from `edgectl export`.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (or to answer, with --chat).")],
+    n: Annotated[int, typer.Option("-n", "--max-new-tokens", min=1, help="Most tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed, for reproducible runs.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
+    system: Annotated[Optional[str], typer.Option(help="System message (with --chat).")] = None,
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Generate text from ARTIFACT, streaming tokens to stdout; timings go to stderr.
+
+    Example: edgectl run smollm2.pte --chat -p "What is the capital of France?"
+    """
+    from edgectl import ui
+    from edgectl.run import run_prompt
+
+    if system and not chat:
+        raise UsageError("--system needs --chat")
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    res = run_prompt(
+        artifact, prompt, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
+        chat=chat, system=system, threads=threads, on_text=None if json_out else stream,
+    )
+    if json_out:
+        ui.emit_json(res)
+        return
+    sys.stdout.write("\n")
+    s = res["stats"]
+    ui.info(
+        f"[dim]{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new ({s['stopped']}) | load {res['load_ms']:.0f} ms | "
+        f"TTFT {s['ttft_ms']:.0f} ms | prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s[/dim]"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Returns the exit code: 0 ok, 1 domain error, 2 usage error, 130 Ctrl-C."""
+    import click
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("EDGECTL_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        rc = app(args=argv, prog_name="edgectl", standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("edgectl: interrupted", file=sys.stderr)
+        return 130
+    except EdgectlError as e:
+        if debug:
+            raise
+        msg = f"edgectl: error: {e}"
+        if e.hint:
+            msg += f" ({e.hint})"
+        print(msg, file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    except Exception as e:  # an edgectl bug or an unexpected library failure
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"edgectl: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Export stage: torch.export + ExecuTorch lowering to a self-contained `.pte`.
+
+The program's `forward(tokens[1,T], pos[T], idx[N], k_caches..., v_caches...)` returns
+`(logits[1,N,vocab], k_new..., v_new...)`: prefill of a whole prompt in one call, decode
+with T=1, and the KV cache owned by the caller (see model.py). Inputs are not copied
+into planned memory (`alloc_graph_input=False`), so the caches are passed zero-copy.
+
+Everything `run` needs travels in the `.pte` as constant methods: `edgectl_meta` (JSON:
+architecture, max_seq_len, tokenizer config, chat template, quantization) and
+`edgectl_tokenizer` (tokenizer.json), both as uint8 tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgectl import __version__
+from edgectl.errors import EdgectlError
+
+Progress = Callable[[str], None]  # called with the name of each stage as it starts
+
+
+def _xnnpack():
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return [XnnpackPartitioner()]
+
+
+def _vulkan():
+    from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
+
+    return [VulkanPartitioner()]
+
+
+def _coreml():
+    from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+    return [CoreMLPartitioner()]
+
+
+BACKENDS: dict[str, Callable[[], list]] = {
+    "xnnpack": _xnnpack,
+    "portable": lambda: [],
+    "vulkan": _vulkan,
+    "coreml": _coreml,
+}
+
+
+@dataclass
+class ExportResult:
+    path: str
+    bytes: int
+    seconds: float
+    cpu_seconds: float
+    backend: str
+    max_seq_len: int
+    ops: dict = field(default_factory=dict)  # {"delegated": n, "non_delegated": {op: count}}
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def partitioners(backend: str) -> list:
+    if backend not in BACKENDS:
+        raise EdgectlError(f"unknown backend {backend!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
+    try:
+        return BACKENDS[backend]()
+    except ImportError as e:
+        raise EdgectlError(f"the {backend} backend's ahead-of-time part is not installed ({e})") from e
+
+
+def lower(module, example_args: tuple, dynamic_shapes, backend: str, constant_methods: dict | None = None,
+          progress: Progress | None = None):
+    """torch.export -> edge -> backend lowering -> ExecuTorch program. Returns (et_program, op counts)."""
+    import torch
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    step = progress or (lambda s: None)
+    step("torch.export")
+    with torch.no_grad():
+        ep = torch.export.export(
+            module, example_args, dynamic_shapes=dynamic_shapes, strict=False,
+            prefer_deferred_runtime_asserts_over_guards=True,
+        )
+    step(f"lowering ({backend})")
+    edge = to_edge_transform_and_lower(
+        ep,
+        partitioner=partitioners(backend),
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=constant_methods,
+    )
+    ops = op_counts(edge.exported_program().graph_module)
+    step("to_executorch")
+    prog = edge.to_executorch(
+        ExecutorchBackendConfig(
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            extract_delegate_segments=True,
+        )
+    )
+    return prog, ops
+
+
+def op_counts(gm) -> dict:
+    """Delegated calls vs operators left to the portable kernels, by name."""
+    delegated, other = 0, Counter()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if "call_delegate" in name:
+            delegated += 1
+        elif name != "getitem":
+            other[name] += 1
+    return {"delegated": delegated, "non_delegated": dict(other.most_common())}
+
+
+def write_atomic(path: Path, data_writer: Callable[[object], None]) -> int:
+    """Write through a temporary file in the same directory and rename it into place, so
+    `path` is either the old file, the complete new one, or absent, even on Ctrl-C."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            data_writer(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def bytes_tensor(data: bytes):
+    import torch
+
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def metadata(ckpt, args, max_seq_len: int, backend: str, quantization: dict | None) -> dict:
+    tc = ckpt.tokenizer_config
+    keep = ("bos_token", "eos_token", "add_bos_token", "chat_template")
+    return {
+        "edgectl_version": __version__,
+        "format": "edgectl-pte/1",
+        "model": args.to_dict(),
+        "max_seq_len": max_seq_len,
+        "backend": backend,
+        "quantization": quantization,
+        "tokenizer_config": {k: tc[k] for k in keep if k in tc},
+        "source": {"model": ckpt.source, "sha256": ckpt.content_hash()},
+        "io": "forward(tokens[1,T], pos[T], idx[N], k_cache*L, v_cache*L) -> (logits[1,N,V], k_new*L, v_new*L)",
+    }
+
+
+def constant_methods(meta: dict, tokenizer_json: str) -> dict:
+    args = meta["model"]
+    eos = args["eos_token_ids"]
+    return {
+        "edgectl_meta": bytes_tensor(json.dumps(meta).encode()),
+        "edgectl_tokenizer": bytes_tensor(tokenizer_json.encode()),
+        # The names ExecuTorch's own LLM runners read.
+        "get_max_seq_len": meta["max_seq_len"],
+        "get_vocab_size": args["vocab_size"],
+        "get_bos_id": args["bos_token_id"] if args["bos_token_id"] is not None else -1,
+        "get_eos_id": eos[0] if eos else -1,
+        "get_n_layers": args["n_layers"],
+    }
+
+
+def monolithic_example(model, max_seq_len: int):
+    import torch
+    from torch.export import Dim
+
+    k_caches, v_caches = model.empty_caches()
+    T = Dim("T", min=1, max=max_seq_len)
+    N = Dim("N", min=1, max=max_seq_len)
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2), torch.arange(2), k_caches, v_caches)
+    dynamic = ({1: T}, {0: T}, {0: N}, [None] * len(k_caches), [None] * len(v_caches))
+    return example, dynamic
+
+
+def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | None = None,
+               progress: Progress | None = None) -> ExportResult:
+    """Export a checkpoint to one monolithic `.pte` at `out` (written atomically)."""
+    from edgectl.checkpoint import load_model
+    from edgectl.quantize import apply_recorded_quantization
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    step = progress or (lambda s: None)
+    args = ckpt.args
+    max_seq_len = max_seq_len or min(args.max_position_embeddings, 2048)
+    if max_seq_len < 2:
+        raise EdgectlError("--max-seq-len must be at least 2")
+    step("loading weights")
+    model = load_model(ckpt, max_seq_len)
+    quant = apply_recorded_quantization(model, ckpt)
+    example, dynamic = monolithic_example(model, max_seq_len)
+    meta = metadata(ckpt, args, max_seq_len, backend, quant)
+    prog, ops = lower(model, example, dynamic, backend, constant_methods(meta, ckpt.tokenizer_json), step)
+    step("writing")
+    size = write_atomic(out, prog.write_to_file)
+    return ExportResult(str(out), size, time.perf_counter() - t0, time.process_time() - c0, backend, max_seq_len, ops)

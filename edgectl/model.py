@@ -1,0 +1,286 @@
+"""One Llama-family decoder, readable top to bottom.
+
+Covers Llama 2/3 (incl. llama3 RoPE scaling), SmolLM/SmolLM2, Mistral-style and Qwen2
+(q/k/v bias): RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, tied embeddings.
+
+The KV cache lives *outside* the model. Every decoder layer has the signature
+
+    Block(x, pos, k_cache, v_cache) -> (x_out, k_new, v_new)
+
+where `k_cache`/`v_cache` ([1, n_kv_heads, max_seq_len, head_dim]) are read only, `pos`
+holds the absolute positions of the T tokens in `x`, and `k_new`/`v_new`
+([1, n_kv_heads, T, head_dim]) are the entries the caller writes into its caches at `pos`.
+Attention runs over the cache (positions < pos[0]) and over the new entries (causal)
+in one softmax (computed in two parts), so no cache is copied or mutated inside the program. This is what lets a
+layer be its own ExecuTorch program that can be evicted mid-generation (see shard.py),
+and the monolithic model is simply the same pieces chained.
+
+Module names mirror Hugging Face's (`self_attn.q_proj`, `mlp.gate_proj`, ...) so a
+checkpoint loads with its keys unchanged apart from the leading "model.".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgectl.errors import EdgectlError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MASK_VALUE = -1e9  # additive mask; finite so a softmax row never sees NaN
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    architecture: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    tie_embeddings: bool = True
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        arch = (cfg.get("architectures") or ["?"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise EdgectlError(
+                f"unsupported architecture {arch!r}",
+                hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
+            )
+        n_heads = cfg["num_attention_heads"]
+        dim = cfg["hidden_size"]
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise EdgectlError(f"unsupported RoPE scaling {rope_type!r}", hint="supported: default, llama3")
+        eos = cfg.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        return cls(
+            architecture=arch,
+            dim=dim,
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or dim // n_heads,
+            hidden_dim=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            rope_scaling=dict(rope) if rope_type == "llama3" else None,
+            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        return cls(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ()))})
+
+
+# ---------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    # llama3: long wavelengths slowed by `factor`, short ones kept, smooth in between.
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+    mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+    return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled).float()
+
+
+def rope_tables(args: ModelArgs, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.arange(max_seq_len, dtype=torch.float64)
+    freqs = torch.outer(t, rope_inv_freq(args).double())
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, pos, cos, sin, k_cache, v_cache):
+        _, T, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        rep, S = H // KV, k_cache.shape[2]
+        q = self.q_proj(x).view(1, T, H, D).transpose(1, 2)
+        k = self.k_proj(x).view(1, T, KV, D).transpose(1, 2)
+        v = self.v_proj(x).view(1, T, KV, D).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin).contiguous()
+        v = v.contiguous()
+
+        # Group the query heads that share a kv head: [KV, rep*T, D]. No kv repeat, and
+        # plain 3-D bmm (4-D matmul with a dynamic T trips torch.export's stride guards).
+        q = q.contiguous().view(KV, rep * T, D) * (1.0 / math.sqrt(D))
+        kc, vc = k_cache.view(KV, S, D), v_cache.view(KV, S, D)
+        cached = torch.arange(S, dtype=pos.dtype) < pos[:1]  # [S]: filled cache slots
+        causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # [T, T]
+        mask_cache = torch.where(cached, 0.0, MASK_VALUE)
+        mask_new = torch.where(causal, 0.0, MASK_VALUE).repeat(rep, 1)
+        s_cache = torch.bmm(q, kc.transpose(1, 2)) + mask_cache  # [KV, rep*T, S]
+        s_new = torch.bmm(q, k.view(KV, T, D).transpose(1, 2)) + mask_new  # [KV, rep*T, T]
+        # softmax over [s_cache | s_new] computed in two parts, without concatenating.
+        m = torch.maximum(s_cache.amax(-1, keepdim=True), s_new.amax(-1, keepdim=True))
+        e_cache, e_new = torch.exp(s_cache - m), torch.exp(s_new - m)
+        inv = 1.0 / (e_cache.sum(-1, keepdim=True) + e_new.sum(-1, keepdim=True))
+        out = torch.bmm(e_cache * inv, vc) + torch.bmm(e_new * inv, v.view(KV, T, D))  # [KV, rep*T, D]
+        out = out.view(H, T, D).transpose(0, 1).reshape(1, T, H * D)
+        return self.o_proj(out), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One decoder layer. Owns its RoPE tables so it can be exported on its own."""
+
+    def __init__(self, args: ModelArgs, max_seq_len: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+        cos, sin = rope_tables(args, max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x, pos, k_cache, v_cache):
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        a, k_new, v_new = self.self_attn(self.input_layernorm(x), pos, cos, sin, k_cache, v_cache)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k_new, v_new
+
+
+class Embedding(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+
+    def forward(self, tokens):
+        return self.embed_tokens(tokens)
+
+
+class Head(nn.Module):
+    """Final norm and output projection, applied only at the positions in `idx`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, x, idx):
+        return self.lm_head(self.norm(x.index_select(1, idx)))
+
+
+class Transformer(nn.Module):
+    """Embedding -> n_layers Blocks -> Head.
+
+    forward(tokens [1,T], pos [T], idx [N], k_caches, v_caches)
+        -> (logits [1,N,vocab], k_news, v_news)
+    """
+
+    def __init__(self, args: ModelArgs, max_seq_len: int):
+        super().__init__()
+        self.args, self.max_seq_len = args, max_seq_len
+        self.embed = Embedding(args)
+        self.layers = nn.ModuleList(Block(args, max_seq_len) for _ in range(args.n_layers))
+        self.head = Head(args)
+        if args.tie_embeddings:
+            self.head.lm_head.weight = self.embed.embed_tokens.weight
+
+    def forward(self, tokens, pos, idx, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]):
+        x = self.embed(tokens)
+        k_news, v_news = [], []
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
+            x, k, v = layer(x, pos, k_cache, v_cache)
+            k_news.append(k)
+            v_news.append(v)
+        return self.head(x, idx), k_news, v_news
+
+    def cache_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.args.n_kv_heads, self.max_seq_len, self.args.head_dim)
+
+    def empty_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        shape = self.cache_shape()
+        return (
+            [torch.zeros(shape) for _ in range(self.args.n_layers)],
+            [torch.zeros(shape) for _ in range(self.args.n_layers)],
+        )
+
+
+def hf_key_to_ours(key: str) -> str | None:
+    """Map a Hugging Face state-dict key onto this module tree (None: not a weight we use)."""
+    if key == "model.embed_tokens.weight":
+        return "embed.embed_tokens.weight"
+    if key == "model.norm.weight":
+        return "head.norm.weight"
+    if key == "lm_head.weight":
+        return "head.lm_head.weight"
+    if key.startswith("model.layers."):
+        return key[len("model.") :]
+    return None

@@ -1,0 +1,197 @@
+"""Runtime: load an edgectl `.pte`, own the KV cache, run prefill/decode steps.
+
+Every artifact `run` and `bench` accept implements the `Model` protocol below (the
+monolithic `.pte` here; the shard set in a later module), and records what it does in a
+`Trace` (spans on named lanes) that `bench --plot` draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from edgectl.errors import EdgectlError
+
+
+@dataclass
+class Span:
+    lane: str  # "load", "compute", ...
+    name: str  # "prefill", "decode", "load_method", "layer.3", ...
+    start: float
+    end: float
+
+
+@dataclass
+class Trace:
+    """Spans on lanes, times in seconds from the trace's origin."""
+
+    origin: float = field(default_factory=time.perf_counter)
+    spans: list[Span] = field(default_factory=list)
+
+    def span(self, lane: str, name: str):
+        return _SpanCtx(self, lane, name)
+
+    def to_dict(self) -> dict:
+        return {"spans": [s.__dict__ for s in self.spans]}
+
+    def total(self, lane: str) -> float:
+        return sum(s.end - s.start for s in self.spans if s.lane == lane)
+
+
+class _SpanCtx:
+    def __init__(self, trace: Trace, lane: str, name: str):
+        self.trace, self.lane, self.name = trace, lane, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        o = self.trace.origin
+        self.trace.spans.append(Span(self.lane, self.name, self.t0 - o, time.perf_counter() - o))
+
+
+class Model(Protocol):
+    meta: dict
+    max_seq_len: int
+    trace: Trace
+
+    def reset(self) -> None: ...
+
+    def forward(self, tokens: list[int], start: int, all_logits: bool = False) -> "torch.Tensor": ...  # noqa: F821
+
+
+def set_threads(n: int | None) -> None:
+    """Size the ExecuTorch/XNNPACK thread pool (default: what the runtime picks)."""
+    if not n:
+        return
+    from executorch.extension.pybindings import portable_lib
+
+    reset = getattr(portable_lib, "_unsafe_reset_threadpool", None)
+    if reset is None:
+        raise EdgectlError("this executorch build cannot set the thread count")
+    reset(n)
+
+
+def malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def native_stderr_captured():
+    """Hold back what the C++ runtime writes to fd 2 (cpuinfo probing, thread pool set-up)
+    and replay it only if the block fails, or always with EDGECTL_DEBUG=1."""
+    if os.environ.get("EDGECTL_DEBUG") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            tmp.seek(0)
+            sys.stderr.write(tmp.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _load_runtime():
+    import logging
+
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from executorch.runtime import Runtime
+
+    import executorch.kernels.quantized  # noqa: F401  (registers quantized kernels)
+
+    return Runtime.get()
+
+
+def read_bytes_method(program, name: str) -> bytes:
+    out = program.load_method(name).execute([])
+    return out[0].numpy().tobytes()
+
+
+class PteModel:
+    """A monolithic edgectl `.pte`: forward(tokens, pos, idx, k*L, v*L) -> (logits, k_new*L, v_new*L)."""
+
+    def __init__(self, path: str | Path, trace: Trace | None = None):
+        import torch
+
+        path = Path(path)
+        if not path.is_file():
+            raise EdgectlError(f"{path}: no such file")
+        self.path, self.trace = path, trace or Trace()
+        rt = _load_runtime()
+        with native_stderr_captured():
+            with self.trace.span("load", "load_program"):
+                try:
+                    self.program = rt.load_program(str(path))
+                except (RuntimeError, ValueError) as e:
+                    raise EdgectlError(f"{path}: not a loadable ExecuTorch program ({e})") from e
+            if "edgectl_meta" not in self.program.method_names:
+                raise EdgectlError(f"{path}: not an edgectl .pte (no edgectl_meta)", hint="export it with `edgectl export`")
+            self.meta = json.loads(read_bytes_method(self.program, "edgectl_meta"))
+            self.tokenizer_json = read_bytes_method(self.program, "edgectl_tokenizer").decode()
+            with self.trace.span("load", "load_method"):
+                try:
+                    self.method = self.program.load_method("forward")
+                except RuntimeError as e:
+                    raise EdgectlError(f"{path}: cannot load its forward method ({e})") from e
+        m = self.meta["model"]
+        self.max_seq_len = self.meta["max_seq_len"]
+        shape = (1, m["n_kv_heads"], self.max_seq_len, m["head_dim"])
+        self.k = [torch.zeros(shape) for _ in range(m["n_layers"])]
+        self.v = [torch.zeros(shape) for _ in range(m["n_layers"])]
+
+    def reset(self) -> None:
+        for t in self.k + self.v:
+            t.zero_()
+
+    def forward(self, tokens: list[int], start: int, all_logits: bool = False):
+        import torch
+
+        T = len(tokens)
+        if start + T > self.max_seq_len:
+            raise EdgectlError(f"sequence of {start + T} tokens exceeds max_seq_len {self.max_seq_len}")
+        pos = torch.arange(start, start + T)
+        idx = torch.arange(T) if all_logits else torch.tensor([T - 1])
+        with self.trace.span("compute", "prefill" if T > 1 else "decode"):
+            out = self.method.execute([torch.tensor([tokens]), pos, idx, *self.k, *self.v])
+            L = len(self.k)
+            for i in range(L):
+                self.k[i][:, :, start : start + T] = out[1 + i]
+                self.v[i][:, :, start : start + T] = out[1 + L + i]
+        return out[0][0]  # [N, vocab]
+
+    def close(self) -> None:
+        self.method = self.program = None
+        malloc_trim()
+
+
+def open_artifact(path: str | Path, trace: Trace | None = None) -> Model:
+    """A `.pte` file, or (later) a shard set directory with a manifest.json."""
+    p = Path(path)
+    if p.is_dir() and (p / "manifest.json").exists():
+        from edgectl.shards_runtime import ShardModel  # added with `edgectl shard`
+
+        return ShardModel(p, trace=trace)
+    if not p.exists():
+        raise EdgectlError(f"{path}: no such file or directory")
+    return PteModel(p, trace=trace)
