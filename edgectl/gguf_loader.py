@@ -17,6 +17,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gguf
@@ -53,29 +54,24 @@ ARCHITECTURES = {
 }
 
 _GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
-}
-_BLOCK_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
+}  # fmt: skip
+_BLOCK_TENSORS = {  # blk.{i}.<key>.{weight,bias} -> model.layers.{i}.<value>.{weight,bias}
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
-}
+}  # fmt: skip
+_CONFIG_DEFAULTS = {"attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02, "use_cache": True}
+_CONFIG_DEFAULTS["torch_dtype"] = "float32"  # what the iterator yields
 _ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, folded into config["rope_scaling"]
 
 
 def read_gguf(path) -> tuple[GGUFCheckpoint, Iterator[tuple[str, torch.Tensor]]]:
     """Parse a GGUF file. Returns its metadata and a lazy iterator over (HF name, fp32 tensor)."""
     path = Path(path)
-    reader = _open(path)
-    meta = _metadata(reader, path)
+    reader, meta = _open(path)
     arch_name = meta.get("general.architecture")
     if arch_name not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
@@ -83,26 +79,20 @@ def read_gguf(path) -> tuple[GGUFCheckpoint, Iterator[tuple[str, torch.Tensor]]]
     arch = ARCHITECTURES[arch_name]
     tensors = {t.name: t for t in reader.tensors}
     config = _config(meta, arch_name, arch, tensors, path)
-    plan = _tensor_plan(tensors, config, path)
+    plan = _tensor_plan(tensors, config, arch, path)
     tokenizer_json, tokenizer_config = _tokenizer(meta, path)
-    checkpoint = GGUFCheckpoint(
-        config=config,
-        tokenizer_json=tokenizer_json,
-        tokenizer_config=tokenizer_config,
-        gguf_quant={hf: tensors[name].tensor_type.name for name, hf, _ in plan},
-    )
-    return checkpoint, _iter_tensors(path, tensors, plan, config if arch.permute_qk else None)
+    quant = {hf: tensors[name].tensor_type.name for name, hf, _ in plan if name is not None}
+    tensor_iter = _iter_tensors(path, tensors, plan, config if arch.permute_qk else None)
+    return GGUFCheckpoint(config, tokenizer_json, tokenizer_config, quant), tensor_iter
 
 
-# ---------------------------------------------------------------------------------------- file
-
-
-def _open(path: Path) -> GGUFReader:
+def _open(path: Path) -> tuple[GGUFReader, dict]:
     if not path.is_file():
         raise EdgectlError(f"{path}: no such file")
     try:
-        return GGUFReader(path)
-    except Exception as exc:  # the reader of an untrusted binary fails in many ways; all mean the same
+        reader = GGUFReader(path)
+        return reader, {name: field.contents() for name, field in reader.fields.items()}
+    except Exception as exc:  # a reader of an untrusted binary fails in many ways; all mean the same
         raise _invalid(path, exc) from exc
 
 
@@ -110,20 +100,8 @@ def _invalid(path: Path, exc: BaseException) -> EdgectlError:
     reason = str(exc) or type(exc).__name__
     if "cannot reshape" in reason or "cannot mmap an empty file" in reason:
         reason = f"truncated: tensor data runs past the end of the file; {reason}"
-    return EdgectlError(
-        f"{path}: not a valid GGUF file ({reason})",
-        hint="Download it again; scripts/fetch_models.py checks the default model's sha256.",
-    )
-
-
-def _metadata(reader: GGUFReader, path: Path) -> dict:
-    try:
-        return {name: field.contents() for name, field in reader.fields.items()}
-    except Exception as exc:
-        raise _invalid(path, exc) from exc
-
-
-# -------------------------------------------------------------------------------------- config
+    hint = "Download it again; scripts/fetch_models.py checks the default model's sha256."
+    return EdgectlError(f"{path}: not a valid GGUF file ({reason})", hint=hint)
 
 
 def _config(meta: dict, arch_name: str, arch: _Arch, tensors: dict, path: Path) -> dict:
@@ -136,11 +114,7 @@ def _config(meta: dict, arch_name: str, arch: _Arch, tensors: dict, path: Path) 
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
     head_dim = key("attention.key_length", None) or key("rope.dimension_count", None) or hidden // heads
     vocab = key("vocab_size", None) or len(meta.get("tokenizer.ggml.tokens") or ())
-    if not vocab and "token_embd.weight" in tensors:
-        vocab = int(tensors["token_embd.weight"].shape[-1])
-    bias = arch.attention_bias
-    if bias is None:
-        bias = "blk.0.attn_q.bias" in tensors
+    bias = arch.attention_bias if arch.attention_bias is not None else "blk.0.attn_q.bias" in tensors
     rope_theta = _f32(key("rope.freq_base", 10000.0))
     config = {
         "architectures": [arch.hf_class],
@@ -160,11 +134,7 @@ def _config(meta: dict, arch_name: str, arch: _Arch, tensors: dict, path: Path) 
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "attention_bias": bool(bias),
-        "attention_dropout": 0.0,
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "torch_dtype": "float32",
+        **_CONFIG_DEFAULTS,
         **arch.extra,
     }
     if meta.get("tokenizer.ggml.padding_token_id") is not None:
@@ -191,11 +161,8 @@ def _rope_scaling(meta, arch_name, rope_freqs, theta, head_dim, path) -> dict | 
 
 
 def _llama3_scaling(rope_freqs, theta: float, head_dim: int, path: Path) -> dict:
-    """Recover HF's llama3 rope_scaling from the per-frequency divisors llama.cpp stores instead.
-
-    Llama 3.x ships low_freq_factor 1 and high_freq_factor 4; the factor and the original context
-    come out of the tensor, and the result is checked by recomputing the whole tensor from it.
-    """
+    """HF's llama3 rope_scaling from the per-frequency divisors llama.cpp stores instead. Llama 3.x uses
+    low/high_freq_factor 1 and 4; factor and original context come out of the tensor, then get checked."""
     stored = np.asarray(gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float64).ravel()
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * np.pi / inv_freq
@@ -205,21 +172,13 @@ def _llama3_scaling(rope_freqs, theta: float, head_dim: int, path: Path) -> dict
     if factor > 1 and between.any():
         smooth = (1 / stored[between] - 1 / factor) / (1 - 1 / factor)
         original = int(round(float(np.median((smooth * (high - low) + low) * wavelen[between]))))
-    scaling = {
-        "rope_type": "llama3",
-        "factor": factor,
-        "low_freq_factor": low,
-        "high_freq_factor": high,
-        "original_max_position_embeddings": original,
-    }
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high}
+    scaling["original_max_position_embeddings"] = original
     smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
     expected = 1 / ((1 - smooth) / factor + smooth)
     if stored.shape != expected.shape or not np.allclose(stored, expected, rtol=1e-3):
         raise EdgectlError(f"{path}: {_ROPE_FREQS} does not match any llama3 rope scaling")
     return scaling
-
-
-# ------------------------------------------------------------------------------------- tensors
 
 
 def _hf_name(name: str) -> str | None:
@@ -231,39 +190,52 @@ def _hf_name(name: str) -> str | None:
     return None
 
 
-def _expected_shape(hf_name: str, c: dict) -> tuple[int, ...]:
-    hidden, inter = c["hidden_size"], c["intermediate_size"]
+def _hf_shapes(c: dict, arch: _Arch) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the HF model this config describes, with its shape."""
+    hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
-    shapes = {
-        "embed_tokens": (c["vocab_size"], hidden), "lm_head": (c["vocab_size"], hidden),
-        "norm": (hidden,), "input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
-        "q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
-        "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not c["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    layer = {
+        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q),
+        "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
     }  # fmt: skip
-    module, kind = hf_name.split(".")[-2:]
-    shape = shapes[module]
-    return shape[:1] if kind == "bias" else shape
+    if c["attention_bias"]:  # HF Llama then has an o_proj bias too; Qwen2 never does
+        layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        if arch.attention_bias is None:
+            layer["self_attn.o_proj.bias"] = (hidden,)
+    for i in range(c["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes
 
 
-def _tensor_plan(tensors: dict, config: dict, path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(GGUF name, HF name, HF shape) for every tensor to yield, checked against the config."""
+def _tensor_plan(tensors: dict, config: dict, arch: _Arch, path: Path) -> list[tuple[str | None, str, tuple]]:
+    """(GGUF name, HF name, HF shape) for every HF parameter, checked against the config. A GGUF name
+    of None means zeros: HF Llama's o_proj bias, for a file with q/k/v biases and no output bias."""
+    wanted = _hf_shapes(config, arch)
     plan, unknown, checked_types = [], [], set()
     for name, tensor in tensors.items():
         hf = _hf_name(name)
-        if hf is None:
-            if name != _ROPE_FREQS:
-                unknown.append(name)
+        if hf not in wanted:
+            unknown += [] if name == _ROPE_FREQS else [name]
             continue
-        layer = re.match(r"model\.layers\.(\d+)\.", hf)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
-        if (layer and int(layer[1]) >= config["num_hidden_layers"]) or shape != _expected_shape(hf, config):
-            raise EdgectlError(f"{path}: tensor {name} has shape {shape}, which the GGUF metadata does not explain")
+        if shape != wanted[hf]:
+            raise EdgectlError(f"{path}: tensor {name} has shape {shape}; its metadata implies {wanted[hf]}")
         if tensor.tensor_type not in checked_types:
             _dequantize(tensor.data[:1], tensor.tensor_type, name, path)  # fail now, not mid-load
             checked_types.add(tensor.tensor_type)
         plan.append((name, hf, shape))
-    if unknown:
-        raise EdgectlError(f"{path}: unexpected tensors {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
+    missing = sorted(set(wanted) - {hf for _, hf, _ in plan})
+    plan += [(None, hf, wanted[hf]) for hf in missing if hf.endswith("o_proj.bias")]
+    missing = [hf for hf in missing if not hf.endswith("o_proj.bias")]
+    for problem, names in (("unexpected tensors", unknown), ("no tensors for", missing)):
+        if names:
+            raise EdgectlError(f"{path}: {problem} {', '.join(names[:4])}" + (" ..." if len(names) > 4 else ""))
     return plan
 
 
@@ -283,6 +255,9 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _iter_tensors(path, tensors, plan, permute_config) -> Iterator[tuple[str, torch.Tensor]]:
     for name, hf, shape in plan:
+        if name is None:
+            yield hf, torch.zeros(shape)
+            continue
         array = _dequantize(tensors[name].data, tensors[name].tensor_type, name, path).reshape(shape)
         if permute_config is not None and hf.split(".")[-2] in ("q_proj", "k_proj"):
             heads = permute_config["num_attention_heads" if "q_proj" in hf else "num_key_value_heads"]
@@ -291,8 +266,6 @@ def _iter_tensors(path, tensors, plan, permute_config) -> Iterator[tuple[str, to
             array = array.copy()
         yield hf, torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
-
-# ----------------------------------------------------------------------------------- tokenizer
 
 _CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4  # tokenizer.ggml.token_type values
 _LLAMA3_SPLIT = (
@@ -314,67 +287,47 @@ def _digits_then_gpt2_pre():  # StarCoder-style: every digit its own pre-token, 
 
 
 def _split_pre(pattern: str):
-    def build():
-        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
-        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-    return build
+    split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-# tokenizer.ggml.pre -> (pre-tokenizer factory, BPE ignore_merges, NFC normalizer), as llama.cpp reads them
-_BPE_PRE = {
-    "default": (_gpt2_pre, False, False),
-    "gpt2": (_gpt2_pre, False, False),
-    "smollm": (_digits_then_gpt2_pre, False, False),
-    "starcoder": (_digits_then_gpt2_pre, False, False),
-    "refact": (_digits_then_gpt2_pre, False, False),
-    "llama-bpe": (_split_pre(_LLAMA3_SPLIT), True, False),
-    "llama3": (_split_pre(_LLAMA3_SPLIT), True, False),
-    "llama-v3": (_split_pre(_LLAMA3_SPLIT), True, False),
-    "smaug-bpe": (_split_pre(_LLAMA3_SPLIT), True, False),
-    "qwen2": (_split_pre(_QWEN2_SPLIT), False, True),
-    "deepseek-r1-qwen": (_split_pre(_QWEN2_SPLIT), False, True),
-}
+# tokenizer.ggml.pre names -> pre-tokenizer factory, BPE ignore_merges, NFC normalizer (as llama.cpp and the
+# original tokenizer.json of each family do)
+_PRE_FAMILIES = [
+    (("default", "gpt2"), _gpt2_pre, False, False),
+    (("smollm", "starcoder", "refact"), _digits_then_gpt2_pre, False, False),
+    (("llama-bpe", "llama3", "llama-v3", "smaug-bpe"), partial(_split_pre, _LLAMA3_SPLIT), True, False),
+    (("qwen2", "deepseek-r1-qwen"), partial(_split_pre, _QWEN2_SPLIT), False, True),
+]
+_BPE_PRE = {name: spec for names, *spec in _PRE_FAMILIES for name in names}
+_LLAMA3_PRE = _PRE_FAMILIES[2][0]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable spelling of the 256 byte values."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    spelled, extra = {}, 0
-    for byte in range(256):
-        if byte in keep:
-            spelled[byte] = chr(byte)
-        else:
-            spelled[byte], extra = chr(256 + extra), extra + 1
-    return spelled
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
 
 
-def _byte_level(meta: dict, tokens: list[str], types: list[int]) -> tuple[Tokenizer, list[AddedToken]]:
+def _byte_level(meta: dict, tokens: list[str]) -> tuple[Tokenizer, set[str]]:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
-    vocab = {
-        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
-    }
+    spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens]
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _BPE_PRE:
         logger.warning("GGUF pre-tokenizer %r is unknown; splitting text the GPT-2 way", pre)
     pre_factory, ignore_merges, nfc = _BPE_PRE.get(pre, _BPE_PRE["default"])
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", ())]
-    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(spelled)}, merges, ignore_merges=ignore_merges))
     tok.pre_tokenizer = pre_factory()
     tok.decoder = decoders.ByteLevel()
     if nfc:
         tok.normalizer = normalizers.NFC()
-    # A control token spelled outside the byte alphabet is a llama.cpp mislabel; adding it would grow the vocab.
-    added = [
-        AddedToken(t, special=kind != _USER_DEFINED, normalized=False)
-        for t, kind in zip(tokens, types)
-        if (kind in (_CONTROL, _UNKNOWN) and set(t) <= alphabet) or (kind == _USER_DEFINED and t in vocab)
-    ]
-    return tok, added
+    return tok, alphabet
 
 
-def _sentencepiece(meta: dict, tokens: list[str], types: list[int]) -> tuple[Tokenizer, list[AddedToken]]:
+def _sentencepiece(meta: dict, tokens: list[str]) -> tuple[Tokenizer, None]:
     vocab = {t: i for i, t in enumerate(tokens)}
     if "tokenizer.ggml.merges" in meta:
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
@@ -394,37 +347,37 @@ def _sentencepiece(meta: dict, tokens: list[str], types: list[int]) -> tuple[Tok
     tok.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme="first" if prefix else "never", split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    added = [
-        AddedToken(t, special=kind != _USER_DEFINED, normalized=False)
-        for t, kind in zip(tokens, types)
-        if kind in (_CONTROL, _UNKNOWN, _USER_DEFINED)
-    ]
-    return tok, added
+    return tok, None
 
 
-_TOKENIZER_MODELS = {"gpt2": (_byte_level, False), "llama": (_sentencepiece, True)}  # -> (builder, default add_bos)
+# tokenizer.ggml.model -> (builder returning the tokenizer and its byte alphabet, if any; default add_bos)
+_TOKENIZER_MODELS = {"gpt2": (_byte_level, False), "llama": (_sentencepiece, True)}
 
 
 def _tokenizer(meta: dict, path: Path) -> tuple[str, dict]:
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if kind not in _TOKENIZER_MODELS or not tokens:
-        raise EdgectlError(
-            f"{path}: GGUF tokenizer {kind!r} is not supported",
-            hint=f"Supported tokenizer.ggml.model values: {', '.join(sorted(_TOKENIZER_MODELS))}.",
-        )
+        supported = ", ".join(sorted(_TOKENIZER_MODELS))
+        raise EdgectlError(f"{path}: GGUF tokenizer {kind!r} is not supported (supported: {supported})")
     builder, default_bos = _TOKENIZER_MODELS[kind]
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    tok, added = builder(meta, tokens, types)
-    tok.add_special_tokens([a for a in added if a.special])
-    tok.add_tokens([a for a in added if not a.special])
+    tok, alphabet = builder(meta, tokens)
+    special, plain = [], []
+    for token, token_type in zip(tokens, meta.get("tokenizer.ggml.token_type") or ()):
+        # a control token spelled outside the byte alphabet is a llama.cpp mislabel: adding it would grow the vocab
+        if token_type in (_CONTROL, _UNKNOWN) and (alphabet is None or set(token) <= alphabet):
+            special.append(AddedToken(token, special=True, normalized=False))
+        elif token_type == _USER_DEFINED and tok.token_to_id(token) is not None:
+            plain.append(AddedToken(token, special=False, normalized=False))
+    tok.add_special_tokens(special)
+    tok.add_tokens(plain)
 
     def token(key):
         index = meta.get(f"tokenizer.ggml.{key}")
         return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 
     bos, eos = token("bos_token_id"), token("eos_token_id")
-    if kind == "gpt2" and meta.get("tokenizer.ggml.pre") in ("llama-bpe", "llama3", "llama-v3", "smaug-bpe"):
+    if kind == "gpt2" and meta.get("tokenizer.ggml.pre") in _LLAMA3_PRE:
         default_bos = True  # llama.cpp's default for these vocabularies
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
@@ -436,15 +389,10 @@ def _tokenizer(meta: dict, path: Path) -> tuple[str, dict]:
     elif kind == "gpt2":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos,
-        "eos_token": eos,
-        "unk_token": token("unknown_token_id"),
-        "pad_token": token("padding_token_id"),
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "chat_template": meta.get("tokenizer.chat_template"),
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+        "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id"),
+        "add_bos_token": add_bos, "add_eos_token": add_eos, "chat_template": meta.get("tokenizer.chat_template"),
         "clean_up_tokenization_spaces": False,
         "model_max_length": meta.get(f"{meta.get('general.architecture')}.context_length"),
-    }
+    }  # fmt: skip
     return tok.to_str(), config
