@@ -60,7 +60,9 @@ class Checkpoint:
         if self.kind == "gguf":
             from edgectl.gguf_loader import read_gguf
 
-            _, it = read_gguf(self.path)
+            # resolve() already parsed the file (seconds for a large vocab): use its
+            # iterator once, parse again only for a second pass.
+            it = self.extra.pop("_tensors", None) or read_gguf(self.path)[1]
             yield from it
             return
         yield from read_safetensors(self.path)
@@ -142,10 +144,10 @@ def _merge_ids(a, b) -> list[int]:
 def _from_gguf(source: str, path: Path) -> Checkpoint:
     from edgectl.gguf_loader import read_gguf
 
-    meta, _ = read_gguf(path)
+    meta, tensors = read_gguf(path)
     return Checkpoint(
         source, path, "gguf", meta.config, meta.tokenizer_json, meta.tokenizer_config,
-        extra={"gguf_quant": meta.gguf_quant},
+        extra={"gguf_quant": meta.gguf_quant, "_tensors": tensors},
     )
 
 

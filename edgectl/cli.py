@@ -126,22 +126,84 @@ def run(
     )
 
 
+@app.command()
+def bench(
+    artifacts: Annotated[list[Path], typer.Argument(help="One or more .pte files (the same one twice compares runs).")],
+    prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length in tokens (a fixed real text).")] = 64,
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens to generate per run (EOS does not stop it).")] = 128,
+    repeat: Annotated[int, typer.Option(min=1, help="Measured runs per artifact, each in a fresh process.")] = 3,
+    threads: ThreadsOpt = None,
+    cold: Annotated[bool, typer.Option("--cold", help="Drop the page cache before each run (root), no warm-up.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every raw figure as JSON to this file ('-' for stdout).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a timeline PNG of each artifact's last run.")] = None,
+    ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Also measure the artifact's perplexity on this text file.")] = None,
+    ppl_tokens: Annotated[Optional[int], typer.Option(min=2, help="Score at most this many tokens of --ppl.")] = None,
+):
+    """Measure load time, TTFT, prefill/decode speed and memory of ARTIFACTS; a table on stdout.
+
+    Example: edgectl bench fp32.pte 8da4w.pte --repeat 5 --json bench.json --plot timeline.png
+    """
+    from rich.console import Console
+
+    from edgectl import ui
+    from edgectl.bench import BenchSettings, Case, render_table, run_bench
+
+    if ppl_tokens and not ppl:
+        raise UsageError("--ppl-tokens needs --ppl")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot {plot}: expected a .png path")
+    settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens)
+    cases = [Case(a.resolve()) for a in artifacts]
+    with ui.stages("benchmarking") as step:
+        report = run_bench(cases, settings, progress=step, warn=ui.warn)
+    data = report.to_dict()
+    to_stdout = str(json_path) == "-"
+    target = sys.stderr if to_stdout else sys.stdout
+    Console(file=target, width=None if target.isatty() else 200).print(render_table(report))
+    if to_stdout:
+        ui.emit_json(data)
+    elif json_path is not None:
+        import json
+
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+        ui.info(f"wrote {json_path}")
+    if plot is not None:
+        from edgectl.plot import plot_timeline
+
+        ui.info(f"wrote {plot_timeline(data['rows'], plot)}")
+
+
+def _click_modules() -> list:
+    """click itself, and the copy newer typer releases vendor as typer._click."""
+    import importlib
+
+    mods = []
+    for name in ("click", "typer._click"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return mods
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Returns the exit code: 0 ok, 1 domain error, 2 usage error, 130 Ctrl-C."""
-    import click
-
+    clicks = _click_modules()
+    exits = (typer.Exit, *(getattr(c.exceptions, "Exit", typer.Exit) for c in clicks))
+    click_errors = tuple(c.ClickException for c in clicks)
+    aborts = (typer.Abort, *(getattr(c.exceptions, "Abort", typer.Abort) for c in clicks))
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("EDGECTL_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     try:
         rc = app(args=argv, prog_name="edgectl", standalone_mode=False)
         return rc if isinstance(rc, int) else 0
-    except click.exceptions.Exit as e:
+    except exits as e:
         return e.exit_code
-    except click.ClickException as e:
+    except click_errors as e:
         e.show()
-        return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
+        return e.exit_code
+    except (KeyboardInterrupt, *aborts):
         print("edgectl: interrupted", file=sys.stderr)
         return 130
     except EdgectlError as e:

@@ -12,6 +12,7 @@ architecture, max_seq_len, tokenizer config, chat template, quantization) and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -173,16 +174,42 @@ def constant_methods(meta: dict, tokenizer_json: str) -> dict:
     }
 
 
-def monolithic_example(model, max_seq_len: int):
+def monolithic_example(model, max_seq_len: int, table_input: bool):
+    """Example inputs and dynamic dims; with `table_input` the embedding table is an input."""
     import torch
     from torch.export import Dim
 
     k_caches, v_caches = model.empty_caches()
     T = Dim("T", min=1, max=max_seq_len)
     N = Dim("N", min=1, max=max_seq_len)
-    example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2), torch.arange(2), k_caches, v_caches)
+    # Example sizes of 2 and 4: a dynamic dim must not be 1 in the example, and T, N
+    # must differ or torch.export merges them.
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4), torch.arange(2, 4), k_caches, v_caches)
     dynamic = ({1: T}, {0: T}, {0: N}, [None] * len(k_caches), [None] * len(v_caches))
+    if table_input:
+        example += (model.embed.embed_tokens.weight.detach().clone(),)
+        dynamic += (None,)
     return example, dynamic
+
+
+def tied_table_key(model) -> dict:
+    """Where the runtime finds the tied matrix: XNNPACK stores an fp32 linear weight
+    unchanged in named data, keyed by the sha256 of its bytes."""
+    w = model.head.lm_head.weight.detach().contiguous()
+    return {
+        "key": hashlib.sha256(w.numpy().tobytes()).hexdigest(),
+        "shape": list(w.shape),
+        "dtype": "float32",
+    }
+
+
+def check_tied_table(path: Path, table: dict) -> None:
+    from edgectl.ptefile import named_data
+
+    blobs = named_data(path)
+    n = table["shape"][0] * table["shape"][1] * 4
+    if table["key"] not in blobs or blobs[table["key"]][1] < n:
+        raise EdgectlError(f"{path}: the output head was not stored where the runtime can share it as the embedding")
 
 
 def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | None = None,
@@ -200,9 +227,20 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     step("loading weights")
     model = load_model(ckpt, max_seq_len)
     quant = apply_recorded_quantization(model, ckpt)
-    example, dynamic = monolithic_example(model, max_seq_len)
+    # A tied matrix is stored once: the head keeps it (delegated), and the program takes
+    # the embedding table as an input that the runtime maps from the head's copy.
+    share = args.tie_embeddings and backend == "xnnpack" and quant is None
+    example, dynamic = monolithic_example(model, max_seq_len, table_input=share)
     meta = metadata(ckpt, args, max_seq_len, backend, quant)
+    meta["embedding_input"] = tied_table_key(model) if share else None
     prog, ops = lower(model, example, dynamic, backend, constant_methods(meta, ckpt.tokenizer_json), step)
     step("writing")
-    size = write_atomic(out, prog.write_to_file)
+
+    def write(f):
+        prog.write_to_file(f)
+        f.flush()
+        if share:
+            check_tied_table(Path(f.name), meta["embedding_input"])
+
+    size = write_atomic(out, write)
     return ExportResult(str(out), size, time.perf_counter() - t0, time.process_time() - c0, backend, max_seq_len, ops)

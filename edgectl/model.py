@@ -31,6 +31,7 @@ from torch import nn
 from edgectl.errors import EdgectlError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 MASK_VALUE = -1e9  # additive mask; finite so a softmax row never sees NaN
 
 
@@ -55,7 +56,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        arch = (cfg.get("architectures") or ["?"])[0]
+        arch = (cfg.get("architectures") or [MODEL_TYPES.get(cfg.get("model_type"), cfg.get("model_type", "?"))])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise EdgectlError(
                 f"unsupported architecture {arch!r}",
@@ -221,8 +222,9 @@ class Embedding(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
 
-    def forward(self, tokens):
-        return self.embed_tokens(tokens)
+    def forward(self, tokens, table=None):
+        # `table` lets an exported program take a tied matrix as an input (export.py).
+        return F.embedding(tokens, self.embed_tokens.weight if table is None else table)
 
 
 class Head(nn.Module):
@@ -240,7 +242,7 @@ class Head(nn.Module):
 class Transformer(nn.Module):
     """Embedding -> n_layers Blocks -> Head.
 
-    forward(tokens [1,T], pos [T], idx [N], k_caches, v_caches)
+    forward(tokens [1,T], pos [T], idx [N], k_caches, v_caches[, embed_table])
         -> (logits [1,N,vocab], k_news, v_news)
     """
 
@@ -253,8 +255,8 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.head.lm_head.weight = self.embed.embed_tokens.weight
 
-    def forward(self, tokens, pos, idx, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]):
-        x = self.embed(tokens)
+    def forward(self, tokens, pos, idx, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], embed_table=None):
+        x = self.embed(tokens, embed_table)
         k_news, v_news = [], []
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
             x, k, v = layer(x, pos, k_cache, v_cache)

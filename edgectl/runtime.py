@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from edgectl.errors import EdgectlError
+from edgectl.ptefile import constant_bytes
 
 
 @dataclass
@@ -123,9 +124,19 @@ def _load_runtime():
     return Runtime.get()
 
 
-def read_bytes_method(program, name: str) -> bytes:
-    out = program.load_method(name).execute([])
-    return out[0].numpy().tobytes()
+def tied_table(path: Path, spec: dict):
+    """The embedding table, mapped zero-copy from the output head's weight in the file."""
+    import warnings
+
+    import torch
+
+    from edgectl.ptefile import map_blob
+
+    blob = map_blob(path, spec["key"])
+    with warnings.catch_warnings():  # read-only buffer: the program only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.frombuffer(blob, dtype=getattr(torch, spec["dtype"]))
+    return t[: spec["shape"][0] * spec["shape"][1]].view(*spec["shape"])
 
 
 class PteModel:
@@ -147,13 +158,14 @@ class PteModel:
                     raise EdgectlError(f"{path}: not a loadable ExecuTorch program ({e})") from e
             if "edgectl_meta" not in self.program.method_names:
                 raise EdgectlError(f"{path}: not an edgectl .pte (no edgectl_meta)", hint="export it with `edgectl export`")
-            self.meta = json.loads(read_bytes_method(self.program, "edgectl_meta"))
-            self.tokenizer_json = read_bytes_method(self.program, "edgectl_tokenizer").decode()
+            self.meta = json.loads(constant_bytes(path, "edgectl_meta"))
+            self.tokenizer_json = constant_bytes(path, "edgectl_tokenizer").decode()
             with self.trace.span("load", "load_method"):
                 try:
                     self.method = self.program.load_method("forward")
                 except RuntimeError as e:
                     raise EdgectlError(f"{path}: cannot load its forward method ({e})") from e
+        self.extra_inputs = [tied_table(path, self.meta["embedding_input"])] if self.meta.get("embedding_input") else []
         m = self.meta["model"]
         self.max_seq_len = self.meta["max_seq_len"]
         shape = (1, m["n_kv_heads"], self.max_seq_len, m["head_dim"])
@@ -173,7 +185,7 @@ class PteModel:
         pos = torch.arange(start, start + T)
         idx = torch.arange(T) if all_logits else torch.tensor([T - 1])
         with self.trace.span("compute", "prefill" if T > 1 else "decode"):
-            out = self.method.execute([torch.tensor([tokens]), pos, idx, *self.k, *self.v])
+            out = self.method.execute([torch.tensor([tokens]), pos, idx, *self.k, *self.v, *self.extra_inputs])
             L = len(self.k)
             for i in range(L):
                 self.k[i][:, :, start : start + T] = out[1 + i]

@@ -1,0 +1,338 @@
+"""Bench stage: measure artifacts the way `edgectl run` runs them, each run in a fresh process.
+
+`run_bench(cases, settings)` returns a `BenchReport`; it never prints. Each `Case` (an
+artifact plus options; later issues add modes and memory budgets as options) is measured
+`repeat` times, each time in a new `python -m edgectl.bench_worker` process, so load time
+and peak memory are that run's own. Runs go round-robin over the cases (case 1 run 1,
+case 2 run 1, case 1 run 2, ...) so slow drift on a shared machine hits every case alike.
+
+Warm (default): before the runs the artifact's files are read once (page cache warm), and
+inside each process one generation runs before the measured one (first-call costs such as
+XNNPACK set-up are out of the measured figures; they are in `warmup`, which is what
+`edgectl run` would print). Cold (`cold=True`): the page cache is dropped before every run
+(root only) and there is no warm-up generation: each run is a first run after boot.
+
+JSON schema (`BenchReport.to_dict()`, written by `edgectl bench --json`), schema_version 1.
+Sizes in bytes, times in ms, rates in tokens per second:
+
+    schema_version: int                 1; bumped on any incompatible change
+    edgectl_version: str
+    created: str                        ISO 8601, UTC
+    versions: {python, torch, executorch, torchao: str | null}
+    machine: {platform, machine, cpu: str, cpu_count: int, mem_total_bytes: int | null}
+    settings: {prompt_tokens, new_tokens, repeat: int, threads: int | null,
+               cold_requested, cold, warmup: bool, ppl_file: str | null,
+               ppl_tokens: int | null}
+    notes: [str]                        e.g. why --cold fell back to warm
+    rows: [{
+        label: str                      file name plus options (#n for repeats), as in the table
+        artifact: str                   absolute path (.pte file or shard-set directory)
+        options: {str: any}             the Case's options ({} for a plain artifact)
+        file_bytes: int                 the .pte, or all files of a directory
+        runs: [{                        one per repeat, in order
+            cache_dropped: bool
+            prompt_tokens, new_tokens: int
+            ttft_ms, prefill_ms, decode_ms, prefill_tok_s, decode_tok_s: float
+            load_ms: float              sum of the trace's "load" lane (as `edgectl run`)
+            rss_before_load: int        VmRSS after torch + runtime import, before load
+            rss_after_load, rss_end, rss_anon_end, rss_file_end: int
+            peak_rss: int               VmHWM at the end of the run
+            model_rss: int              peak_rss - rss_before_load
+            max_seq_len: int
+            warmup: {prompt_tokens, new_tokens, ttft_ms, prefill_ms, decode_ms,
+                     prefill_tok_s, decode_tok_s} | null
+            phases: {warmup?: [start_s, end_s], measured: [start_s, end_s]}
+            trace: [{lane, name: str, start, end: float seconds from the trace origin}]
+        }]
+        summary: {load_ms, ttft_ms, prefill_tok_s, decode_tok_s, peak_rss, model_rss:
+                  {mean: float, sd: float | null (null when n < 2), min, max: float, n: int}}
+        decode_ratio: float             mean decode tok/s over the first row's
+        ppl: {file: str, ppl, nll: float, tokens_scored, text_tokens, windows,
+              window_tokens: int, bos_prefixed: bool, seconds, load_ms: float,
+              peak_rss, model_rss: int, ...} | null
+    }]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgectl import __version__
+from edgectl.errors import EdgectlError, UsageError
+
+SCHEMA_VERSION = 1
+SUMMARY_KEYS = ("load_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss", "model_rss")
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One table row: an artifact and the options it runs with (none yet)."""
+
+    artifact: Path
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        opts = " ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.artifact.name} {opts}".strip()
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    prompt_tokens: int = 64
+    new_tokens: int = 128
+    repeat: int = 3
+    threads: int | None = None
+    cold: bool = False
+    ppl_file: Path | None = None
+    ppl_tokens: int | None = None
+
+
+@dataclass
+class Row:
+    case: Case
+    file_bytes: int
+    runs: list[dict] = field(default_factory=list)
+    ppl: dict | None = None
+    decode_ratio: float = float("nan")
+
+    @property
+    def summary(self) -> dict:
+        return {k: summarise([r[k] for r in self.runs]) for k in SUMMARY_KEYS}
+
+    def to_dict(self, label: str | None = None) -> dict:
+        return {
+            "label": label or self.case.label,
+            "artifact": str(self.case.artifact),
+            "options": dict(self.case.options),
+            "file_bytes": self.file_bytes,
+            "runs": self.runs,
+            "summary": self.summary,
+            "decode_ratio": self.decode_ratio,
+            "ppl": self.ppl,
+        }
+
+
+@dataclass
+class BenchReport:
+    settings: BenchSettings
+    rows: list[Row]
+    cold: bool  # whether the page cache really was dropped
+    notes: list[str] = field(default_factory=list)
+
+    def labels(self) -> list[str]:
+        """Row labels, with #1, #2... where the same case is listed more than once."""
+        base = [r.case.label for r in self.rows]
+        seen: dict[str, int] = {}
+        out = []
+        for b in base:
+            seen[b] = seen.get(b, 0) + 1
+            out.append(f"{b} #{seen[b]}" if base.count(b) > 1 else b)
+        return out
+
+    def to_dict(self) -> dict:
+        s = self.settings
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "edgectl_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": versions(),
+            "machine": machine(),
+            "settings": {
+                "prompt_tokens": s.prompt_tokens,
+                "new_tokens": s.new_tokens,
+                "repeat": s.repeat,
+                "threads": s.threads,
+                "cold_requested": s.cold,
+                "cold": self.cold,
+                "warmup": not self.cold,
+                "ppl_file": str(s.ppl_file) if s.ppl_file else None,
+                "ppl_tokens": s.ppl_tokens,
+            },
+            "notes": self.notes,
+            "rows": [r.to_dict(label) for r, label in zip(self.rows, self.labels())],
+        }
+
+
+def summarise(xs: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(xs),
+        "sd": statistics.stdev(xs) if len(xs) > 1 else None,
+        "min": min(xs),
+        "max": max(xs),
+        "n": len(xs),
+    }
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "executorch", "torchao"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def machine() -> dict:
+    cpu, mem = platform.processor() or platform.machine(), None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(), "mem_total_bytes": mem}
+
+
+def artifact_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in artifact_files(path))
+
+
+def warm_page_cache(path: Path) -> None:
+    for p in artifact_files(path):
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def drop_page_cache() -> str | None:
+    """Write back dirty pages and drop the page cache. Returns why it could not, or None."""
+    if os.geteuid() != 0:
+        return f"dropping the page cache needs root (writing {DROP_CACHES})"
+    try:
+        os.sync()
+        with open(DROP_CACHES, "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        return f"cannot write {DROP_CACHES} ({e.strerror})"
+    return None
+
+
+def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool = False) -> dict:
+    """Run one measurement in a fresh `python -m edgectl.bench_worker` and return its figures."""
+    cmd = [
+        sys.executable, "-m", "edgectl.bench_worker", "--artifact", str(case.artifact), "--mode", mode,
+        "--prompt-tokens", str(settings.prompt_tokens), "--new-tokens", str(settings.new_tokens),
+        "--options", json.dumps(case.options),
+    ]
+    if settings.threads:
+        cmd += ["--threads", str(settings.threads)]
+    if warmup:
+        cmd.append("--warmup")
+    if mode == "ppl":
+        cmd += ["--ppl-file", str(settings.ppl_file)]
+        if settings.ppl_tokens:
+            cmd += ["--ppl-tokens", str(settings.ppl_tokens)]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if os.environ.get("EDGECTL_DEBUG") == "1" and proc.stderr:
+        sys.stderr.write(proc.stderr)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        out = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        out = None
+    if not isinstance(out, dict):
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgectlError(f"bench worker for {case.label} failed (exit {proc.returncode}): {last}", hint="rerun with --debug for its stderr")
+    if not out.pop("ok", False):
+        raise EdgectlError(f"{case.label}: {out.get('error')}", hint=out.get("hint"))
+    return out
+
+
+def run_bench(
+    cases: list[Case],
+    settings: BenchSettings,
+    progress: Callable[[str], None] = lambda msg: None,
+    warn: Callable[[str], None] = lambda msg: None,
+) -> BenchReport:
+    """Measure every case `settings.repeat` times (and its perplexity with `ppl_file`)."""
+    if not cases:
+        raise UsageError("give at least one artifact")
+    if settings.repeat < 1 or settings.prompt_tokens < 1 or settings.new_tokens < 2:
+        raise UsageError("--repeat and --prompt-tokens must be >= 1, --new-tokens >= 2")
+    for c in cases:
+        if not c.artifact.exists():
+            raise EdgectlError(f"{c.artifact}: no such file or directory")
+    if settings.ppl_file is not None and not settings.ppl_file.is_file():
+        raise EdgectlError(f"--ppl {settings.ppl_file}: no such file")
+    rows = [Row(c, file_bytes(c.artifact)) for c in cases]
+    notes, cold = [], settings.cold
+    if cold and (why := drop_page_cache()):
+        notes.append(f"--cold: {why}; measured warm instead")
+        warn(notes[-1])
+        cold = False
+    if not cold:
+        for c in cases:
+            warm_page_cache(c.artifact)
+    for i in range(settings.repeat):
+        for row in rows:
+            progress(f"{row.case.label}: run {i + 1}/{settings.repeat}{' (cold)' if cold else ''}")
+            dropped = cold and drop_page_cache() is None
+            if cold and not dropped:
+                raise EdgectlError("the page cache could be dropped once but not again")
+            row.runs.append({"cache_dropped": dropped, **worker(row.case, settings, warmup=not cold)})
+    if settings.ppl_file is not None:
+        for row in rows:
+            progress(f"{row.case.label}: perplexity on {settings.ppl_file.name}")
+            row.ppl = worker(row.case, settings, mode="ppl")
+            row.ppl.pop("trace", None)
+    base = rows[0].summary["decode_tok_s"]["mean"]
+    for row in rows:
+        row.decode_ratio = row.summary["decode_tok_s"]["mean"] / base if base else float("nan")
+    return BenchReport(settings, rows, cold, notes)
+
+
+def _pm(s: dict, fmt: str = ".1f") -> str:
+    return f"{s['mean']:{fmt}}" + (f" ± {s['sd']:{fmt}}" if s["sd"] is not None else "")
+
+
+def render_table(report: BenchReport):
+    """The results as a rich Table (the caller prints it)."""
+    from rich.table import Table
+
+    s = report.settings
+    mode = "cold" if report.cold else "warm"
+    title = f"edgectl bench: {s.prompt_tokens} prompt + {s.new_tokens} new tokens, {s.repeat} run(s), {mode}, threads {s.threads or 'default'}"
+    t = Table(title=title, title_justify="left")
+    cols = ["artifact", "size MB", "load ms", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model RSS MB"]
+    if any(r.ppl for r in report.rows):
+        cols.append("ppl")
+    cols.append("decode ×")
+    for name in cols:
+        t.add_column(name, justify="left" if name == "artifact" else "right", no_wrap=True)
+    for r, label in zip(report.rows, report.labels()):
+        m = r.summary
+        cells = [
+            label, f"{r.file_bytes / 1e6:.1f}", _pm(m["load_ms"]), _pm(m["ttft_ms"]),
+            _pm(m["prefill_tok_s"]), _pm(m["decode_tok_s"]),
+            f"{m['peak_rss']['mean'] / 1e6:.0f}", f"{m['model_rss']['mean'] / 1e6:.0f}",
+        ]
+        if "ppl" in cols:
+            cells.append(f"{r.ppl['ppl']:.3f} ({r.ppl['tokens_scored']} tok)" if r.ppl else "")
+        cells.append(f"{r.decode_ratio:.2f}×")
+        t.add_row(*cells)
+    return t

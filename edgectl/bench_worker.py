@@ -1,0 +1,234 @@
+"""One bench measurement in a fresh process: `python -m edgectl.bench_worker ...`.
+
+`edgectl bench` starts this module once per measured run, so every run pays its own load
+and its peak memory is its own. It prints exactly one JSON object on stdout (anything else
+the libraries write to stdout is sent to stderr) and exits 0, or prints
+`{"ok": false, "error": ..., "hint": ...}` and exits 1.
+
+Modes:
+  gen  open the artifact, encode a fixed prompt, generate exactly --new-tokens tokens
+       through the same code path as `edgectl run` (runtime.open_artifact + generate).
+       With --warmup, one generation first (its figures are reported as `warmup`: they
+       are what `edgectl run` shows, first-call costs included), then the measured one.
+  ppl  perplexity of the artifact itself on a text file (see `ppl_windows`).
+
+Memory: the baseline is VmRSS read from /proc/self/status after torch, the ExecuTorch
+runtime, the tokenizer library and the thread pool are set up, but before the artifact is
+opened. Linux cannot reset VmHWM, so the peak is VmHWM read at the end of the run; as the
+baseline is below the peak, `model_rss = peak - baseline` is what opening and running the
+model added (weights, packed weights, KV cache, activations, tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+# An original paragraph, so the prompt is real text wherever edgectl is installed.
+PROMPT_TEXT = (
+    "The harbour town woke slowly on winter mornings. Before the sun cleared the hills, the "
+    "baker had already lit his ovens, and the smell of warm bread drifted down the narrow "
+    "streets towards the water. Fishermen checked their nets by lamplight, talking quietly "
+    "about the weather and the price of fuel. A girl named Mira walked along the quay with her "
+    "grandfather every day before school. He told her the names of the boats, which families "
+    "owned them, and which ones had survived the great storm forty years ago. Mira liked the "
+    "small blue boat best, because its paint was peeling in the shape of a bird. One morning "
+    "the blue boat was gone. Her grandfather frowned at the empty mooring and said nothing for "
+    "a long time. Then he took her hand, turned away from the school, and led her up the hill "
+    "to the old lighthouse, where the keeper kept a book of every ship that came and went. "
+    "They climbed the spiral stairs together, counting the steps out loud, and at the top the "
+    "keeper opened the heavy book on a table by the window and ran his finger down the page. "
+)
+
+
+def read_status() -> dict[str, int]:
+    """VmRSS, VmHWM (peak RSS), RssAnon and RssFile of this process, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def prompt_ids(tok, n: int) -> list[int]:
+    """The first `n` tokens of PROMPT_TEXT (repeated as needed) in the artifact's tokenizer,
+    with its BOS if it adds one."""
+    text = PROMPT_TEXT
+    ids = tok.encode(text)
+    while len(ids) < n:
+        text += PROMPT_TEXT
+        ids = tok.encode(text)
+    return ids[:n]
+
+
+def ppl_windows(ids: list[int], max_seq_len: int, bos_id: int | None) -> list[list[int]]:
+    """Split a token stream into non-overlapping windows of at most `max_seq_len` tokens.
+
+    With a BOS id (tokenizers that add BOS), each window is BOS + the next max_seq_len - 1
+    text tokens, and every text token is scored once. Without, each window is max_seq_len
+    text tokens and the first token of each window is context only. A last, shorter window
+    is kept if it scores at least one token. Position 0 of a window is never scored.
+    """
+    step = max_seq_len - 1 if bos_id is not None else max_seq_len
+    wins = []
+    for i in range(0, len(ids), step):
+        w = ids[i : i + step]
+        if bos_id is not None:
+            w = [bos_id, *w]
+        if len(w) >= 2:
+            wins.append(w)
+    return wins
+
+
+def nll_sum(logits, window: list[int]) -> float:
+    """Sum of -log p(window[t] | window[:t]) for t = 1..T-1, given logits [T, vocab]."""
+    import torch
+
+    lp = torch.log_softmax(logits[:-1].double(), dim=-1)
+    target = torch.tensor(window[1:]).unsqueeze(1)
+    return float(-lp.gather(1, target).sum())
+
+
+def _gen_figures(stats) -> dict:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "new_tokens": stats.new_tokens,
+        "ttft_ms": stats.ttft_s * 1e3,
+        "prefill_ms": stats.prefill_s * 1e3,
+        "decode_ms": stats.decode_s * 1e3,
+        "prefill_tok_s": stats.prefill_tok_s,
+        "decode_tok_s": stats.decode_tok_s,
+    }
+
+
+def measure_gen(args, model, tok) -> dict:
+    from edgectl.generate import generate
+
+    ids = prompt_ids(tok, args.prompt_tokens)
+    need = len(ids) + args.new_tokens
+    if need > model.max_seq_len:
+        from edgectl.errors import EdgectlError
+
+        raise EdgectlError(
+            f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens exceed this artifact's max_seq_len {model.max_seq_len}",
+            hint="lower --prompt-tokens or --new-tokens",
+        )
+    phases, warm = {}, None
+    o = model.trace.origin
+    if args.warmup:
+        t0 = time.perf_counter()
+        warm = _gen_figures(generate(model, ids, args.new_tokens, eos_ids=()))
+        phases["warmup"] = [t0 - o, time.perf_counter() - o]
+    t0 = time.perf_counter()
+    stats = generate(model, ids, args.new_tokens, eos_ids=())
+    phases["measured"] = [t0 - o, time.perf_counter() - o]
+    return {**_gen_figures(stats), "warmup": warm, "phases": phases}
+
+
+def measure_ppl(args, model, tok) -> dict:
+    with open(args.ppl_file, encoding="utf-8") as f:
+        text = f.read()
+    ids = tok.encode(text, bos=False)
+    if args.ppl_tokens:
+        ids = ids[: args.ppl_tokens]
+    wins = ppl_windows(ids, model.max_seq_len, tok.bos_id if tok.add_bos else None)
+    if not wins:
+        from edgectl.errors import EdgectlError
+
+        raise EdgectlError(f"{args.ppl_file}: too little text to score")
+    t0 = time.perf_counter()
+    nll, n = 0.0, 0
+    for w in wins:
+        model.reset()
+        logits = model.forward(w, 0, all_logits=True)
+        nll += nll_sum(logits, w)
+        n += len(w) - 1
+    return {
+        "file": os.path.abspath(args.ppl_file),
+        "ppl": math.exp(nll / n),
+        "nll": nll,
+        "tokens_scored": n,
+        "text_tokens": len(ids),
+        "windows": len(wins),
+        "window_tokens": model.max_seq_len,
+        "bos_prefixed": tok.add_bos,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def measure(args) -> dict:
+    import torch  # noqa: F401  (part of the baseline, as in `edgectl run`)
+
+    from edgectl import runtime
+    from edgectl.run import tokenizer_for
+    from edgectl.tokenizer import Tokenizer  # noqa: F401  (imports `tokenizers`)
+
+    options = json.loads(args.options)
+    if options:
+        from edgectl.errors import EdgectlError
+
+        raise EdgectlError(f"unsupported bench options for {args.artifact}: {sorted(options)}")
+    runtime._load_runtime()
+    runtime.set_threads(args.threads)
+    before = read_status()
+    trace = runtime.Trace()
+    model = runtime.open_artifact(args.artifact, trace=trace)
+    after_load = read_status()
+    tok = tokenizer_for(model)
+    result = measure_gen(args, model, tok) if args.mode == "gen" else measure_ppl(args, model, tok)
+    end = read_status()
+    result.update(
+        load_ms=trace.total("load") * 1e3,
+        rss_before_load=before["VmRSS"],
+        rss_after_load=after_load["VmRSS"],
+        rss_end=end["VmRSS"],
+        rss_anon_end=end["RssAnon"],
+        rss_file_end=end["RssFile"],
+        peak_rss=end["VmHWM"],
+        model_rss=end["VmHWM"] - before["VmRSS"],
+        max_seq_len=model.max_seq_len,
+        trace=trace.to_dict()["spans"],
+    )
+    return result
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m edgectl.bench_worker")
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--mode", choices=("gen", "ppl"), default="gen")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--warmup", action="store_true", help="one unmeasured generation before the measured one")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--options", default="{}", help="the Case's options, as JSON")
+    p.add_argument("--ppl-file")
+    p.add_argument("--ppl-tokens", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    # Keep stdout for our one JSON object: whatever else writes to fd 1 goes to stderr.
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    from edgectl.errors import EdgectlError
+
+    try:
+        out, rc = {"ok": True, **measure(args)}, 0
+    except EdgectlError as e:
+        out, rc = {"ok": False, "error": str(e), "hint": e.hint}, 1
+    sys.stdout.flush()
+    with os.fdopen(real_stdout, "w") as f:
+        f.write(json.dumps(out) + "\n")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The accuracy cost of a quantization, measured in eager PyTorch before anything is exported.
+
+Perplexity of the reference and the quantized model on the same windows of a text file
+(the windows `edgectl bench --ppl` scores), and the mean KL divergence KL(ref || quant)
+of the next-token distributions over every scored position.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def _logits(model, window: list[int]):
+    import torch
+
+    T = len(window)
+    k, v = model.empty_caches()
+    with torch.no_grad():
+        logits, _, _ = model(torch.tensor([window]), torch.arange(T), torch.arange(T), k, v)
+    return logits[0].double()
+
+
+def compare(ref, quant, ckpt, text_file: Path, n_tokens: int, window: int) -> dict:
+    """{ppl_ref, ppl_quant, ppl_change, kl_mean, top1_agree, tokens_scored, windows, file}."""
+    import torch
+
+    from edgectl.bench_worker import ppl_windows
+    from edgectl.errors import EdgectlError
+    from edgectl.tokenizer import Tokenizer
+
+    args = ckpt.args
+    tok = Tokenizer(ckpt.tokenizer_json, ckpt.tokenizer_config, args.bos_token_id, tuple(args.eos_token_ids))
+    ids = tok.encode(Path(text_file).read_text(encoding="utf-8", errors="replace"), bos=False)[:n_tokens]
+    wins = ppl_windows(ids, min(window, quant.max_seq_len), tok.bos_id if tok.add_bos else None)
+    if not wins:
+        raise EdgectlError(f"{text_file}: too little text to measure accuracy on")
+    nll_r = nll_q = kl = 0.0
+    agree = n = 0
+    for w in wins:
+        lr, lq = torch.log_softmax(_logits(ref, w)[:-1], -1), torch.log_softmax(_logits(quant, w)[:-1], -1)
+        target = torch.tensor(w[1:]).unsqueeze(1)
+        nll_r -= float(lr.gather(1, target).sum())
+        nll_q -= float(lq.gather(1, target).sum())
+        kl += float((lr.exp() * (lr - lq)).sum())
+        agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+        n += len(w) - 1
+    ppl_r, ppl_q = math.exp(nll_r / n), math.exp(nll_q / n)
+    return {
+        "file": str(text_file), "tokens_scored": n, "windows": len(wins), "window_tokens": window,
+        "ppl_ref": ppl_r, "ppl_quant": ppl_q, "ppl_change": ppl_q / ppl_r - 1,
+        "kl_mean": kl / n, "top1_agree": agree / n,
+    }

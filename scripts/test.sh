@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: unit tests plus the real-model tests (exports stories260K and
+# SmolLM2-135M, compares against transformers). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,93 @@
+"""The checkpoint resolver: local dirs, hub ids through the real huggingface_hub cache
+code (offline, never the network), GGUF, and the one-line errors for bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgectl.checkpoint import load_model, resolve
+from edgectl.errors import EdgectlError
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch, stories_dir):
+    """A Hugging Face cache holding stories260K as `edgectl-test/stories260K`, hub offline."""
+    import huggingface_hub.constants as C
+
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--edgectl-test--stories260K"
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for f in stories_dir.iterdir():
+        if f.is_file() and f.name != "SOURCE.md":
+            shutil.copy(f, snap / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return snap
+
+
+def test_hub_id_resolves_from_cache_offline(offline_hub):
+    ckpt = resolve("edgectl-test/stories260K")
+    assert ckpt.path == offline_hub
+    assert ckpt.args.n_layers == 5 and ckpt.args.vocab_size == 512
+    model = load_model(ckpt, 32)
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_unknown_hub_id_offline_names_the_id(offline_hub):
+    with pytest.raises(EdgectlError) as e:
+        resolve("nobody/no-such-model")
+    assert "nobody/no-such-model" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_local_dir_and_tied_weights_loaded_once(stories_dir):
+    model = load_model(resolve(str(stories_dir)), 32)
+    assert model.head.lm_head.weight is model.embed.embed_tokens.weight
+
+
+@pytest.mark.parametrize("bad", ["./nope", "/no/such/dir", "nope.gguf"])
+def test_missing_path(bad):
+    with pytest.raises(EdgectlError, match="no such file or directory"):
+        resolve(bad)
+
+
+def _copy_model(stories_dir: Path, dst: Path) -> Path:
+    shutil.copytree(stories_dir, dst)
+    return dst
+
+
+def test_truncated_safetensors(stories_dir, tmp_path):
+    d = _copy_model(stories_dir, tmp_path / "m")
+    f = d / "model.safetensors"
+    f.chmod(0o644)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(EdgectlError, match="not a valid safetensors file"):
+        load_model(resolve(str(d)), 32)
+
+
+def test_garbage_safetensors(stories_dir, tmp_path):
+    d = _copy_model(stories_dir, tmp_path / "m")
+    (d / "model.safetensors").chmod(0o644)
+    (d / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(EdgectlError, match="not a valid safetensors file"):
+        load_model(resolve(str(d)), 32)
+
+
+def test_unsupported_architecture_in_config(stories_dir, tmp_path):
+    import json
+
+    d = _copy_model(stories_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["FalconForCausalLM"]
+    (d / "config.json").chmod(0o644)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgectlError) as e:
+        resolve(str(d)).args
+    assert "FalconForCausalLM" in str(e.value) and "LlamaForCausalLM" in e.value.hint

@@ -1,0 +1,85 @@
+"""The one model definition against transformers, for every architecture it claims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgectl.checkpoint import Checkpoint, load_model, resolve
+from edgectl.errors import EdgectlError
+from edgectl.model import ModelArgs
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+def _hf_model(arch: str, **over):
+    cfg_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
+               "MistralForCausalLM": transformers.MistralConfig}[arch]
+    cfg = cfg_cls(**{**TINY, **over})
+    cfg.architectures = [arch]
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(cfg).eval()
+    with torch.no_grad():  # random, non-trivial norms and biases
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def _ours(hf, max_seq_len=64):
+    cfg = hf.config.to_dict()
+    ckpt = Checkpoint("tiny", None, "hf", cfg, "", {})
+    ckpt.tensors = lambda: iter(hf.state_dict().items())
+    return load_model(ckpt, max_seq_len)
+
+
+def _incremental_logits(model, ids, split):
+    k, v = model.empty_caches()
+    out, start = [], 0
+    for chunk in (ids[:split], *[[t] for t in ids[split:]]):
+        T = len(chunk)
+        logits, kn, vn = model(torch.tensor([chunk]), torch.arange(start, start + T), torch.arange(T), k, v)
+        for i in range(len(k)):
+            k[i][:, :, start:start + T], v[i][:, :, start:start + T] = kn[i], vn[i]
+        out.append(logits[0])
+        start += T
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("arch,over", [
+    ("LlamaForCausalLM", {}),
+    ("LlamaForCausalLM", {"tie_word_embeddings": True}),
+    ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                          "rope_theta": 500000.0}),
+    ("Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    ("MistralForCausalLM", {}),
+])
+def test_parity_with_transformers(arch, over):
+    hf = _hf_model(arch, **over)
+    ours = _ours(hf)
+    ids = torch.randint(0, 128, (40,)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+        full = _incremental_logits(ours, ids, split=len(ids))
+        inc = _incremental_logits(ours, ids, split=7)
+    assert (full - ref).abs().max() < 1e-4
+    assert (inc - ref).abs().max() < 1e-4
+
+
+def test_stories260k_parity(stories_dir):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
+    ours = load_model(resolve(str(stories_dir)), 128)
+    ids = [1, 403, 407, 261, 378, 259, 300, 310, 400, 12, 99]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+        assert (_incremental_logits(ours, ids, split=4) - ref).abs().max() < 1e-4
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    with pytest.raises(EdgectlError) as e:
+        ModelArgs.from_hf_config({"architectures": ["GPTNeoXForCausalLM"]})
+    assert "GPTNeoXForCausalLM" in str(e.value) and "LlamaForCausalLM" in e.value.hint
