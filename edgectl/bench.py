@@ -23,7 +23,7 @@ Sizes in bytes, times in ms, rates in tokens per second:
     settings: {prompt_tokens, new_tokens, repeat: int, threads: int | null,
                cold_requested, cold, warmup: bool, ppl_file: str | null,
                ppl_tokens: int | null}
-    notes: [str]                        e.g. why --cold fell back to warm
+    notes: [str]                        e.g. why --cold fell back to warm, a busy machine
     rows: [{
         label: str                      file name plus options (#n for repeats), as in the table
         artifact: str                   absolute path (.pte file or shard-set directory)
@@ -31,6 +31,7 @@ Sizes in bytes, times in ms, rates in tokens per second:
         file_bytes: int                 the .pte, or all files of a directory
         runs: [{                        one per repeat, in order
             cache_dropped: bool
+            loadavg_1m: float           the machine's 1-minute load average before the run
             prompt_tokens, new_tokens: int
             ttft_ms, prefill_ms, decode_ms, prefill_tok_s, decode_tok_s: float
             load_ms: float              sum of the trace's "load" lane (as `edgectl run`)
@@ -294,7 +295,12 @@ def run_bench(
             dropped = cold and drop_page_cache() is None
             if cold and not dropped:
                 raise EdgectlError("the page cache could be dropped once but not again")
-            row.runs.append({"cache_dropped": dropped, **worker(row.case, settings, warmup=not cold)})
+            load_avg = os.getloadavg()[0]
+            row.runs.append({"cache_dropped": dropped, "loadavg_1m": load_avg, **worker(row.case, settings, warmup=not cold)})
+    busiest = max(r["loadavg_1m"] for row in rows for r in row.runs)
+    if busiest > (os.cpu_count() or 1):
+        notes.append(f"1-minute load average up to {busiest:.1f} on {os.cpu_count()} CPUs: other work shared the CPUs, expect noise")
+        warn(notes[-1])
     if settings.ppl_file is not None:
         for row in rows:
             progress(f"{row.case.label}: perplexity on {settings.ppl_file.name}")
