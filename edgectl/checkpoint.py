@@ -191,7 +191,7 @@ def load_model(ckpt: Checkpoint, max_seq_len: int | None = None):
     """
     import torch
 
-    from edgectl.model import Block, Transformer, hf_key_to_ours, rope_tables
+    from edgectl.model import Transformer, hf_key_to_ours, reset_buffers
 
     args = ckpt.args
     max_seq_len = max_seq_len or min(args.max_position_embeddings, 2048)
@@ -210,11 +210,7 @@ def load_model(ckpt: Checkpoint, max_seq_len: int | None = None):
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise EdgectlError(f"{ckpt.source}: checkpoint is missing {len(missing)} weights, e.g. {missing[0]}")
-    cos, sin = rope_tables(args, max_seq_len)
-    for m in model.modules():
-        if isinstance(m, Block):
-            m.rope_cos, m.rope_sin = cos, sin
-    return model.eval()
+    return reset_buffers(model).eval()
 
 
 def _assign(model, name: str, value) -> None:

@@ -123,13 +123,42 @@ def rope_tables(args: ModelArgs, max_seq_len: int) -> tuple[torch.Tensor, torch.
     return emb.cos().float(), emb.sin().float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def rotation_matrix(head_dim: int) -> torch.Tensor:
+    """R with x @ R.T == rotate_half(x) == cat(-x[half:], x[:half]): RoPE's rotation as a
+    linear, which XNNPACK runs inside the layer's delegate (a slice with a dynamic
+    sequence length would fall out of it). Exact: one +-1 term per output."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half), torch.arange(half) + half] = -1.0
+    r[torch.arange(half) + half, torch.arange(half)] = 1.0
+    return r
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+class StepInputs(nn.Module):
+    """Per-step tensors every layer needs, computed once from the positions `pos`:
+    RoPE cos/sin [T, 1, D], the mask over the cache [S] (slots < pos[0] are filled) and
+    the causal mask over the new tokens [rep*T, T] (query rows grouped by kv head)."""
+
+    def __init__(self, args: ModelArgs, max_seq_len: int):
+        super().__init__()
+        self.args, self.max_seq_len = args, max_seq_len
+        self.rep = args.n_heads // args.n_kv_heads
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the RoPE tables on the CPU, also after building on the meta device."""
+        with torch.device("cpu"):
+            self.cos, self.sin = rope_tables(self.args, self.max_seq_len)
+
+    def forward(self, pos):
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        cached = torch.arange(self.max_seq_len, dtype=pos.dtype) < pos[:1]
+        mask_cache = torch.where(cached, 0.0, MASK_VALUE)
+        causal = pos.unsqueeze(1) >= pos.unsqueeze(0)
+        mask_new = torch.where(causal, 0.0, MASK_VALUE).repeat(self.rep, 1)
+        return cos, sin, mask_cache, mask_new
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,12 +170,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("mean_w", None, persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        with torch.device("cpu"):
+            self.mean_w = torch.full((1, self.weight.shape[0]), 1.0 / self.weight.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        # mean(x^2) as a 1-row linear: XNNPACK's mean only takes 4-D inputs.
+        return self.weight * (x * torch.rsqrt(F.linear(x * x, self.mean_w) + self.eps))
 
 
 class Attention(nn.Module):
+    """Grouped-query attention over an external cache. Cache layouts: K transposed
+    [1, KV, D, S] (scores need no transpose of the whole cache), V [1, KV, S, D]."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -155,34 +194,40 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.register_buffer("rot", None, persistent=False)
+        self.reset_buffers()
 
-    def forward(self, x, pos, cos, sin, k_cache, v_cache):
+    def reset_buffers(self) -> None:
+        with torch.device("cpu"):
+            self.rot = rotation_matrix(self.head_dim)
+
+    def forward(self, x, step, k_cache, v_cache):
+        cos, sin, mask_cache, mask_new = step
         _, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        rep, S = H // KV, k_cache.shape[2]
-        q = self.q_proj(x).view(1, T, H, D).transpose(1, 2)
-        k = self.k_proj(x).view(1, T, KV, D).transpose(1, 2)
-        v = self.v_proj(x).view(1, T, KV, D).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin).contiguous()
-        v = v.contiguous()
+        rep, S = H // KV, v_cache.shape[2]
+        rot = self.rot
+        q = self.q_proj(x).view(1, T, H, D)
+        k = self.k_proj(x).view(1, T, KV, D)
+        v = self.v_proj(x).view(1, T, KV, D)
+        q = (q * cos + F.linear(q, rot) * sin) * (1.0 / math.sqrt(D))
+        k = k * cos + F.linear(k, rot) * sin
+        k_new = k.permute(0, 2, 3, 1)  # [1, KV, D, T]
+        v_new = v.permute(0, 2, 1, 3)  # [1, KV, T, D]
 
-        # Group the query heads that share a kv head: [KV, rep*T, D]. No kv repeat, and
-        # plain 3-D bmm (4-D matmul with a dynamic T trips torch.export's stride guards).
-        q = q.contiguous().view(KV, rep * T, D) * (1.0 / math.sqrt(D))
-        kc, vc = k_cache.view(KV, S, D), v_cache.view(KV, S, D)
-        cached = torch.arange(S, dtype=pos.dtype) < pos[:1]  # [S]: filled cache slots
-        causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # [T, T]
-        mask_cache = torch.where(cached, 0.0, MASK_VALUE)
-        mask_new = torch.where(causal, 0.0, MASK_VALUE).repeat(rep, 1)
-        s_cache = torch.bmm(q, kc.transpose(1, 2)) + mask_cache  # [KV, rep*T, S]
-        s_new = torch.bmm(q, k.view(KV, T, D).transpose(1, 2)) + mask_new  # [KV, rep*T, T]
-        # softmax over [s_cache | s_new] computed in two parts, without concatenating.
-        m = torch.maximum(s_cache.amax(-1, keepdim=True), s_new.amax(-1, keepdim=True))
-        e_cache, e_new = torch.exp(s_cache - m), torch.exp(s_new - m)
-        inv = 1.0 / (e_cache.sum(-1, keepdim=True) + e_new.sum(-1, keepdim=True))
-        out = torch.bmm(e_cache * inv, vc) + torch.bmm(e_new * inv, v.view(KV, T, D))  # [KV, rep*T, D]
-        out = out.view(H, T, D).transpose(0, 1).reshape(1, T, H * D)
-        return self.o_proj(out), k, v
+        # Query heads that share a kv head become rows of one matrix: [KV, rep*T, D].
+        qg = q.permute(0, 2, 1, 3).reshape(KV, rep * T, D)
+        scores = torch.cat(
+            [
+                torch.bmm(qg, k_cache.view(KV, D, S)) + mask_cache,
+                torch.bmm(qg, k_new.reshape(KV, D, T)) + mask_new,
+            ],
+            dim=-1,
+        )
+        p = torch.softmax(scores, dim=-1)
+        out = torch.bmm(p[..., :S], v_cache.view(KV, S, D)) + torch.bmm(p[..., S:], v_new.reshape(KV, T, D))
+        out = out.view(H, T, D).permute(1, 0, 2).reshape(1, T, H * D)
+        return self.o_proj(out), k_new, v_new
 
 
 class MLP(nn.Module):
@@ -197,21 +242,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer. Owns its RoPE tables so it can be exported on its own."""
+    """One decoder layer: Block(x, step, k_cache, v_cache) -> (x, k_new, v_new)."""
 
-    def __init__(self, args: ModelArgs, max_seq_len: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.self_attn = Attention(args)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
-        cos, sin = rope_tables(args, max_seq_len)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x, pos, k_cache, v_cache):
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-        a, k_new, v_new = self.self_attn(self.input_layernorm(x), pos, cos, sin, k_cache, v_cache)
+    def forward(self, x, step, k_cache, v_cache):
+        a, k_new, v_new = self.self_attn(self.input_layernorm(x), step, k_cache, v_cache)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k_new, v_new
@@ -249,30 +290,50 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, max_seq_len: int):
         super().__init__()
         self.args, self.max_seq_len = args, max_seq_len
+        self.step = StepInputs(args, max_seq_len)
         self.embed = Embedding(args)
-        self.layers = nn.ModuleList(Block(args, max_seq_len) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.head = Head(args)
         if args.tie_embeddings:
             self.head.lm_head.weight = self.embed.embed_tokens.weight
 
     def forward(self, tokens, pos, idx, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], embed_table=None):
         x = self.embed(tokens, embed_table)
+        step = self.step(pos)
         k_news, v_news = [], []
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
-            x, k, v = layer(x, pos, k_cache, v_cache)
+            x, k, v = layer(x, step, k_cache, v_cache)
             k_news.append(k)
             v_news.append(v)
         return self.head(x, idx), k_news, v_news
 
-    def cache_shape(self) -> tuple[int, int, int, int]:
-        return (1, self.args.n_kv_heads, self.max_seq_len, self.args.head_dim)
-
     def empty_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        shape = self.cache_shape()
-        return (
-            [torch.zeros(shape) for _ in range(self.args.n_layers)],
-            [torch.zeros(shape) for _ in range(self.args.n_layers)],
-        )
+        return empty_caches(self.args, self.max_seq_len, self.args.n_layers)
+
+
+def reset_buffers(model: nn.Module) -> nn.Module:
+    """Materialise the derived (non-checkpoint) buffers after building on the meta device."""
+    for m in model.modules():
+        if hasattr(m, "reset_buffers"):
+            m.reset_buffers()
+    return model
+
+
+def cache_shapes(args: ModelArgs, max_seq_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """K is stored transposed: [1, KV, D, S]; V as [1, KV, S, D]."""
+    return (1, args.n_kv_heads, args.head_dim, max_seq_len), (1, args.n_kv_heads, max_seq_len, args.head_dim)
+
+
+def empty_caches(args: ModelArgs, max_seq_len: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ks, vs = cache_shapes(args, max_seq_len)
+    return [torch.zeros(ks) for _ in range(n)], [torch.zeros(vs) for _ in range(n)]
+
+
+def write_cache(k_cache, v_cache, k_new, v_new, start: int) -> None:
+    """Store a layer's new entries (as returned by Block) at positions start..start+T."""
+    T = v_new.shape[2]
+    k_cache[..., start : start + T] = k_new
+    v_cache[:, :, start : start + T] = v_new
 
 
 def hf_key_to_ours(key: str) -> str | None:

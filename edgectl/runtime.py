@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from edgectl.errors import EdgectlError
+from edgectl.model import ModelArgs, empty_caches, write_cache
 from edgectl.ptefile import constant_bytes
 
 
@@ -165,12 +166,11 @@ class PteModel:
                     self.method = self.program.load_method("forward")
                 except RuntimeError as e:
                     raise EdgectlError(f"{path}: cannot load its forward method ({e})") from e
-        self.extra_inputs = [tied_table(path, self.meta["embedding_input"])] if self.meta.get("embedding_input") else []
-        m = self.meta["model"]
+        emb = self.meta.get("embedding_input")  # fp32: one table; quantized: {"tensors": [codes, scales]}
+        self.extra_inputs = [tied_table(path, t) for t in emb.get("tensors", [emb])] if emb else []
+        args = ModelArgs.from_dict(self.meta["model"])
         self.max_seq_len = self.meta["max_seq_len"]
-        shape = (1, m["n_kv_heads"], self.max_seq_len, m["head_dim"])
-        self.k = [torch.zeros(shape) for _ in range(m["n_layers"])]
-        self.v = [torch.zeros(shape) for _ in range(m["n_layers"])]
+        self.k, self.v = empty_caches(args, self.max_seq_len, args.n_layers)
 
     def reset(self) -> None:
         for t in self.k + self.v:
@@ -188,8 +188,7 @@ class PteModel:
             out = self.method.execute([torch.tensor([tokens]), pos, idx, *self.k, *self.v, *self.extra_inputs])
             L = len(self.k)
             for i in range(L):
-                self.k[i][:, :, start : start + T] = out[1 + i]
-                self.v[i][:, :, start : start + T] = out[1 + L + i]
+                write_cache(self.k[i], self.v[i], out[1 + i], out[1 + L + i], start)
         return out[0][0]  # [N, vocab]
 
     def close(self) -> None:

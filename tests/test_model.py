@@ -7,7 +7,7 @@ import torch
 
 from edgectl.checkpoint import Checkpoint, load_model, resolve
 from edgectl.errors import EdgectlError
-from edgectl.model import ModelArgs
+from edgectl.model import ModelArgs, write_cache
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,7 +43,7 @@ def _incremental_logits(model, ids, split):
         T = len(chunk)
         logits, kn, vn = model(torch.tensor([chunk]), torch.arange(start, start + T), torch.arange(T), k, v)
         for i in range(len(k)):
-            k[i][:, :, start:start + T], v[i][:, :, start:start + T] = kn[i], vn[i]
+            write_cache(k[i], v[i], kn[i], vn[i], start)
         out.append(logits[0])
         start += T
     return torch.cat(out)
