@@ -1,0 +1,380 @@
+"""Planner: fit a shard set into a memory budget (and a latency target), pure function.
+
+    plan(manifest, budget_bytes, latency_target_ms=None, mode="auto") -> Plan
+
+What counts against the budget (all from the manifest's measured figures):
+- every resident shard's `resident_bytes` at its chosen precision;
+- the KV cache (owned by the runtime, never evicted), computed from the model shape;
+- the loader's slots for streamed shards: one (on-demand: load, run, evict) or two
+  (pipelined: one running while the next one loads), each as large as the largest
+  streamed shard;
+- a tied embedding read from the head's file costs nothing extra (page cache rows).
+The interpreter's own baseline (Python + torch + the runtime, ~360 MB) is not counted:
+the runtime measures it and reports it beside the model's cost.
+
+How it chooses (greedy; every step is on the manifest's measured figures):
+1. Start at every shard's top precision. While the all-resident set is over budget,
+   lower the shard whose next precision costs the least accuracy per byte saved
+   (importance.kl of that precision, in nats): the least important give up first.
+2. If it still does not fit (or a streaming mode is asked for), stream shards: each step
+   streams the shard that frees the most bytes per millisecond it adds to a decode step
+   (the simulated pipeline below), later shards first on ties, so the first shards of
+   the forward pass stay resident as the preload buffer.
+3. Spend what is left: raise precisions back (most accuracy per byte first), then keep
+   streamed shards resident again (most time saved first), as long as budget and
+   latency target still hold.
+The expected time per token comes from simulating one decode step on the measured
+load_ms and (when the manifest has them) compute_ms of each shard: a loader that loads
+streamed shards in forward order into its slots while the executor runs shards.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from edgectl.errors import EdgectlError, UsageError
+
+MODES = ("auto", "resident", "pipelined", "on-demand")
+SLOTS = {"resident": 0, "pipelined": 2, "on-demand": 1}
+PLAN_FORMAT = "edgectl-plan/1"
+
+
+@dataclass
+class ShardChoice:
+    name: str
+    kind: str
+    layers: list[int]
+    precision: str
+    placement: str  # "resident" | "streamed" | "mapped" (a tied table read from the head's file)
+    bytes: int  # resident bytes at this precision (what it costs while loaded)
+    load_ms: float
+    compute_ms: float | None  # one decode step, when measured
+    kl: float  # importance of this precision (0 for the top one)
+    ppl_delta: float
+
+
+@dataclass
+class Plan:
+    mode: str  # "resident" | "pipelined" | "on-demand" (auto resolved)
+    budget_bytes: int
+    latency_target_ms: float | None
+    shards: list[ShardChoice]
+    kv_bytes: int
+    slot_bytes: int  # loader buffers for streamed shards
+    resident_bytes: int  # resident shards only
+    total_bytes: int  # resident + kv + slots
+    minimum_bytes: int  # the least any plan in this mode needs
+    ms_per_token: float  # expected decode step (simulated)
+    kl_sum: float  # sum of the chosen precisions' importance, a proxy for the accuracy lost
+    compute_measured: bool  # False: ms_per_token counts loading only
+    format: str = PLAN_FORMAT
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if d.get("format") != PLAN_FORMAT:
+            raise EdgectlError(f"not an edgectl plan (format {d.get('format')!r}, expected {PLAN_FORMAT!r})",
+                               hint="write one with `edgectl run DIR --memory-budget ... --plan --json`")
+        try:
+            return cls(**{**d, "shards": [ShardChoice(**s) for s in d["shards"]]})
+        except TypeError as e:
+            raise EdgectlError(f"malformed plan ({e})") from e
+
+    @property
+    def streamed(self) -> list[str]:
+        return [s.name for s in self.shards if s.placement == "streamed"]
+
+
+def parse_bytes(text: str) -> int:
+    """'150MB', '1.5GiB', '2000000' -> bytes (MB = 1e6, MiB = 2**20)."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+             "k": 10**3, "m": 10**6, "g": 10**9}
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("abgikm")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if unit not in units or value <= 0:
+        raise UsageError(f"--memory-budget {text!r}: expected a size like 150MB, 1.5GiB or 2000000")
+    return int(value * units[unit])
+
+
+def kv_cache_bytes(manifest) -> int:
+    m = manifest.model
+    head_dim = m.get("head_dim") or m["dim"] // m["n_heads"]
+    return 2 * m["n_layers"] * m["n_kv_heads"] * head_dim * manifest.max_seq_len * 4
+
+
+# ---------------------------------------------------------------------------------------
+# Cost and time of one assignment
+
+
+@dataclass
+class _State:
+    prec: dict  # shard name -> precision
+    streamed: set
+
+
+def _variant(shard, precision):
+    return shard.variants[precision]
+
+
+def _is_mapped(shard, precision) -> bool:
+    return shard.kind == "embed" and "table" in _variant(shard, precision).extra
+
+
+def _compute_ms(v) -> float | None:
+    c = v.extra.get("compute_ms")
+    return float(c) if c is not None else None
+
+
+def _memory(shards, st: _State, kv: int, slots: int) -> tuple[int, int, int]:
+    """(resident bytes, slot bytes, total)."""
+    resident, biggest = 0, 0
+    for s in shards:
+        p = st.prec[s.name]
+        if _is_mapped(s, p):
+            continue
+        b = _variant(s, p).resident_bytes
+        if s.name in st.streamed:
+            biggest = max(biggest, b)
+        else:
+            resident += b
+    slot = biggest * slots
+    return resident, slot, resident + slot + kv
+
+
+def _simulate(shards, st: _State, slots: int, steps: int = 3) -> float:
+    """ms of one decode step in steady state. The executor runs shards in forward order.
+    Pipelined (2 slots): a loader loads streamed shards in order, wrapping into the next
+    step, as soon as a slot is free (a slot frees when its shard has run), so the next
+    load overlaps compute. On-demand (1 slot): the executor loads each streamed shard
+    itself when it reaches it."""
+    seq = [(s.name in st.streamed, _variant(s, st.prec[s.name])) for s in shards if not _is_mapped(s, st.prec[s.name])]
+    load_end: list[float] = []  # per streamed execution, in order
+    exec_end: list[float] = []
+    t, step_start = 0.0, 0.0
+    for _ in range(steps):
+        step_start = t
+        for streamed, v in seq:
+            if streamed:
+                n = len(load_end)
+                if slots <= 1:
+                    start = t
+                else:
+                    start = max(load_end[n - 1] if n else 0.0, exec_end[n - slots] if n >= slots else 0.0)
+                load_end.append(start + v.load_ms)
+                t = max(t, load_end[-1])
+            t += _compute_ms(v) or 0.0
+            if streamed:
+                exec_end.append(t)
+    return t - step_start
+
+
+def _lower(shard, p, precisions):
+    avail = [q for q in precisions if q in shard.variants]
+    i = avail.index(p)
+    return avail[i + 1] if i + 1 < len(avail) else None
+
+
+def _higher(shard, p, precisions):
+    avail = [q for q in precisions if q in shard.variants]
+    i = avail.index(p)
+    return avail[i - 1] if i > 0 else None
+
+
+def _kl(shard, p) -> float:
+    imp = _variant(shard, p).importance
+    return imp.kl if imp is not None else 0.0
+
+
+def _tied_head(shards):
+    """Name of the head whose precision a mapped embedding must follow (tied table)."""
+    heads = [s for s in shards if s.kind == "head"]
+    return heads[0].name if heads else None
+
+
+# ---------------------------------------------------------------------------------------
+# The planner
+
+
+def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mode: str = "auto") -> Plan:
+    if mode not in MODES:
+        raise UsageError(f"--mode {mode!r}", hint=f"choose one of: {', '.join(MODES)}")
+    if budget_bytes <= 0:
+        raise UsageError("--memory-budget must be positive")
+    if mode == "auto":
+        last_err = None
+        for m in ("resident", "pipelined", "on-demand"):
+            try:
+                return _plan(manifest, budget_bytes, latency_target_ms, m, auto=True)
+            except EdgectlError as e:
+                last_err = e
+        raise last_err
+    return _plan(manifest, budget_bytes, latency_target_ms, mode)
+
+
+def _sync_embed(shards, st: _State) -> None:
+    """A mapped embedding reads the head's table: it takes the head's precision."""
+    head = _tied_head(shards)
+    for s in shards:
+        if s.kind == "embed" and head and st.prec[head] in s.variants and _is_mapped(s, st.prec[head]):
+            st.prec[s.name] = st.prec[head]
+
+
+def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = False) -> Plan:
+    shards, precisions = manifest.shards, manifest.precisions
+    kv = kv_cache_bytes(manifest)
+    slots = SLOTS[mode]
+    movable = [s for s in shards if not (s.kind == "embed" and all("table" in v.extra for v in s.variants.values()))]
+    lowest = {s.name: [q for q in precisions if q in s.variants][-1] for s in shards}
+    # Feasibility minimum: everything at its smallest variant, streamed as far as the mode allows.
+    small = _State({s.name: min(s.variants, key=lambda q: s.variants[q].resident_bytes) for s in shards}, set())
+    _sync_embed(shards, small)
+    if slots:
+        small.streamed = {s.name for s in movable}
+    minimum = _memory(shards, small, kv, slots)[2]
+    if budget < minimum:
+        what = {"resident": "all shards resident at their smallest precision",
+                "pipelined": "every shard streamed through two loader slots",
+                "on-demand": "every shard streamed through one loader slot"}[mode]
+        raise EdgectlError(
+            f"a budget of {budget / 1e6:.1f} MB is below the feasible minimum of {minimum / 1e6:.1f} MB "
+            f"for mode {mode} ({what}, KV cache {kv / 1e6:.1f} MB)",
+            hint=f"give --memory-budget {int(-(-minimum // 10**5)) / 10:.1f}MB or more"
+            + ("" if mode == "on-demand" else ", or --mode on-demand"),
+        )
+
+    st = _State({s.name: [q for q in precisions if q in s.variants][0] for s in shards}, set())
+    _sync_embed(shards, st)
+    mem = lambda: _memory(shards, st, kv, slots)[2]  # noqa: E731
+    time_ms = lambda: _simulate(shards, st, slots)  # noqa: E731
+    ok_time = lambda: target is None or time_ms() <= target  # noqa: E731
+
+    # 1. least important give up precision first (accuracy lost per byte saved)
+    while mem() > budget:
+        best = None
+        for s in movable:
+            q = _lower(s, st.prec[s.name], precisions)
+            if q is None:
+                continue
+            saved = _variant(s, st.prec[s.name]).resident_bytes - _variant(s, q).resident_bytes
+            if saved <= 0:
+                continue
+            cost = (_kl(s, q) - _kl(s, st.prec[s.name])) / saved
+            if best is None or cost < best[0]:
+                best = (cost, s, q)
+        if best is None:
+            break
+        st.prec[best[1].name] = best[2]
+        _sync_embed(shards, st)
+    if auto and mode == "resident" and mem() > budget:
+        raise EdgectlError("does not fit resident")
+    # 2. stream what still does not fit, stalling the pipeline least
+    while mem() > budget and slots:
+        best = None
+        base_t = time_ms()
+        for pos, s in enumerate(movable):
+            if s.name in st.streamed:
+                continue
+            # bytes the shard itself gives up (the first streamed shards may cost more
+            # in loader slots than they free; the loop goes on until the set fits)
+            freed = _variant(s, st.prec[s.name]).resident_bytes
+            st.streamed.add(s.name)
+            added = max(time_ms() - base_t, 1e-6)
+            st.streamed.discard(s.name)
+            if freed <= 0:
+                continue
+            key = (freed / added, pos)
+            if best is None or key > best[0]:
+                best = (key, s)
+        if best is None:
+            break
+        st.streamed.add(best[1].name)
+    if mem() > budget:  # cannot happen above the minimum; keep the guard honest
+        raise EdgectlError(f"no plan fits {budget / 1e6:.1f} MB in mode {mode} (minimum {minimum / 1e6:.1f} MB)")
+    # 3a. raise precisions back while budget and latency hold (most accuracy per byte first)
+    while True:
+        best = None
+        for s in movable:
+            q = _higher(s, st.prec[s.name], precisions)
+            if q is None:
+                continue
+            old = st.prec[s.name]
+            st.prec[s.name] = q
+            _sync_embed(shards, st)
+            fits, fast = mem() <= budget, ok_time()
+            extra = mem()
+            st.prec[s.name] = old
+            _sync_embed(shards, st)
+            if not (fits and fast):
+                continue
+            gain = _kl(s, old) - _kl(s, q)
+            if gain <= 0:
+                continue
+            key = gain / max(extra - mem(), 1)
+            if best is None or key > best[0]:
+                best = (key, s, q)
+        if best is None:
+            break
+        st.prec[best[1].name] = best[2]
+        _sync_embed(shards, st)
+    # 3b. bring streamed shards back (most time saved first) while the budget holds
+    while st.streamed:
+        best = None
+        base_t = time_ms()
+        for s in movable:
+            if s.name not in st.streamed:
+                continue
+            st.streamed.discard(s.name)
+            if mem() <= budget:
+                saved = base_t - time_ms()
+                if best is None or saved > best[0]:
+                    best = (saved, s)
+            st.streamed.add(s.name)
+        if best is None:
+            break
+        st.streamed.discard(best[1].name)
+    ms = time_ms()
+    if target is not None and ms > target:
+        raise EdgectlError(
+            f"no plan within {budget / 1e6:.1f} MB meets {target:g} ms per token in mode {mode}: "
+            f"the best found takes {ms:.1f} ms",
+            hint="raise --memory-budget or --latency-target",
+        )
+    resident, slot, total = _memory(shards, st, kv, slots)
+    actual_mode = mode if st.streamed or not auto else "resident"
+    if not st.streamed and mode != "resident":
+        slot = 0
+        total = resident + kv
+    choices = []
+    for s in shards:
+        p = st.prec[s.name]
+        v = _variant(s, p)
+        placement = "mapped" if _is_mapped(s, p) else ("streamed" if s.name in st.streamed else "resident")
+        imp = v.importance
+        choices.append(ShardChoice(s.name, s.kind, list(s.layers), p, placement, 0 if placement == "mapped" else v.resident_bytes,
+                                   v.load_ms, _compute_ms(v), imp.kl if imp else 0.0, imp.ppl_delta if imp else 0.0))
+    measured = all(c.compute_ms is not None for c in choices if c.placement != "mapped")
+    notes = [] if measured else ["compute time per shard not in the manifest: expected ms/token counts loading only"]
+    return Plan(actual_mode, budget, target, choices, kv, slot, resident, total, minimum, ms,
+                sum(c.kl for c in choices), measured, notes=notes)
+
+
+def render_rows(p: Plan) -> list[list[str]]:
+    """Table rows for the CLI: shard, precision, placement, MB, KL, ppl delta, ms."""
+    rows = []
+    for c in p.shards:
+        ms = c.load_ms if c.placement == "streamed" else 0.0
+        rows.append([c.name, c.precision, c.placement, f"{c.bytes / 1e6:.2f}", f"{c.kl:.4f}", f"{c.ppl_delta:+.3f}",
+                     f"{ms + (c.compute_ms or 0.0):.2f}"])
+    return rows

@@ -1,0 +1,171 @@
+"""Planner on synthetic manifests: every expectation is worked out by hand or is an invariant."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from edgectl.errors import EdgectlError, UsageError
+from edgectl.manifest import Importance, Manifest, Shard, Variant
+from edgectl.planner import Plan, _simulate, _State, kv_cache_bytes, parse_bytes, plan
+
+MB = 10**6
+PRECS = ["fp32", "int8", "8da4w"]
+MODEL = {"dim": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "head_dim": 8, "vocab_size": 512}
+
+
+def _variant(prec, mb, kl, load_ms=7.0, compute_ms=None, **extra):
+    imp = None if prec == "fp32" else Importance(kl=kl, ppl=10 + kl, ppl_delta=kl, tokens=100)
+    if compute_ms is not None:
+        extra["compute_ms"] = compute_ms
+    return Variant(prec, f"{prec}.pte", int(mb * MB), "0" * 64, int(mb * MB), load_ms, imp, extra)
+
+
+def _layer(i, kls, sizes=(10, 3, 1.5), loads=(7, 5, 10), compute=None):
+    return Shard(f"layers.{i}", "layers", [i], {
+        p: _variant(p, sizes[j], kls[j], loads[j], compute) for j, p in enumerate(PRECS)})
+
+
+def _manifest(layers, head=None, embed=True, max_seq_len=128):
+    shards = []
+    if embed:
+        shards.append(Shard("embed", "embed", [], {p: Variant(p, "", 0, "", 0, 0.0, None, {"table": {"key": p}}) for p in PRECS}))
+    shards += layers
+    shards.append(head or Shard("head", "head", [], {p: _variant(p, s, k) for p, s, k in zip(PRECS, (4, 1, 0.5), (0, 0.5, 0.9))}))
+    return Manifest("0.1.0", {"model": "synthetic"}, dict(MODEL, n_layers=len(layers)), max_seq_len, "xnnpack",
+                    PRECS, "tokenizer.json", {}, shards)
+
+
+def test_kv_cache_bytes_by_hand():
+    m = _manifest([_layer(i, (0, .1, .2)) for i in range(4)])
+    assert kv_cache_bytes(m) == 2 * 4 * 4 * 8 * 128 * 4  # k+v, layers, kv heads, head_dim, seq, fp32
+
+
+def test_everything_fits_stays_top_precision_resident():
+    m = _manifest([_layer(i, (0, .1, .2)) for i in range(4)])
+    p = plan(m, 1000 * MB)
+    assert p.mode == "resident" and p.streamed == []
+    assert {c.precision for c in p.shards} == {"fp32"} and p.kl_sum == 0
+    assert p.total_bytes == 4 * 10 * MB + 4 * MB + kv_cache_bytes(m)
+
+
+def test_least_important_layer_gives_up_precision_first():
+    kls = [(0, .30, .60), (0, .01, .05), (0, .20, .40), (0, .10, .30)]
+    m = _manifest([_layer(i, k) for i, k in enumerate(kls)])
+    kv = kv_cache_bytes(m)
+    # room for three fp32 layers + one int8 layer + fp32 head
+    p = plan(m, 3 * 10 * MB + 3 * MB + 4 * MB + kv, mode="resident")
+    prec = {c.name: c.precision for c in p.shards}
+    assert prec == {"embed": "fp32", "layers.0": "fp32", "layers.1": "int8", "layers.2": "fp32", "layers.3": "fp32", "head": "fp32"}
+    # one more step: next least important (layers.3 at int8, kl .10/7MB beats the head's .5/3MB)
+    p = plan(m, 2 * 10 * MB + 2 * 3 * MB + 4 * MB + kv, mode="resident")
+    assert [c.name for c in p.shards if c.precision == "int8"] == ["layers.1", "layers.3"]
+    assert p.total_bytes <= p.budget_bytes
+
+
+def test_mapped_embedding_follows_the_head():
+    m = _manifest([_layer(i, (0, .1, .2)) for i in range(2)],
+                  head=Shard("head", "head", [], {p: _variant(p, s, k) for p, s, k in zip(PRECS, (40, 10, 5), (0, 0.01, 0.02))}))
+    p = plan(m, 2 * 10 * MB + 10 * MB + kv_cache_bytes(m), mode="resident")
+    prec = {c.name: (c.precision, c.placement) for c in p.shards}
+    assert prec["head"] == ("int8", "resident") and prec["embed"] == ("int8", "mapped")
+
+
+def test_budget_below_minimum_names_the_minimum():
+    m = _manifest([_layer(i, (0, .1, .2)) for i in range(4)])
+    kv = kv_cache_bytes(m)
+    resident_min = 4 * 1.5 * MB + 0.5 * MB + kv
+    with pytest.raises(EdgectlError) as e:
+        plan(m, int(resident_min) - 1, mode="resident")
+    assert f"{resident_min / MB:.1f} MB" in str(e.value)
+    # on-demand needs one slot of the largest smallest variant (a layer at 8da4w: 1.5 MB)
+    od_min = 1.5 * MB + kv
+    with pytest.raises(EdgectlError) as e:
+        plan(m, int(od_min) - 1, mode="auto")
+    assert f"{od_min / MB:.1f} MB" in str(e.value)
+    assert plan(m, int(od_min), mode="auto").mode == "on-demand"
+
+
+def test_streams_later_shards_and_keeps_the_preload_buffer():
+    m = _manifest([_layer(i, (0, .1, .2)) for i in range(5)])
+    kv = kv_cache_bytes(m)
+    budget = int(2 * 1.5 * MB + 2 * 1.5 * MB + 0.5 * MB + kv)  # of 5 layers: two resident at 8da4w + two slots + head
+    p = plan(m, budget, mode="pipelined")
+    assert p.mode == "pipelined" and p.total_bytes <= budget
+    assert p.streamed and "layers.0" not in p.streamed  # the first layer stays resident: work starts at once
+    assert p.slot_bytes == 2 * max(c.bytes for c in p.shards if c.placement == "streamed")
+
+
+def test_invalid_mode_and_budget():
+    m = _manifest([_layer(0, (0, .1, .2))])
+    with pytest.raises(UsageError):
+        plan(m, 100 * MB, mode="fast")
+    with pytest.raises(UsageError):
+        plan(m, 0)
+
+
+def test_latency_target_is_honoured_or_refused():
+    m = _manifest([_layer(i, (0, .1, .2), compute=0.5) for i in range(5)])
+    kv = kv_cache_bytes(m)
+    tight = int(2 * 1.5 * MB + 2 * 1.5 * MB + 0.5 * MB + kv)
+    free = plan(m, tight, mode="pipelined")
+    assert free.ms_per_token > 5
+    with pytest.raises(EdgectlError, match="ms per token"):
+        plan(m, tight, latency_target_ms=1.0, mode="pipelined")
+    p = plan(m, tight, latency_target_ms=free.ms_per_token + 0.01, mode="pipelined")
+    assert p.ms_per_token <= free.ms_per_token + 0.01
+
+
+def test_simulated_pipeline_by_hand():
+    # two layers, both streamed, load 7 ms, compute 1 ms; head resident, no compute figure
+    m = _manifest([_layer(i, (0, .1, .2), compute=1.0) for i in range(2)])
+    names = {s.name for s in m.shards}
+    st = _State({n: "fp32" for n in names}, {"layers.0", "layers.1"})
+    # on-demand: load+run, load+run
+    assert _simulate(m.shards, st, 1) == pytest.approx(2 * (7 + 1))
+    # pipelined with 2 slots: loads back to back (the loader is the bottleneck): 14 ms per step
+    assert _simulate(m.shards, st, 2) == pytest.approx(14.0)
+    st.streamed = set()
+    assert _simulate(m.shards, st, 0) == pytest.approx(2.0)
+
+
+def test_plan_json_round_trip():
+    m = _manifest([_layer(i, (0, .1, .2), compute=0.5) for i in range(3)])
+    p = plan(m, int(8 * MB + kv_cache_bytes(m)), mode="auto")
+    q = Plan.from_dict(json.loads(p.to_json()))
+    assert q == p
+    with pytest.raises(EdgectlError):
+        Plan.from_dict({"format": "something-else"})
+
+
+def test_random_manifests_always_within_budget():
+    rng = random.Random(0)
+    for _ in range(60):
+        layers = []
+        for i in range(rng.randint(1, 6)):
+            sizes = sorted((rng.uniform(0.5, 20) for _ in PRECS), reverse=True)
+            kls = (0, rng.uniform(0, .5), rng.uniform(.5, 1))
+            layers.append(_layer(i, kls, sizes, (rng.uniform(1, 10),) * 3, rng.uniform(0.1, 1)))
+        m = _manifest(layers)
+        budget = int(rng.uniform(1, 80) * MB + kv_cache_bytes(m))
+        mode = rng.choice(["auto", "resident", "pipelined", "on-demand"])
+        try:
+            p = plan(m, budget, mode=mode)
+        except EdgectlError as e:
+            assert "minimum" in str(e)
+            continue
+        assert p.total_bytes <= budget
+        assert p.total_bytes >= p.minimum_bytes
+
+
+@pytest.mark.parametrize("text,n", [("150MB", 150 * MB), ("1.5GiB", int(1.5 * 2**30)), ("2000000", 2 * MB), ("64 MiB", 64 * 2**20)])
+def test_parse_bytes(text, n):
+    assert parse_bytes(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "MB", "-5MB", "12XB", "abc"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(UsageError):
+        parse_bytes(text)
