@@ -46,3 +46,40 @@ def corpus_dir() -> Path:
     if not p.exists():
         pytest.skip("../shared/corpus not found")
     return p
+
+
+def _export_once(tmp_path_factory, model: Path, name: str, max_seq_len: int) -> Path:
+    from edgectl.checkpoint import resolve
+    from edgectl.export import export_pte
+
+    out = tmp_path_factory.mktemp("pte") / name
+    export_pte(resolve(str(model)), out, max_seq_len=max_seq_len)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stories_pte(tmp_path_factory, stories_dir) -> Path:
+    """stories260K exported once per test session (fp32, XNNPACK, max_seq_len 512)."""
+    return _export_once(tmp_path_factory, stories_dir, "stories260K.pte", 512)
+
+
+@pytest.fixture(scope="session")
+def smol_pte(tmp_path_factory, smol_gguf) -> Path:
+    """SmolLM2-135M-Instruct exported once per test session (fp32, XNNPACK, 1024); minutes."""
+    return _export_once(tmp_path_factory, smol_gguf, "smollm2-135m.pte", 1024)
+
+
+@pytest.fixture(scope="session")
+def smol_hf_model(smol_gguf):
+    """transformers' LlamaForCausalLM holding the dequantized GGUF weights (the reference)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from edgectl.checkpoint import resolve
+
+    ckpt = resolve(str(smol_gguf))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ckpt.config)).eval()
+    missing, _ = model.load_state_dict(dict(ckpt.tensors()), strict=False)
+    assert set(missing) <= {"lm_head.weight"}
+    model.tie_weights()
+    return model.to(torch.float32)

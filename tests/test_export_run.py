@@ -1,0 +1,142 @@
+"""Export and run on the real models, against transformers: the foundation's promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgectl.cli import main
+from edgectl.generate import generate
+from edgectl.run import tokenizer_for
+from edgectl.runtime import PteModel
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.real_model
+
+PROMPT = "Once upon a time"
+
+
+def _greedy_pte(path, n=64):
+    model = PteModel(path)
+    tok = tokenizer_for(model)
+    ids = tok.encode(PROMPT)
+    return model, ids, generate(model, ids, n, eos_ids=()).tokens
+
+
+def _greedy_hf(hf, ids, n=64):
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def stories_hf(stories_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
+
+
+def test_stories_greedy_64_equals_transformers(stories_pte, stories_hf):
+    _, ids, ours = _greedy_pte(stories_pte)
+    assert ours == _greedy_hf(stories_hf, ids)
+
+
+def test_stories_logits_match_transformers(stories_pte, stories_hf):
+    model, ids, gen = _greedy_pte(stories_pte, 32)
+    seq = ids + gen
+    model.reset()
+    ours = model.forward(seq, 0, all_logits=True)
+    with torch.no_grad():
+        ref = stories_hf(torch.tensor([seq])).logits[0]
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_64_equals_transformers(smol_pte, smol_hf_model):
+    _, ids, ours = _greedy_pte(smol_pte)
+    with torch.no_grad():
+        assert ours == _greedy_hf(smol_hf_model, ids)
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smol_pte, smol_hf_model):
+    model = PteModel(smol_pte)
+    ids = tokenizer_for(model).encode("The quick brown fox jumps over the lazy dog. " * 4)
+    ours = model.forward(ids, 0, all_logits=True)
+    with torch.no_grad():
+        ref = smol_hf_model(torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_smollm2_chat_answers_paris(smol_pte, capsys):
+    rc = main(["run", str(smol_pte), "--chat", "--prompt", "What is the capital of France?", "-n", "32"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "Paris" in out
+    assert "decode" in err and "tok/s" in err
+
+
+@pytest.mark.slow
+def test_smollm2_tied_matrix_stored_once(smol_pte, smol_hf_model):
+    params = sum(p.numel() for p in smol_hf_model.parameters()) * 4  # tied: counted once
+    table = smol_hf_model.model.embed_tokens.weight.numel() * 4
+    size = smol_pte.stat().st_size
+    assert params <= size < params + table // 2, (size, params, table)
+
+
+def test_run_json_summary(stories_pte, capsys):
+    rc = main(["run", str(stories_pte), "-p", PROMPT, "-n", "8", "--json"])
+    out, _ = capsys.readouterr()
+    res = json.loads(out)
+    assert rc == 0 and res["stats"]["new_tokens"] <= 8 and isinstance(res["text"], str)
+    assert res["stats"]["prefill_tok_s"] > 0 and res["load_ms"] > 0
+
+
+def test_prompt_longer_than_max_seq_len(stories_pte, capsys):
+    rc = main(["run", str(stories_pte), "-p", "Once upon a time " * 300, "-n", "4"])
+    _, err = capsys.readouterr()
+    assert rc == 1 and "max" in err and err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_sampling_is_reproducible_with_seed(stories_pte, capsys):
+    outs = []
+    for _ in range(2):
+        main(["run", str(stories_pte), "-p", PROMPT, "-n", "24", "--temperature", "0.9", "--top-p", "0.9", "--seed", "7", "--json"])
+        outs.append(json.loads(capsys.readouterr()[0])["tokens"])
+    assert outs[0] == outs[1]
+
+
+def test_export_json_and_verbose(stories_dir, tmp_path, capsys):
+    out = tmp_path / "s.pte"
+    rc = main(["export", str(stories_dir), "-o", str(out), "--max-seq-len", "64", "--json", "-v"])
+    stdout, err = capsys.readouterr()
+    res = json.loads(stdout)
+    assert rc == 0 and res["path"] == str(out) and res["bytes"] == out.stat().st_size
+    assert "delegated calls" in err
+    # every linear runs in XNNPACK: no linear/mm/addmm/bmm left to portable kernels
+    assert not {"aten.linear.default", "aten.mm.default", "aten.addmm.default", "aten.bmm.default"} & set(res["ops"]["non_delegated"])
+
+
+def test_failed_export_leaves_nothing(stories_dir, tmp_path, monkeypatch, capsys):
+    import edgectl.export as E
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "lower", boom)
+    out = tmp_path / "s.pte"
+    assert main(["export", str(stories_dir), "-o", str(out)]) == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomic_interrupted_mid_write(tmp_path):
+    from edgectl.export import write_atomic
+
+    target = tmp_path / "x.pte"
+
+    def writer(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, writer)
+    assert list(tmp_path.iterdir()) == []
