@@ -1,0 +1,202 @@
+"""Recipes: one small TOML file naming model, quantization, backend, shard precisions,
+budget and run settings. It maps onto frozen dataclasses; an unknown key or a wrong type
+is an error. Command-line flags override it (`--recipe FILE` on every command).
+
+    [model]
+    id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    max_seq_len = 1024
+
+    [quantize]
+    scheme = "8da4w"
+    group_size = 32
+    embedding = "int4"
+
+    [run]
+    memory_budget = "150MB"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgectl.errors import EdgectlError
+
+PRECISIONS = ("fp32", "int8", "8da4w", "4w")
+MODES = ("auto", "resident", "pipelined", "on-demand")
+BACKENDS = ("xnnpack", "portable", "vulkan", "coreml")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.I)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'150MB' -> 150_000_000; '1.5GiB' -> bytes. Plain numbers are bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise EdgectlError(f"cannot read {text!r} as a size", hint="write e.g. 150MB, 1.5GiB or 123456789")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value is not None and value not in allowed:
+        raise EdgectlError(f"{name} = {value!r} is not one of: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    id: str | None = None  # hub id, HF directory or .gguf
+    max_seq_len: int | None = None
+
+
+@dataclass(frozen=True)
+class QuantizeSection:
+    scheme: str | None = None  # int8 | 8da4w | 4w
+    group_size: int = 32
+    embedding: str = "none"  # none | int8 | int4
+    embedding_group_size: int = 32
+
+    def __post_init__(self):
+        _one_of("quantize.scheme", self.scheme, ("int8", "8da4w", "4w"))
+        _one_of("quantize.embedding", self.embedding, ("none", "int8", "int4"))
+        for name in ("group_size", "embedding_group_size"):
+            if getattr(self, name) <= 0:
+                raise EdgectlError(f"quantize.{name} must be positive")
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    backend: str = "xnnpack"
+
+    def __post_init__(self):
+        _one_of("export.backend", self.backend, BACKENDS)
+
+
+@dataclass(frozen=True)
+class ShardSection:
+    precisions: tuple[str, ...] = ("fp32", "int8", "8da4w")
+    layers_per_shard: int = 1
+    calibration: str | None = None
+    calibration_tokens: int = 2048
+
+    def __post_init__(self):
+        for p in self.precisions:
+            _one_of("shard.precisions", p, PRECISIONS)
+        if self.layers_per_shard < 1:
+            raise EdgectlError("shard.layers_per_shard must be at least 1")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    memory_budget: str | None = None  # "150MB"
+    latency_target_ms: float | None = None
+    mode: str = "auto"
+    threads: int | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    chat: bool = False
+
+    def __post_init__(self):
+        _one_of("run.mode", self.mode, MODES)
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = ""
+    description: str = ""
+    model: ModelSection = field(default_factory=ModelSection)
+    quantize: QuantizeSection = field(default_factory=QuantizeSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    shard: ShardSection = field(default_factory=ShardSection)
+    run: RunSection = field(default_factory=RunSection)
+
+
+def _check_type(where: str, value, tp):
+    """Validate `value` against a dataclass field type; returns the value (tuples from lists)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(where, value, a)
+            except EdgectlError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise EdgectlError(f"{where} must be a list, got {type(value).__name__}")
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        return tuple(_check_type(where, v, item) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise EdgectlError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise EdgectlError(f"{where}: unknown key {unknown[0]!r}", hint=f"known keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{where}.{name}" if where != "recipe" else name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise EdgectlError(f"[{name}] must be a table")
+            kwargs[name] = _build(tp, value, name)
+        else:
+            kwargs[name] = _check_type(key, value, tp)
+    return cls(**kwargs)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise EdgectlError(f"{path}: cannot read recipe ({e.strerror})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise EdgectlError(f"{path}: not valid TOML ({e})") from e
+    try:
+        return _build(Recipe, data, "recipe")
+    except EdgectlError as e:
+        raise EdgectlError(f"{path}: {e}", hint=e.hint) from e
+
+
+def apply_overrides(recipe: Recipe, assignments: list[str]) -> Recipe:
+    """`--set section.key=value` (value parsed as TOML, or a bare string)."""
+    for a in assignments:
+        key, sep, raw = a.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise EdgectlError(f"--set {a!r}: expected section.key=value")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        if section not in {f.name for f in dataclasses.fields(Recipe)} or not dataclasses.is_dataclass(getattr(recipe, section)):
+            raise EdgectlError(f"--set {a!r}: unknown section {section!r}")
+        current = dataclasses.asdict(getattr(recipe, section))
+        current[name] = value
+        recipe = dataclasses.replace(recipe, **{section: _build(type(getattr(recipe, section)), current, section)})
+    return recipe
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
