@@ -8,6 +8,8 @@ What counts against the budget (all from the manifest's measured figures):
 - the loader's slots for streamed shards: one (on-demand: load, run, evict) or two
   (pipelined: one running while the next one loads), each as large as the largest
   streamed shard;
+- one activation arena, the largest `extra["planned_bytes"]` among the chosen variants
+  (shards run one at a time and share it; a variant's resident_bytes includes its own);
 - a tied embedding read from the head's file costs nothing extra (page cache rows).
 The interpreter's own baseline (Python + torch + the runtime, ~360 MB) is not counted:
 the runtime measures it and reports it beside the model's cost.
@@ -61,7 +63,7 @@ class Plan:
     latency_target_ms: float | None
     shards: list[ShardChoice]
     kv_bytes: int
-    slot_bytes: int  # loader buffers for streamed shards
+    slot_bytes: int  # loader buffers for streamed shards + the shared activation arena
     resident_bytes: int  # resident shards only
     total_bytes: int  # resident + kv + slots
     minimum_bytes: int  # the least any plan in this mode needs
@@ -137,19 +139,27 @@ def _compute_ms(v) -> float | None:
     return float(c) if c is not None else None
 
 
+def _weights(v) -> int:
+    """Resident bytes without the planned (activation) memory, which all shards share:
+    they run one at a time from one arena."""
+    return max(v.resident_bytes - int(v.extra.get("planned_bytes", 0)), 0)
+
+
 def _memory(shards, st: _State, kv: int, slots: int) -> tuple[int, int, int]:
-    """(resident bytes, slot bytes, total)."""
-    resident, biggest = 0, 0
+    """(resident bytes, slot bytes + the shared activation arena, total)."""
+    resident, biggest, arena = 0, 0, 0
     for s in shards:
         p = st.prec[s.name]
         if _is_mapped(s, p):
             continue
-        b = _variant(s, p).resident_bytes
+        v = _variant(s, p)
+        arena = max(arena, int(v.extra.get("planned_bytes", 0)))
+        b = _weights(v)
         if s.name in st.streamed:
             biggest = max(biggest, b)
         else:
             resident += b
-    slot = biggest * slots
+    slot = biggest * slots + arena
     return resident, slot, resident + slot + kv
 
 
@@ -238,7 +248,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
     movable = [s for s in shards if not (s.kind == "embed" and all("table" in v.extra for v in s.variants.values()))]
     lowest = {s.name: [q for q in precisions if q in s.variants][-1] for s in shards}
     # Feasibility minimum: everything at its smallest variant, streamed as far as the mode allows.
-    small = _State({s.name: min(s.variants, key=lambda q: s.variants[q].resident_bytes) for s in shards}, set())
+    small = _State({s.name: min(s.variants, key=lambda q: _weights(s.variants[q])) for s in shards}, set())
     _sync_embed(shards, small)
     if slots:
         small.streamed = {s.name for s in movable}
@@ -267,7 +277,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
             q = _lower(s, st.prec[s.name], precisions)
             if q is None:
                 continue
-            saved = _variant(s, st.prec[s.name]).resident_bytes - _variant(s, q).resident_bytes
+            saved = _weights(_variant(s, st.prec[s.name])) - _weights(_variant(s, q))
             if saved <= 0:
                 continue
             cost = (_kl(s, q) - _kl(s, st.prec[s.name])) / saved
@@ -288,7 +298,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
                 continue
             # bytes the shard itself gives up (the first streamed shards may cost more
             # in loader slots than they free; the loop goes on until the set fits)
-            freed = _variant(s, st.prec[s.name]).resident_bytes
+            freed = _weights(_variant(s, st.prec[s.name]))
             st.streamed.add(s.name)
             added = max(time_ms() - base_t, 1e-6)
             st.streamed.discard(s.name)
@@ -362,7 +372,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
         v = _variant(s, p)
         placement = "mapped" if _is_mapped(s, p) else ("streamed" if s.name in st.streamed else "resident")
         imp = v.importance
-        choices.append(ShardChoice(s.name, s.kind, list(s.layers), p, placement, 0 if placement == "mapped" else v.resident_bytes,
+        choices.append(ShardChoice(s.name, s.kind, list(s.layers), p, placement, 0 if placement == "mapped" else _weights(v),
                                    v.load_ms, _compute_ms(v), imp.kl if imp else 0.0, imp.ppl_delta if imp else 0.0))
     measured = all(c.compute_ms is not None for c in choices if c.placement != "mapped")
     notes = [] if measured else ["compute time per shard not in the manifest: expected ms/token counts loading only"]

@@ -1,0 +1,165 @@
+"""The native shim (etshim.cpp): load and execute ExecuTorch methods with the GIL released.
+
+Built on first use with the system C++ compiler against the executorch wheel's headers
+and its `_portable_lib` (the same library the Python binding loaded), into
+~/.cache/edgectl/native/<hash of source and executorch version>/ (atomic rename). `load()`
+returns None, with the reason in `why_not()`, when no compiler or the build fails:
+callers then fall back to the Python binding (loads and compute do not overlap).
+Set EDGECTL_NATIVE=0 to force the fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from edgectl.errors import EdgectlError
+
+SRC = Path(__file__).with_name("etshim.cpp")
+_state: dict = {}
+
+
+def _paths():
+    import executorch
+
+    et = Path(list(executorch.__path__)[0])
+    pyb = et / "extension" / "pybindings"
+    libs = sorted(pyb.glob("_portable_lib*.so"))
+    if not libs:
+        raise FileNotFoundError(f"no _portable_lib*.so in {pyb}")
+    return et, libs[0]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("EDGECTL_CACHE", Path.home() / ".cache" / "edgectl")) / "native"
+
+
+def build(quiet: bool = True) -> Path:
+    """Compile the shim if needed; return the .so path. Raises on failure."""
+    import importlib.metadata as md
+
+    et, portable = _paths()
+    key = hashlib.sha256(SRC.read_bytes() + md.version("executorch").encode() + str(portable).encode()).hexdigest()[:16]
+    out = _cache_dir() / key / "etshim.so"
+    if out.exists():
+        return out
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        raise FileNotFoundError("no C++ compiler (g++, c++ or clang++) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".etshim.so.tmp-{os.getpid()}")
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DC10_USING_CUSTOM_GENERATED_MACROS",
+           f"-I{et / 'include'}", f"-I{et / 'include/executorch/runtime/core/portable_type/c10'}",
+           str(SRC), "-o", str(tmp), str(portable), f"-Wl,-rpath,{portable.parent}"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"compiling the native shim failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+class Native:
+    """ctypes front of etshim.so. Every call releases the GIL while it runs."""
+
+    def __init__(self, so: Path):
+        lib = ctypes.CDLL(str(so))
+        vp, i32p, i64p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64)
+        lib.ets_load.argtypes = [ctypes.c_char_p, ctypes.c_char_p, vp, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+        lib.ets_planned_size.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        lib.ets_planned_size.restype = ctypes.c_int64
+        lib.ets_load.restype = vp
+        lib.ets_num_inputs.argtypes = lib.ets_num_outputs.argtypes = [vp]
+        lib.ets_planned_bytes.argtypes = [vp]
+        lib.ets_planned_bytes.restype = ctypes.c_size_t
+        lib.ets_run.argtypes = [vp, ctypes.c_int, ctypes.POINTER(vp), i32p, i32p, ctypes.c_int, ctypes.POINTER(vp), i64p,
+                                i32p, i32p, ctypes.c_char_p, ctypes.c_size_t]
+        lib.ets_free.argtypes = [vp]
+        self.lib, self.so = lib, so
+
+    def planned_size(self, path: str | Path, method: str = "forward") -> int:
+        n = self.lib.ets_planned_size(str(path).encode(), method.encode())
+        if n < 0:
+            raise EdgectlError(f"{path}: not a loadable ExecuTorch program with a {method} method")
+        return n
+
+    def load(self, path: str | Path, method: str = "forward", arena=None) -> int:
+        """Load a method; `arena` (a uint8 torch tensor) holds its planned memory if given."""
+        err = ctypes.create_string_buffer(512)
+        ptr, size = (arena.data_ptr(), arena.numel()) if arena is not None else (None, 0)
+        h = self.lib.ets_load(str(path).encode(), method.encode(), ptr, size, err, 512)
+        if not h:
+            raise EdgectlError(f"{path}: cannot load {method} ({err.value.decode(errors='replace')})")
+        return h
+
+    def free(self, handle: int) -> None:
+        self.lib.ets_free(handle)
+
+    def call(self, handle: int) -> "Call":
+        return Call(self, handle)
+
+
+class Call:
+    """Reusable argument arrays for one loaded method (inputs re-pointed each run)."""
+
+    def __init__(self, native: Native, handle: int):
+        lib = native.lib
+        self.lib, self.h = lib, handle
+        self.nin, self.nout = lib.ets_num_inputs(handle), lib.ets_num_outputs(handle)
+        self.in_data = (ctypes.c_void_p * self.nin)()
+        self.in_ndim = (ctypes.c_int32 * self.nin)()
+        self.in_sizes = (ctypes.c_int32 * (8 * self.nin))()
+        self.out_data = (ctypes.c_void_p * self.nout)()
+        self.out_cap = (ctypes.c_int64 * self.nout)()
+        self.out_sizes = (ctypes.c_int32 * (8 * self.nout))()
+        self.out_ndim = (ctypes.c_int32 * self.nout)()
+        self.err = ctypes.create_string_buffer(512)
+
+    def set_input(self, i: int, t) -> None:
+        self.in_data[i] = t.data_ptr()
+        self.in_ndim[i] = t.dim()
+        for d, s in enumerate(t.shape):
+            self.in_sizes[8 * i + d] = s
+
+    def set_output(self, i: int, t) -> None:
+        self.out_data[i] = t.data_ptr()
+        self.out_cap[i] = t.numel() * t.element_size()
+
+    def run(self) -> None:
+        rc = self.lib.ets_run(self.h, self.nin, self.in_data, self.in_ndim, self.in_sizes, self.nout, self.out_data,
+                              self.out_cap, self.out_sizes, self.out_ndim, self.err, 512)
+        if rc:
+            raise EdgectlError(f"shard execution failed: {self.err.value.decode(errors='replace')}")
+
+    def out_shape(self, i: int) -> tuple[int, ...]:
+        return tuple(self.out_sizes[8 * i + d] for d in range(self.out_ndim[i]))
+
+
+def load() -> Native | None:
+    """The shim (building it on first use), or None with the reason in why_not()."""
+    if "native" in _state:
+        return _state["native"]
+    native = None
+    if os.environ.get("EDGECTL_NATIVE", "1") == "0":
+        _state["why"] = "disabled by EDGECTL_NATIVE=0"
+    else:
+        try:
+            from executorch.extension.pybindings import portable_lib  # noqa: F401  (the runtime the shim links to)
+
+            native = Native(build())
+        except (OSError, RuntimeError, FileNotFoundError, subprocess.SubprocessError) as e:
+            _state["why"] = str(e)
+            print(f"edgectl: native shim unavailable ({e}); loads will not overlap compute", file=sys.stderr)
+    _state["native"] = native
+    return native
+
+
+def why_not() -> str | None:
+    return _state.get("why")

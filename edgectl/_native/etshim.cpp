@@ -1,0 +1,271 @@
+// edgectl's native shim over the ExecuTorch runtime already loaded by the Python binding.
+//
+// Why: the binding holds the GIL inside load_program/load_method/execute, so a loader
+// thread and an executor thread never overlap. These plain C functions are called
+// through ctypes, which releases the GIL for the whole call: a shard loads on one
+// thread while another executes, really in parallel.
+//
+// It links against the wheel's _portable_lib*.so (same SONAME, so the dynamic loader
+// reuses the copy Python already imported: one kernel/backend registry, one thread
+// pool) and uses only symbols that library exports plus header-inline code:
+// Program::load, Program::load_method, Method::execute, Method::mutable_input,
+// Method::get_output, internal::resize_tensor_impl. Inputs are the method's own input
+// tensors re-pointed at the caller's memory (exported with alloc_graph_input=False),
+// so nothing is copied in; outputs are copied into caller buffers.
+
+#include <executorch/runtime/core/data_loader.h>
+#include <executorch/runtime/core/hierarchical_allocator.h>
+#include <executorch/runtime/core/memory_allocator.h>
+#include <executorch/runtime/core/exec_aten/exec_aten.h>
+#include <executorch/runtime/executor/memory_manager.h>
+#include <executorch/runtime/executor/method.h>
+#include <executorch/runtime/executor/program.h>
+
+#include <fcntl.h>
+#include <malloc.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+namespace etr = executorch::runtime;
+using etr::Error;
+using etr::FreeableBuffer;
+using etr::Result;
+
+namespace executorch::runtime::internal {
+Error resize_tensor_impl(etensor::TensorImpl* impl, ArrayRef<int32_t> new_sizes);
+}
+
+namespace {
+
+// Whole file mapped read-only; segments are views into it (page cache backed).
+class MmapLoader final : public etr::DataLoader {
+ public:
+  static MmapLoader* open(const char* path, char* err, size_t errlen) {
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      snprintf(err, errlen, "cannot open %s", path);
+      return nullptr;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || st.st_size == 0) {
+      ::close(fd);
+      snprintf(err, errlen, "cannot stat %s", path);
+      return nullptr;
+    }
+    void* p = mmap(nullptr, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    ::close(fd);
+    if (p == MAP_FAILED) {
+      snprintf(err, errlen, "cannot map %s", path);
+      return nullptr;
+    }
+    madvise(p, st.st_size, MADV_WILLNEED);  // start readahead for the whole file at once
+    return new MmapLoader(p, st.st_size);
+  }
+  ~MmapLoader() override { munmap(base_, size_); }
+
+  Result<FreeableBuffer> load(size_t offset, size_t size, const SegmentInfo&) const override {
+    if (offset + size > size_) return Error::InvalidArgument;
+    return FreeableBuffer(static_cast<const uint8_t*>(base_) + offset, size, nullptr);
+  }
+  Result<size_t> size() const override { return size_; }
+
+ private:
+  MmapLoader(void* base, size_t size) : base_(base), size_(size) {}
+  void* base_;
+  size_t size_;
+};
+
+// Method/temp allocator backed by malloc; everything freed with the shard.
+class MallocAllocator final : public etr::MemoryAllocator {
+ public:
+  MallocAllocator() : MemoryAllocator(0, nullptr) {}
+  ~MallocAllocator() override { reset(); }
+  void* allocate(size_t size, size_t alignment) override {
+    void* p = nullptr;
+    if (alignment < sizeof(void*)) alignment = sizeof(void*);
+    if (posix_memalign(&p, alignment, size ? size : 1) != 0) return nullptr;
+    blocks_.push_back(p);
+    return p;
+  }
+  void reset() override {
+    for (void* p : blocks_) free(p);
+    blocks_.clear();
+  }
+
+ private:
+  std::vector<void*> blocks_;
+};
+
+struct Shard {
+  std::unique_ptr<MmapLoader> loader;
+  std::unique_ptr<etr::Program> program;
+  std::vector<std::vector<uint8_t>> planned;
+  std::vector<etr::Span<uint8_t>> spans;
+  std::unique_ptr<etr::HierarchicalAllocator> planned_alloc;
+  MallocAllocator method_alloc;
+  MallocAllocator temp_alloc;
+  std::unique_ptr<etr::MemoryManager> memory;
+  std::unique_ptr<etr::Method> method;
+  size_t planned_bytes = 0;
+};
+
+size_t element_size(etr::etensor::ScalarType t) {
+  switch (static_cast<int>(t)) {
+    case 0: case 1: case 11: return 1;  // Byte, Char, Bool
+    case 2: case 5: case 15: return 2;  // Short, Half, BFloat16
+    case 3: case 6: return 4;           // Int, Float
+    case 4: case 7: return 8;           // Long, Double
+    default: return 0;
+  }
+}
+
+}  // namespace
+
+#pragma GCC visibility push(default)
+extern "C" {
+
+// Total planned (activation) memory of a method, or -1; maps the file, loads nothing.
+int64_t ets_planned_size(const char* path, const char* method_name) {
+  char err[256];
+  std::unique_ptr<MmapLoader> loader(MmapLoader::open(path, err, sizeof err));
+  if (!loader) return -1;
+  auto prog = etr::Program::load(loader.get(), etr::Program::Verification::Minimal);
+  if (!prog.ok()) return -1;
+  auto meta = prog->method_meta(method_name);
+  if (!meta.ok()) return -1;
+  int64_t total = 0;
+  for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
+    total += (meta->memory_planned_buffer_size(i).get() + 63) / 64 * 64;
+  }
+  return total;
+}
+
+// Load `method_name` of the program at `path`. Returns a handle or null (message in err).
+// With `arena` (arena_size bytes), the method's planned memory is placed there instead of
+// its own allocation: shards run one at a time, so they can all share one arena.
+void* ets_load(const char* path, const char* method_name, void* arena, size_t arena_size, char* err, size_t errlen) {
+  auto s = std::make_unique<Shard>();
+  s->loader.reset(MmapLoader::open(path, err, errlen));
+  if (!s->loader) return nullptr;
+  auto prog = etr::Program::load(s->loader.get(), etr::Program::Verification::Minimal);
+  if (!prog.ok()) {
+    snprintf(err, errlen, "Program::load failed (error 0x%x)", static_cast<unsigned>(prog.error()));
+    return nullptr;
+  }
+  s->program = std::make_unique<etr::Program>(std::move(prog.get()));
+  auto meta = s->program->method_meta(method_name);
+  if (!meta.ok()) {
+    snprintf(err, errlen, "no method %s", method_name);
+    return nullptr;
+  }
+  size_t n = meta->num_memory_planned_buffers();
+  size_t need = 0;
+  for (size_t i = 0; i < n; ++i) need += (meta->memory_planned_buffer_size(i).get() + 63) / 64 * 64;
+  if (arena && need > arena_size) {
+    snprintf(err, errlen, "planned memory of %zu bytes exceeds the shared arena (%zu)", need, arena_size);
+    return nullptr;
+  }
+  size_t off = 0;
+  if (!arena) s->planned.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    size_t sz = static_cast<size_t>(meta->memory_planned_buffer_size(i).get());
+    uint8_t* base;
+    if (arena) {
+      base = static_cast<uint8_t*>(arena) + off;
+      off += (sz + 63) / 64 * 64;
+    } else {
+      s->planned[i].resize(sz);
+      s->planned_bytes += sz;
+      base = s->planned[i].data();
+    }
+    s->spans.emplace_back(base, sz);
+  }
+  s->planned_alloc = std::make_unique<etr::HierarchicalAllocator>(
+      etr::Span<etr::Span<uint8_t>>(s->spans.data(), s->spans.size()));
+  s->memory = std::make_unique<etr::MemoryManager>(&s->method_alloc, s->planned_alloc.get(), &s->temp_alloc);
+  auto m = s->program->load_method(method_name, s->memory.get());
+  if (!m.ok()) {
+    snprintf(err, errlen, "load_method(%s) failed (error 0x%x)", method_name, static_cast<unsigned>(m.error()));
+    return nullptr;
+  }
+  s->method = std::make_unique<etr::Method>(std::move(m.get()));
+  return s.release();
+}
+
+int ets_num_inputs(void* h) { return static_cast<int>(static_cast<Shard*>(h)->method->inputs_size()); }
+int ets_num_outputs(void* h) { return static_cast<int>(static_cast<Shard*>(h)->method->outputs_size()); }
+size_t ets_planned_bytes(void* h) { return static_cast<Shard*>(h)->planned_bytes; }
+
+// Point input i at `data` with shape `sizes` (ndim entries); run; copy each output into
+// out_data[i] (out_cap[i] bytes) and its shape into out_sizes[8*i...], out_ndim[i].
+// Returns 0, or an error code with a message in err.
+int ets_run(void* h, int nin, void* const* in_data, const int32_t* in_ndim, const int32_t* in_sizes,
+            int nout, void* const* out_data, const int64_t* out_cap, int32_t* out_sizes, int32_t* out_ndim,
+            char* err, size_t errlen) {
+  Shard* s = static_cast<Shard*>(h);
+  etr::Method& m = *s->method;
+  if (static_cast<size_t>(nin) != m.inputs_size() || static_cast<size_t>(nout) > m.outputs_size()) {
+    snprintf(err, errlen, "expected %zu inputs and %zu outputs", m.inputs_size(), m.outputs_size());
+    return 1;
+  }
+  for (int i = 0; i < nin; ++i) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    etr::EValue& ev = m.mutable_input(i);  // deprecated in favour of set_input, which copies
+#pragma GCC diagnostic pop
+    if (!ev.isTensor()) {
+      snprintf(err, errlen, "input %d is not a tensor", i);
+      return 1;
+    }
+    auto* impl = ev.toTensor().unsafeGetTensorImpl();
+    if (impl->dim() != in_ndim[i]) {
+      snprintf(err, errlen, "input %d has %zd dims, got %d", i, impl->dim(), in_ndim[i]);
+      return 1;
+    }
+    Error e = etr::internal::resize_tensor_impl(
+        impl, etr::ArrayRef<int32_t>(in_sizes + 8 * i, static_cast<size_t>(in_ndim[i])));
+    if (e != Error::Ok) {
+      snprintf(err, errlen, "input %d: cannot take that shape (error 0x%x)", i, static_cast<unsigned>(e));
+      return 1;
+    }
+    impl->set_data(in_data[i]);
+  }
+  Error e = m.execute();
+  if (e != Error::Ok) {
+    snprintf(err, errlen, "execute failed (error 0x%x)", static_cast<unsigned>(e));
+    return 2;
+  }
+  for (int i = 0; i < nout; ++i) {
+    const etr::EValue& ev = m.get_output(i);
+    const auto& t = ev.toTensor();
+    size_t nbytes = static_cast<size_t>(t.numel()) * element_size(t.scalar_type());
+    if (static_cast<int64_t>(nbytes) > out_cap[i]) {
+      snprintf(err, errlen, "output %d needs %zu bytes, buffer has %lld", i, nbytes, static_cast<long long>(out_cap[i]));
+      return 1;
+    }
+    std::memcpy(out_data[i], t.const_data_ptr(), nbytes);
+    out_ndim[i] = static_cast<int32_t>(t.dim());
+    for (ssize_t d = 0; d < t.dim() && d < 8; ++d) out_sizes[8 * i + d] = t.size(d);
+  }
+  return 0;
+}
+
+void ets_free(void* h) {
+  Shard* s = static_cast<Shard*>(h);
+  if (!s) return;
+  // Method before Program before the mapping (members destroy in reverse order anyway).
+  s->method.reset();
+  s->program.reset();
+  delete s;
+  malloc_trim(0);
+}
+
+}  // extern "C"
+#pragma GCC visibility pop

@@ -1,0 +1,164 @@
+"""Loading shards: one loaded program per shard, and the pipelined loader thread.
+
+Two engines, same small interface (`load(path) -> Loaded`, `Loaded.run(inputs) -> outputs`,
+`Loaded.free()`):
+- `NativeEngine` (edgectl/_native): load and execute through a C shim called with ctypes,
+  which releases the GIL, so the loader thread really loads while the main thread
+  computes. All shards share one planned-memory arena (they run one at a time).
+- `PyEngine`: executorch's Python binding, the fallback when the shim cannot be built.
+  It holds the GIL inside load and execute, so loads and compute serialise.
+
+`Loader` streams shards in forward order, one slot ahead of the executor (two slots:
+the shard running and the shard loading), cyclically across forward calls, and frees
+each shard after it has run.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+from edgectl.errors import EdgectlError
+from edgectl.runtime import Trace, malloc_trim, native_stderr_captured
+
+
+class _NativeLoaded:
+    def __init__(self, engine: "NativeEngine", path: Path):
+        self.engine, self.path = engine, path
+        self.handle = engine.native.load(path, arena=engine.arena)
+        self.call = engine.native.call(self.handle)
+        self.outs: dict[int, object] = {}
+
+    def run(self, inputs: list, out_caps: list[int]) -> list:
+        """Run with `inputs` (contiguous torch tensors); outputs are views into per-shard
+        staging buffers of out_caps[i] elements (fp32), valid until the next run."""
+        import torch
+
+        c = self.call
+        for i, t in enumerate(inputs):
+            c.set_input(i, t)
+        for i, cap in enumerate(out_caps):
+            buf = self.engine.staging(i, cap)
+            c.set_output(i, buf)
+        c.run()
+        return [self.engine.staging(i, cap)[: _numel(c.out_shape(i))].view(c.out_shape(i)) for i, cap in enumerate(out_caps)]
+
+    def free(self) -> None:
+        if self.handle:
+            self.engine.native.free(self.handle)
+            self.handle = None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class NativeEngine:
+    name = "native"
+
+    def __init__(self, native, arena_bytes: int):
+        import torch
+
+        self.native = native
+        self.arena = torch.zeros(max(arena_bytes, 64), dtype=torch.uint8)  # touched now: it is part of the cost
+        self._staging: dict[int, object] = {}
+
+    def planned_size(self, path: Path) -> int:
+        return self.native.planned_size(path)
+
+    def staging(self, i: int, cap: int):
+        import torch
+
+        b = self._staging.get(i)
+        if b is None or b.numel() < cap:
+            b = self._staging[i] = torch.empty(cap, dtype=torch.float32)
+        return b
+
+    def load(self, path: Path) -> _NativeLoaded:
+        return _NativeLoaded(self, path)
+
+
+class _PyLoaded:
+    def __init__(self, rt, path: Path):
+        with native_stderr_captured():
+            try:
+                self.program = rt.load_program(str(path))
+                self.method = self.program.load_method("forward")
+            except (RuntimeError, ValueError) as e:
+                raise EdgectlError(f"{path}: cannot load ({e})") from e
+
+    def run(self, inputs: list, out_caps: list[int]) -> list:
+        return list(self.method.execute(inputs))[: len(out_caps)]
+
+    def free(self) -> None:
+        self.method = self.program = None
+        malloc_trim()
+
+
+class PyEngine:
+    name = "python"
+
+    def __init__(self, rt):
+        self.rt = rt
+
+    def planned_size(self, path: Path) -> int:
+        return 0
+
+    def load(self, path: Path) -> _PyLoaded:
+        return _PyLoaded(self.rt, path)
+
+
+class Loader:
+    """A thread that loads `order` (shard name, path) cyclically into `slots` buffers.
+
+    `take(name)` hands the executor the next shard (waiting if it is still loading);
+    `done(loaded)` frees it and returns its slot to the loader."""
+
+    def __init__(self, engine, order: list[tuple[str, Path]], trace: Trace, slots: int = 2):
+        self.engine, self.order, self.trace = engine, order, trace
+        self.slots = threading.Semaphore(slots)
+        self.ready: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="edgectl-loader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            self.slots.acquire()
+            if self.stop.is_set():
+                break
+            name, path = self.order[i % len(self.order)]
+            try:
+                with self.trace.span("load", name):
+                    loaded = self.engine.load(path)
+            except BaseException as e:  # handed to the executor, which raises it
+                self.ready.put((name, e))
+                return
+            self.ready.put((name, loaded))
+            i += 1
+
+    def take(self, name: str):
+        got, loaded = self.ready.get()
+        if isinstance(loaded, BaseException):
+            raise loaded
+        if got != name:
+            raise EdgectlError(f"loader out of step: expected {name}, got {got}")
+        return loaded
+
+    def done(self, loaded) -> None:
+        loaded.free()
+        self.slots.release()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.slots.release()
+        self.thread.join(timeout=10)
+        while not self.ready.empty():
+            _, loaded = self.ready.get_nowait()
+            if not isinstance(loaded, BaseException):
+                loaded.free()
