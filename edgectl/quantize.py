@@ -40,7 +40,7 @@ from edgectl.errors import EdgectlError, UsageError
 
 LINEAR_SCHEMES = ("fp32", "int8", "8da4w", "4w")
 EMBEDDING_SCHEMES = ("none", "int8", "int4")
-QPARAMS = ("affine", "hqq")
+QPARAMS = ("affine", "hqq", "mse")
 FORMAT = "edgectl-quant/1"
 QUANT_FILE = "edgectl_quant.json"
 GROUP_MULTIPLE = 32  # XNNPACK's blockwise kernels take group sizes that are multiples of 32
@@ -65,7 +65,7 @@ class QuantScheme:
     group_size: int = 32
     embedding: str = "none"  # none | int8 | int4
     embedding_group_size: int = 32
-    qparams: str = "affine"  # 8da4w scale choice: affine (min-max) | hqq (torchao HQQ, scale only)
+    qparams: str = "affine"  # 4-bit symmetric scales: affine (torchao min-max) | hqq (torchao, scale only) | mse (clip search)
 
     def __post_init__(self):
         if self.linear not in LINEAR_SCHEMES:
@@ -128,15 +128,38 @@ def codes_int4(w, group_size: int, qparams: str = "affine"):
     from edgectl.quant_modules import bf16_round
 
     w = w.detach().float()
-    algo = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if qparams == "hqq" else IntxChooseQParamsAlgorithm.AFFINE
-    t = IntxUnpackedToInt8Tensor.from_hp(w, (1, group_size), torch.int4, intx_choose_qparams_algorithm=algo)
-    scale = bf16_round(t.scale.float().reshape(w.shape[0], -1))
+    if qparams == "mse":
+        scale = _mse_scales(w, group_size)
+    else:
+        algo = IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY if qparams == "hqq" else IntxChooseQParamsAlgorithm.AFFINE
+        t = IntxUnpackedToInt8Tensor.from_hp(w, (1, group_size), torch.int4, intx_choose_qparams_algorithm=algo)
+        scale = bf16_round(t.scale.float().reshape(w.shape[0], -1))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     t = IntxUnpackedToInt8Tensor.from_hp(
         w, (1, group_size), torch.int4, intx_choose_qparams_algorithm=None,
         custom_scale=scale, custom_zero_point=torch.zeros_like(scale, dtype=torch.int8),
     )
     return t.qdata.clone(), scale
+
+
+def _mse_scales(w, group_size: int):
+    """Per group, the bf16 scale among 20 clipping ratios of max|w| whose symmetric int4
+    codes give the least squared error."""
+    import torch
+
+    n, k = w.shape
+    g = w.view(n, k // group_size, group_size)
+    amax = g.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    best_e = best_s = None
+    for r in torch.linspace(0.70, 1.175, 20).tolist():
+        s = (amax * r / 8).to(torch.bfloat16).float()
+        e = ((g / s).round().clamp(-8, 7) * s - g).pow(2).sum(-1, keepdim=True)
+        if best_e is None:
+            best_e, best_s = e, s
+        else:
+            better = e < best_e
+            best_e, best_s = torch.where(better, e, best_e), torch.where(better, s, best_s)
+    return best_s.view(n, -1)
 
 
 def codes_asym4(w, group_size: int):
@@ -464,7 +487,6 @@ def apply_recorded_quantization(model, ckpt) -> dict | None:
     if model.args.tie_embeddings and isinstance(getattr(model.embed, "embed_tokens", None), torch.nn.Embedding):
         model.head.lm_head.weight = model.embed.embed_tokens.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
-    missing += [n for n, b in model.named_buffers() if b.is_meta and not n.endswith(("rope_cos", "rope_sin"))]
     if missing:
         raise EdgectlError(f"{ckpt.source}: quantized checkpoint is missing {len(missing)} weights, e.g. {missing[0]}")
     return rec
@@ -474,17 +496,16 @@ def load_quantized_model(ckpt, max_seq_len: int | None = None):
     """Build the model of an `edgectl quantize` output from its stored codes: (model, record)."""
     import torch
 
-    from edgectl.model import Block, Transformer, rope_tables
+    from edgectl.model import Transformer
 
     args = ckpt.args
     max_seq_len = max_seq_len or min(args.max_position_embeddings, 2048)
     with torch.device("meta"):
         model = Transformer(args, max_seq_len)
     rec = apply_recorded_quantization(model, ckpt)
-    cos, sin = rope_tables(args, max_seq_len)
-    for m in model.modules():
-        if isinstance(m, Block):
-            m.rope_cos, m.rope_sin = cos, sin
+    for m in model.modules():  # RoPE tables, as checkpoint.load_model does after a meta build
+        if hasattr(m, "reset_tables"):
+            m.reset_tables()
     return model.eval(), rec
 
 
@@ -547,3 +568,57 @@ def quantize_checkpoint(ckpt, out_dir: Path, scheme: QuantScheme, eval_file: Pat
     size = save_checkpoint(ckpt, model, record, out_dir, accuracy)
     return QuantizeResult(str(out_dir), size, src_bytes, time.perf_counter() - t0, time.process_time() - c0,
                           scheme.to_dict(), summarize(record), accuracy, record)
+
+
+# ---------------------------------------------------------------------------------------
+# Hooks for export
+
+
+def load_for_export(ckpt, max_seq_len: int, scheme: QuantScheme | None, backend: str, progress: Progress | None = None):
+    """(model, record or None): a quantized checkpoint rebuilt from its codes, or the fp32
+    model quantized in memory when `scheme` is given (the `export --scheme` shortcut)."""
+    from edgectl.checkpoint import load_model
+
+    step = progress or (lambda s: None)
+    if ckpt.quantization is not None and scheme is not None:
+        raise UsageError(f"{ckpt.source} is already quantized; drop --scheme", hint="or export the original model with --scheme")
+    quantized = ckpt.quantization is not None or (scheme is not None and not scheme.is_identity)
+    if quantized and backend != "xnnpack":
+        raise EdgectlError(f"quantized models export with --backend xnnpack only, not {backend}",
+                           hint="the other backends here have no kernels for torchao's quantized linears")
+    if ckpt.quantization is not None:
+        return load_quantized_model(ckpt, max_seq_len)
+    model = load_model(ckpt, max_seq_len)
+    if not quantized:
+        return model, None
+    step(f"quantizing ({scheme.linear})")
+    return model, quantize_module(model, scheme)
+
+
+def shared_embedding(model):
+    """For a tied matrix quantized as embedding + head: ((codes, scales) example inputs,
+    spec) where spec names the head's XNNPACK blobs the runtime maps as those inputs.
+    None when the embedding is not a tied quantized one."""
+    from edgectl.quant_modules import QuantEmbedding, xnnpack_blobs
+
+    emb = model.embed
+    if not (model.args.tie_embeddings and isinstance(emb, QuantEmbedding)):
+        return None
+    blobs = xnnpack_blobs(emb.codes, emb.scales, emb.bits)
+    spec = {"tensors": [{"key": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in blobs]}
+    # Clones: an example input aliasing a parameter breaks the head's delegation.
+    return tuple(t.clone() for _, t in blobs), spec
+
+
+def check_shared_embedding(path: Path, spec: dict) -> None:
+    import torch
+
+    from edgectl.ptefile import named_data
+
+    blobs = named_data(path)
+    for t in spec["tensors"]:
+        n = torch.empty(0, dtype=getattr(torch, t["dtype"])).element_size()
+        for d in t["shape"]:
+            n *= d
+        if t["key"] not in blobs or blobs[t["key"]][1] < n:
+            raise EdgectlError(f"{path}: the quantized output head was not stored where the runtime can share it as the embedding")

@@ -1,0 +1,199 @@
+"""Quantize stage: codes, records, the checkpoint directory, and the exported .pte.
+
+Exports use stories260K (dim 64, MLP 172 wide: the width no group size of 32 divides),
+so the whole module runs in a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from edgectl.errors import EdgectlError, UsageError
+from edgectl.quantize import QuantScheme, codes_asym4, codes_int4, pick_group, quantize_module
+from edgectl.quant_modules import pack4, unpack4
+
+logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_pack4_roundtrip_and_nibble_order():
+    u = torch.randint(0, 16, (3, 8), dtype=torch.uint8)
+    p = pack4(u)
+    assert p.shape == (3, 4)
+    assert torch.equal(unpack4(p), u)
+    assert int(p[0, 0]) == int(u[0, 0]) | (int(u[0, 1]) << 4)  # low nibble = even column (XNNPACK's order)
+
+
+def test_pick_group():
+    assert pick_group(576, 32) == (32, None)
+    g, note = pick_group(576, 128)  # 576 = 4.5 * 128; 96 is the largest multiple of 32 dividing it
+    assert g == 96 and "576" in note
+    g, note = pick_group(172, 32)
+    assert g is None and "172" in note and "8-bit" in note
+
+
+def test_asym4_is_exact_on_a_q4_1_grid():
+    # Weights on a Q4_1 grid (w = d*q + m per group of 32) come back to bf16 precision of d.
+    d = torch.rand(16, 4, 1) * 0.01 + 0.001
+    m = -torch.rand(16, 4, 1) * 0.05
+    q = torch.randint(0, 16, (16, 4, 32)).float()
+    q[..., 0], q[..., 1] = 0, 15  # the grid's min and max occur, as llama.cpp's quantizer guarantees
+    w = (d * q + m).view(16, 128)
+    packed, s, c = codes_asym4(w, 32)
+    u = unpack4(packed).float().view(16, 4, 32)
+    back = (s.unsqueeze(-1) * (u - 8) + c.unsqueeze(-1)).view(16, 128)
+    assert torch.equal(u, q)
+    err = (back - w).view(16, 4, 32).abs().amax(-1, keepdim=True)
+    assert (err / d).max() < 0.03  # bf16 scale rounding only: far below a quantization step d
+    sym_codes, sym_scales = codes_int4(w, 32)
+    sym = (sym_codes.float().view(16, 4, 32) * sym_scales.unsqueeze(-1)).view(16, 128)
+    assert (sym - w).abs().max() > 10 * (back - w).abs().max()  # symmetric int4 cannot represent it
+
+
+def test_scheme_validation():
+    with pytest.raises(UsageError, match="unknown scheme"):
+        QuantScheme("int3")
+    with pytest.raises(UsageError, match="unknown embedding"):
+        QuantScheme("int8", embedding="fp8")
+    with pytest.raises(UsageError, match="multiple of 32"):
+        QuantScheme("8da4w", group_size=48)
+
+
+def _tiny(tie: bool = True, hidden: int = 172):
+    from edgectl.model import ModelArgs, Transformer
+
+    args = ModelArgs("LlamaForCausalLM", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                     hidden_dim=hidden, vocab_size=96, tie_embeddings=tie)
+    torch.manual_seed(0)
+    m = Transformer(args, 32)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.05)
+    return m.eval()
+
+
+def test_group_size_that_divides_nothing_is_an_error():
+    with pytest.raises(UsageError, match="divides none"):
+        quantize_module(_tiny(hidden=96), QuantScheme("8da4w", group_size=128))
+
+
+def test_record_names_the_172_wide_linear_and_the_tied_head():
+    m = _tiny()
+    rec = quantize_module(m, QuantScheme("8da4w", 32, "int4", 32))
+    w = rec["weights"]
+    assert w["layers.0.mlp.down_proj"]["form"] == "8da8w"
+    assert "172" in w["layers.0.mlp.down_proj"]["note"]
+    assert w["layers.0.mlp.up_proj"] == {**w["layers.0.mlp.up_proj"], "form": "8da4w", "group_size": 32}
+    assert w["embed.embed_tokens"]["form"] == "emb_int4"
+    assert w["head.lm_head"]["tied_to"] == "embed.embed_tokens"
+    assert set(rec["runs_as"]) == {"8da4w", "8da8w", "emb_int4"}
+    json.dumps(rec)  # serialisable
+
+
+def test_quantized_block_alone():
+    # What `edgectl shard` does: one decoder layer.
+    m = _tiny()
+    rec = quantize_module(m.layers[1], QuantScheme("int8"))
+    assert {v["form"] for v in rec["weights"].values()} == {"8da8w"}
+    assert "self_attn.q_proj" in rec["weights"]
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoint directory and export (stories260K)
+
+
+@pytest.fixture(scope="module")
+def quantized_dirs(tmp_path_factory, stories_dir, corpus_dir):
+    from edgectl.checkpoint import resolve
+    from edgectl.quantize import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("q")
+    out = {}
+    for name, scheme in {"8da4w": QuantScheme("8da4w", 32, "int4", 32), "4w": QuantScheme("4w", 32, "int8", 32)}.items():
+        res = quantize_checkpoint(resolve(str(stories_dir)), root / name, scheme,
+                                  corpus_dir / "tinystories-valid-500.txt", 256)
+        out[name] = res
+    return out
+
+
+def test_checkpoint_roundtrip_and_record(quantized_dirs, stories_dir):
+    from edgectl.checkpoint import resolve, load_model
+    from edgectl.quantize import load_quantized_model
+
+    res = quantized_dirs["8da4w"]
+    ck = resolve(res.path)
+    assert ck.quantization["scheme"]["linear"] == "8da4w"
+    assert ck.quantization["source"]["model"] == str(stories_dir)
+    assert ck.quantization["versions"]["torchao"]
+    assert "172" in ck.quantization["weights"]["layers.0.mlp.down_proj"]["note"]
+    assert res.bytes < 0.4 * (stories_dir / "model.safetensors").stat().st_size  # codes, not fp32
+    model, _ = load_quantized_model(ck, 64)
+    ref = load_model(resolve(str(stories_dir)), 64)
+    toks = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        a = model(toks, torch.arange(12), torch.arange(12), *model.empty_caches())[0]
+        b = ref(toks, torch.arange(12), torch.arange(12), *ref.empty_caches())[0]
+    assert (a - b).abs().max() > 0  # quantized
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.95
+    acc = res.accuracy
+    assert acc["tokens_scored"] > 200 and acc["kl_mean"] > 0
+
+
+def test_requantizing_is_refused(quantized_dirs):
+    from edgectl.checkpoint import resolve
+    from edgectl.quantize import quantize_checkpoint
+
+    with pytest.raises(EdgectlError, match="already quantized"):
+        quantize_checkpoint(resolve(quantized_dirs["4w"].path), quantized_dirs["4w"].path, QuantScheme("int8"))
+
+
+@pytest.mark.parametrize("name", ["8da4w", "4w"])
+def test_export_parity_delegation_and_tied_matrix_once(quantized_dirs, name, tmp_path):
+    from edgectl.checkpoint import resolve
+    from edgectl.export import export_pte
+    from edgectl.ptefile import named_data
+    from edgectl.quantize import load_quantized_model
+    from edgectl.runtime import PteModel
+
+    ck = resolve(quantized_dirs[name].path)
+    res = export_pte(ck, tmp_path / "m.pte", max_seq_len=64)
+    left = res.ops["non_delegated"]
+    assert not [op for op in left if any(s in op for s in ("linear", "mm", "addmm", "quantize", "choose_qparams"))], left
+    pte = PteModel(res.path)
+    spec = pte.meta["embedding_input"]
+    assert spec is not None and len(spec["tensors"]) == 2
+    blobs = named_data(res.path)
+    # the tied matrix's codes exist once, as the head's XNNPACK blob the embedding reads
+    v, d = ck.args.vocab_size, ck.args.dim
+    code_bytes = v * d // (2 if ck.quantization["weights"]["embed.embed_tokens"]["bits"] == 4 else 1)
+    assert blobs[spec["tensors"][0]["key"]][1] >= code_bytes
+    assert sum(1 for _, size in blobs.values() if size >= code_bytes) == 1
+    model, _ = load_quantized_model(ck, 64)
+    toks = torch.randint(0, v, (20,)).tolist()
+    with torch.no_grad():
+        ref = model(torch.tensor([toks]), torch.arange(20), torch.arange(20), *model.empty_caches())[0][0]
+    out = pte.forward(toks, 0, all_logits=True)
+    assert (out - ref).abs().max() < 1e-3 * ref.abs().max()
+    step = pte.forward([toks[0]], 20)
+    assert step.shape == (1, v)
+
+
+def test_cli_errors(stories_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgectl.cli import main
+
+    assert main(["quantize", str(stories_dir), "-o", str(tmp_path / "x"), "--scheme", "int3"]) == 2
+    assert main(["quantize", str(stories_dir), "-o", str(tmp_path / "x"), "--scheme", "8da4w", "--group-size", "100"]) == 2
+    assert main(["quantize", str(stories_dir), "-o", str(tmp_path / "x"), "--scheme", "8da4w", "--group-size", "128"]) == 2
+    assert not (tmp_path / "x").exists()
+    assert main(["export", str(stories_dir), "-o", str(tmp_path / "x.pte"), "--embedding", "int8"]) == 2
+    r = CliRunner().invoke(__import__("edgectl.cli", fromlist=["app"]).app, ["quantize", "--help"])
+    assert r.exit_code == 0 and "--scheme" in r.output
