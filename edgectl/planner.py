@@ -363,9 +363,6 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
         )
     resident, slot, total = _memory(shards, st, kv, slots)
     actual_mode = mode if st.streamed or not auto else "resident"
-    if not st.streamed and mode != "resident":
-        slot = 0
-        total = resident + kv
     choices = []
     for s in shards:
         p = st.prec[s.name]

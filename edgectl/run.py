@@ -27,12 +27,25 @@ def run_prompt(
     system: str | None = None,
     threads: int | None = None,
     on_text: Callable[[str], None] | None = None,
+    budget: int | None = None,
+    mode: str = "auto",
+    latency_target_ms: float | None = None,
 ) -> dict:
-    """Generate from `artifact`; `on_text` receives printable text increments as they come."""
+    """Generate from `artifact`; `on_text` receives printable text increments as they come.
+    `budget`/`mode`/`latency_target_ms` apply to a shard set (a directory with manifest.json)."""
     from edgectl.runtime import open_artifact, set_threads  # imports torch + executorch
 
     set_threads(threads)
-    model = open_artifact(artifact)
+    if is_shard_set(artifact):
+        from edgectl.shards_runtime import ShardModel
+
+        model = ShardModel(artifact, budget=budget, mode=mode, latency_target_ms=latency_target_ms)
+    else:
+        if budget is not None or mode != "auto" or latency_target_ms is not None:
+            from edgectl.errors import UsageError
+
+            raise UsageError("--memory-budget/--mode/--latency-target need a shard set directory (from `edgectl shard`)")
+        model = open_artifact(artifact)
     load_ms = model.trace.total("load") * 1e3
     tok = tokenizer_for(model)
     ids = tok.encode_chat(prompt, system) if chat else tok.encode(prompt)
@@ -53,4 +66,20 @@ def run_prompt(
         "tokens": stats.tokens,
         "load_ms": load_ms,
         "stats": stats.to_dict(),
+        **({"memory": model.memory_report(), "plan": model.plan.to_dict()} if hasattr(model, "memory_report") else {}),
     }
+
+
+def is_shard_set(artifact: str | Path) -> bool:
+    return Path(artifact).is_dir() and (Path(artifact) / "manifest.json").exists()
+
+
+def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", latency_target_ms: float | None = None):
+    """The plan `run` would follow (no torch or runtime import)."""
+    from edgectl.errors import UsageError
+    from edgectl.manifest import Manifest
+    from edgectl.planner import plan
+
+    if not is_shard_set(artifact):
+        raise UsageError(f"{artifact}: --plan needs a shard set directory (from `edgectl shard`)")
+    return plan(Manifest.load(Path(artifact)), budget or 1 << 62, latency_target_ms, mode if budget else "resident")

@@ -24,7 +24,7 @@ from pathlib import Path
 from edgectl.errors import EdgectlError
 from edgectl.manifest import Manifest
 from edgectl.planner import Plan, plan as make_plan
-from edgectl.runtime import Trace, _load_runtime, malloc_trim, tied_table
+from edgectl.runtime import Trace, _load_runtime, malloc_trim, native_stderr_captured, tied_table
 
 
 def rss_bytes() -> dict:
@@ -70,11 +70,6 @@ class ShardModel:
     def __init__(self, directory: str | Path, trace: Trace | None = None, *, budget: int | None = None,
                  mode: str = "auto", latency_target_ms: float | None = None, plan: Plan | None = None,
                  engine: str = "auto"):
-        import torch
-
-        from edgectl import loader as ld
-        from edgectl.model import ModelArgs, empty_caches
-
         self.dir = Path(directory)
         self.trace = trace or Trace()
         self.manifest = m = Manifest.load(self.dir)
@@ -90,6 +85,17 @@ class ShardModel:
         self.plan = plan
         rt = _load_runtime()
         self.memory = {"baseline": rss_bytes()["rss"]}  # interpreter + torch + runtime, before any shard
+        with native_stderr_captured():  # cpuinfo's probing chatter when the thread pool starts
+            self._open(m, plan, rt, engine)
+
+    def _open(self, m, plan, rt, engine) -> None:
+        import torch
+
+        from edgectl import loader as ld
+        from edgectl.model import ModelArgs, empty_caches
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._threadpool_get_thread_count()  # start the pool here, not in the loader thread
         native = None
         if engine in ("auto", "native"):
             from edgectl import _native
