@@ -86,8 +86,8 @@ def _print_ops(ops: dict) -> None:
 
 @app.command()
 def run(
-    artifact: Annotated[Path, typer.Argument(help="A .pte from `edgectl export`.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (or to answer, with --chat).")],
+    artifact: Annotated[Path, typer.Argument(help="A .pte from `edgectl export`, or a shard set directory from `edgectl shard`.")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to continue (or to answer, with --chat).")] = None,
     n: Annotated[int, typer.Option("-n", "--max-new-tokens", min=1, help="Most tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
@@ -95,17 +95,32 @@ def run(
     chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
     system: Annotated[Optional[str], typer.Option(help="System message (with --chat).")] = None,
     threads: ThreadsOpt = None,
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: what the model may cost (weights, KV cache, activations, loader buffers), e.g. 150MB.")] = None,
+    latency_target: Annotated[Optional[float], typer.Option("--latency-target", min=0.0, help="Shard sets: most expected ms per decoded token.")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="Shard sets: auto, resident, pipelined or on-demand.")] = "auto",
+    show_plan: Annotated[bool, typer.Option("--plan", help="Shard sets: print the plan (table, or JSON with --json) and exit.")] = False,
     json_out: JsonOpt = False,
 ):
     """Generate text from ARTIFACT, streaming tokens to stdout; timings go to stderr.
 
     Example: edgectl run smollm2.pte --chat -p "What is the capital of France?"
+    Example: edgectl run smollm2-shards/ --memory-budget 150MB --plan
     """
     from edgectl import ui
     from edgectl.run import run_prompt
 
     if system and not chat:
         raise UsageError("--system needs --chat")
+    budget = None
+    if memory_budget is not None:
+        from edgectl.planner import parse_bytes
+
+        budget = parse_bytes(memory_budget)
+    if show_plan:
+        _show_plan(artifact, budget, mode, latency_target, json_out)
+        return
+    if prompt is None:
+        raise UsageError("--prompt is required (unless --plan)")
 
     def stream(text: str) -> None:
         sys.stdout.write(text)
@@ -114,6 +129,7 @@ def run(
     res = run_prompt(
         artifact, prompt, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
         chat=chat, system=system, threads=threads, on_text=None if json_out else stream,
+        budget=budget, mode=mode, latency_target_ms=latency_target,
     )
     if json_out:
         ui.emit_json(res)
@@ -124,6 +140,39 @@ def run(
         f"[dim]{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new ({s['stopped']}) | load {res['load_ms']:.0f} ms | "
         f"TTFT {s['ttft_ms']:.0f} ms | prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s[/dim]"
     )
+    if "memory" in res:
+        mem = res["memory"]
+        ui.info(f"[dim]{mem['mode']} ({mem['engine']}) | model peak {mem['model_peak_bytes'] / 1e6:.1f} MB of budget "
+                f"{_mb(res['plan']['budget_bytes'])} | interpreter baseline {mem['baseline_bytes'] / 1e6:.0f} MB[/dim]")
+
+
+def _mb(budget: int) -> str:
+    return "no budget" if budget >= 1 << 60 else f"{budget / 1e6:.1f} MB"
+
+
+def _show_plan(artifact: Path, budget: int | None, mode: str, latency_target: float | None, json_out: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgectl import ui
+    from edgectl.planner import render_rows
+    from edgectl.run import plan_for
+
+    p = plan_for(artifact, budget, mode, latency_target)
+    if json_out:
+        ui.emit_json(p.to_dict())
+        return
+    t = Table(title=f"plan: {p.mode}, {p.total_bytes / 1e6:.1f} MB of {_mb(p.budget_bytes)} "
+                    f"(minimum {p.minimum_bytes / 1e6:.1f} MB), expected {p.ms_per_token:.2f} ms/token")
+    for col in ("shard", "precision", "placement", "MB", "KL", "ppl Δ", "ms/token"):
+        t.add_column(col, justify="left" if col in ("shard", "precision", "placement") else "right")
+    for row in render_rows(p):
+        t.add_row(*row)
+    Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120).print(t)
+    typer.echo(f"KV cache {p.kv_bytes / 1e6:.1f} MB, loader slots + activations "
+               f"{p.slot_bytes / 1e6:.1f} MB, resident shards {p.resident_bytes / 1e6:.1f} MB; sum of KL {p.kl_sum:.4f}")
+    for note in p.notes:
+        ui.info(f"note: {note}")
 
 
 @app.command()
