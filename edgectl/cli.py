@@ -51,7 +51,12 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .pte.")],
     backend: Annotated[str, typer.Option(help="xnnpack (ARM/x86 CPU), portable, vulkan, coreml.")] = "xnnpack",
     max_seq_len: Annotated[Optional[int], typer.Option(help="KV cache length (default: min(model's, 2048)).")] = None,
+    prefill_chunk: Annotated[Optional[int], typer.Option(help="Most tokens per call (default 128): bounds activation memory; longer prompts run in chunks.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print delegated vs non-delegated op counts.")] = False,
+    scheme: Annotated[Optional[str], typer.Option(help="Quantize in memory first: int8, 8da4w or 4w (see `edgectl quantize`).")] = None,
+    group_size: Annotated[int, typer.Option(help="With --scheme: 4-bit group size.")] = 32,
+    embedding: Annotated[str, typer.Option(help="With --scheme: embedding none, int8 or int4.")] = "none",
+    embedding_group_size: Annotated[int, typer.Option(help="With --scheme: int4 embedding group size.")] = 32,
     json_out: JsonOpt = False,
 ):
     """Export MODEL to a self-contained .pte (weights, tokenizer, chat template, config).
@@ -64,9 +69,17 @@ def export(
 
     if output.suffix != ".pte":
         raise UsageError(f"--output {output}: expected a .pte path")
+    qs = None
+    if scheme is not None:
+        from edgectl.quantize import QuantScheme
+
+        qs = QuantScheme(scheme, group_size, embedding, embedding_group_size)
+    elif (group_size, embedding, embedding_group_size) != (32, "none", 32):
+        raise UsageError("--group-size/--embedding/--embedding-group-size need --scheme")
     ckpt = resolve(model)
     with ui.stages(f"exporting {model}") as step:
-        res = export_pte(ckpt, output, backend=backend, max_seq_len=max_seq_len, progress=step)
+        res = export_pte(ckpt, output, backend=backend, max_seq_len=max_seq_len, progress=step, scheme=qs,
+                         prefill_chunk=prefill_chunk)
     if verbose:
         _print_ops(res.ops)
     if json_out:
@@ -220,6 +233,103 @@ def bench(
         from edgectl.plot import plot_timeline
 
         ui.info(f"wrote {plot_timeline(data['rows'], plot)}")
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Hub id, Hugging Face directory or .gguf file (not already quantized).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the quantized checkpoint to.")],
+    scheme: Annotated[str, typer.Option(help="int8 (per channel, runs as 8da8w), 8da4w, or 4w (4-bit asymmetric groupwise).")],
+    group_size: Annotated[int, typer.Option(help="Group size of 4-bit weights (a multiple of 32).")] = 32,
+    embedding: Annotated[str, typer.Option(help="Embedding: none, int8 or int4 (a tied output head follows it).")] = "none",
+    embedding_group_size: Annotated[int, typer.Option(help="Group size of an int4 embedding.")] = 32,
+    qparams: Annotated[str, typer.Option(help="How 8da4w scales are chosen: affine (torchao min-max), hqq (torchao), mse (clip search).")] = "affine",
+    eval_file: Annotated[Optional[Path], typer.Option(help="Text file to measure the accuracy cost on (eager).")] = None,
+    eval_tokens: Annotated[int, typer.Option(min=2, help="Tokens of --eval-file to score.")] = 2048,
+    json_out: JsonOpt = False,
+):
+    """Quantize MODEL into a checkpoint directory that `export` (and `shard`) accept as MODEL.
+
+    Example: edgectl quantize model.gguf -o smollm2-8da4w --scheme 8da4w --embedding int8 --eval-file wiki.test.raw
+    """
+    from edgectl import ui
+    from edgectl.checkpoint import resolve
+    from edgectl.quantize import QuantScheme, quantize_checkpoint
+
+    qs = QuantScheme(scheme, group_size, embedding, embedding_group_size, qparams)
+    ckpt = resolve(model)
+    with ui.stages(f"quantizing {model}") as step:
+        res = quantize_checkpoint(ckpt, output, qs, eval_file, eval_tokens, progress=step)
+    for line in res.summary:
+        ui.info(f"  {line}")
+    if json_out:
+        ui.emit_json(res.to_dict(with_record=False))
+        return
+    typer.echo(f"{res.path}  {res.bytes / 1e6:.1f} MB (fp32 weights {res.source_bytes / 1e6:.1f} MB)  "
+               f"{res.seconds:.1f}s ({res.cpu_seconds:.0f} CPU-s)")
+    a = res.accuracy
+    if a is None:
+        ui.info("accuracy not measured (pass --eval-file)")
+    else:
+        typer.echo(f"perplexity {a['ppl_ref']:.3f} -> {a['ppl_quant']:.3f} ({a['ppl_change']:+.2%})  "
+                   f"mean KL {a['kl_mean']:.4f}  top-1 agreement {a['top1_agree']:.1%}  ({a['tokens_scored']} tokens, eager)")
+
+
+@app.command()
+def shard(
+    model: Annotated[str, typer.Argument(help="Hub id, Hugging Face directory or .gguf file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Shard-set directory to write (complete or absent).")],
+    precisions: Annotated[str, typer.Option(help="Precisions every shard is exported at, highest first.")] = "fp32",
+    group_size: Annotated[int, typer.Option(help="4-bit group size (a multiple of 32).")] = 32,
+    layers_per_shard: Annotated[int, typer.Option(min=1, help="Decoder layers per shard.")] = 1,
+    calibration: Annotated[Optional[Path], typer.Option(help="Text file to measure importance on (needed with 2+ precisions).")] = None,
+    calibration_tokens: Annotated[int, typer.Option(min=16, help="Calibration tokens to score.")] = 2048,
+    backend: Annotated[str, typer.Option(help="xnnpack (quantized precisions need it), portable, vulkan, coreml.")] = "xnnpack",
+    max_seq_len: Annotated[Optional[int], typer.Option(help="KV cache length (default: min(model's, 2048)).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Parallel export workers.")] = 2,
+    chunk: Annotated[int, typer.Option(min=2, help="Most tokens per program call (activation memory is planned for it).")] = 64,
+    json_out: JsonOpt = False,
+):
+    """Cut MODEL into per-layer programs at several precisions and rank them by importance.
+
+    Example: edgectl shard model.gguf -o smol-shards --precisions fp32,int8,8da4w --calibration wiki.valid.raw
+    """
+    from edgectl import ui
+    from edgectl.checkpoint import resolve
+    from edgectl.quantize import QuantScheme
+    from edgectl.shard import ShardSettings, parse_precisions, shard_model
+
+    ps = parse_precisions(precisions)
+    QuantScheme("fp32", group_size)  # validates --group-size
+    if output.suffix == ".pte":
+        raise UsageError(f"--output {output}: a shard set is a directory, not a .pte")
+    settings = ShardSettings(ps, group_size, layers_per_shard, calibration, calibration_tokens, backend, max_seq_len, jobs,
+                             chunk=chunk)
+    ckpt = resolve(model)
+    with ui.progress_bar(0, "") as bar:
+        tasks: dict[str, int] = {}
+
+        def step(name: str) -> None:
+            ui.info(f"  {name}")
+
+        def built(name: str, precision: str, how: str) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=len(ps))
+            bar.advance(tasks[name])
+
+        def count(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done)
+
+        res = shard_model(ckpt, output, settings, step=step, built=built, count=count)
+    if json_out:
+        ui.emit_json({**res.to_dict(), "ranking": res.manifest.calibration.get("ranking")})
+        return
+    typer.echo(f"{res.path}  {res.shards} shards, {res.variants} variants ({res.exported} exported, {res.cached} cached)  "
+               f"{res.bytes / 1e6:.1f} MB  {res.seconds:.1f}s ({res.cpu_seconds:.0f} CPU-s)")
+    for r in (res.manifest.calibration.get("ranking") or [])[:10]:
+        typer.echo(f"  {r['shard']:<12} {r['precision']:<6} KL {r['kl']:.5f}  ppl {r['ppl_delta']:+.3f}")
 
 
 def _click_modules() -> list:

@@ -174,14 +174,21 @@ def constant_methods(meta: dict, tokenizer_json: str) -> dict:
     }
 
 
-def monolithic_example(model, max_seq_len: int, table_input: bool):
-    """Example inputs and dynamic dims; with `table_input` the embedding table is an input."""
+DEFAULT_PREFILL_CHUNK = 128
+
+
+def monolithic_example(model, chunk: int, table_input: bool):
+    """Example inputs and dynamic dims; with `table_input` the embedding table is an input.
+
+    `chunk` bounds the tokens per call: memory planning reserves activations for the
+    largest call (attention scores grow with chunk x max_seq_len), so the runtime feeds a
+    longer prompt in chunks instead."""
     import torch
     from torch.export import Dim
 
     k_caches, v_caches = model.empty_caches()
-    T = Dim("T", min=1, max=max_seq_len)
-    N = Dim("N", min=1, max=max_seq_len)
+    T = Dim("T", min=1, max=chunk)
+    N = Dim("N", min=1, max=chunk)
     # Example sizes of 2 and 4: a dynamic dim must not be 1 in the example, and T, N
     # must differ or torch.export merges them.
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4), torch.arange(2, 4), k_caches, v_caches)
@@ -213,10 +220,10 @@ def check_tied_table(path: Path, table: dict) -> None:
 
 
 def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | None = None,
-               progress: Progress | None = None) -> ExportResult:
-    """Export a checkpoint to one monolithic `.pte` at `out` (written atomically)."""
-    from edgectl.checkpoint import load_model
-    from edgectl.quantize import apply_recorded_quantization
+               progress: Progress | None = None, scheme=None, prefill_chunk: int | None = None) -> ExportResult:
+    """Export a checkpoint to one monolithic `.pte` at `out` (written atomically).
+    `scheme` (a quantize.QuantScheme) quantizes an unquantized checkpoint in memory first."""
+    from edgectl.quantize import check_shared_embedding, load_for_export, shared_embedding
 
     t0, c0 = time.perf_counter(), time.process_time()
     step = progress or (lambda s: None)
@@ -224,15 +231,23 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     max_seq_len = max_seq_len or min(args.max_position_embeddings, 2048)
     if max_seq_len < 2:
         raise EdgectlError("--max-seq-len must be at least 2")
+    chunk = min(prefill_chunk or DEFAULT_PREFILL_CHUNK, max_seq_len)
+    if chunk < 2:
+        raise EdgectlError("--prefill-chunk must be at least 2")
     step("loading weights")
-    model = load_model(ckpt, max_seq_len)
-    quant = apply_recorded_quantization(model, ckpt)
+    model, quant = load_for_export(ckpt, max_seq_len, scheme, backend, step)
     # A tied matrix is stored once: the head keeps it (delegated), and the program takes
-    # the embedding table as an input that the runtime maps from the head's copy.
-    share = args.tie_embeddings and backend == "xnnpack" and quant is None
-    example, dynamic = monolithic_example(model, max_seq_len, table_input=share)
+    # the embedding table as an input that the runtime maps from the head's copy (for a
+    # quantized one: the head's codes and scales, dequantized row by row in the program).
+    qshare = shared_embedding(model) if args.tie_embeddings and backend == "xnnpack" else None
+    share = args.tie_embeddings and backend == "xnnpack" and qshare is None
+    example, dynamic = monolithic_example(model, chunk, table_input=share)
+    if qshare:
+        example += (qshare[0],)
+        dynamic += ((None,) * len(qshare[0]),)
     meta = metadata(ckpt, args, max_seq_len, backend, quant)
-    meta["embedding_input"] = tied_table_key(model) if share else None
+    meta["prefill_chunk"] = chunk
+    meta["embedding_input"] = tied_table_key(model) if share else (qshare[1] if qshare else None)
     prog, ops = lower(model, example, dynamic, backend, constant_methods(meta, ckpt.tokenizer_json), step)
     step("writing")
 
@@ -241,6 +256,8 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
         f.flush()
         if share:
             check_tied_table(Path(f.name), meta["embedding_input"])
+        if qshare:
+            check_shared_embedding(Path(f.name), meta["embedding_input"])
 
     size = write_atomic(out, write)
     return ExportResult(str(out), size, time.perf_counter() - t0, time.process_time() - c0, backend, max_seq_len, ops)

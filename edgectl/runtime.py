@@ -118,6 +118,11 @@ def _load_runtime():
 
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    import torch
+
+    # torch only moves KV-cache entries here; its intra-op threads would fight the
+    # runtime's thread pool (zeroing the caches took 1.2 s on a busy 2-core machine).
+    torch.set_num_threads(1)
     from executorch.runtime import Runtime
 
     import executorch.kernels.quantized  # noqa: F401  (registers quantized kernels)
@@ -170,6 +175,7 @@ class PteModel:
         self.extra_inputs = [tied_table(path, t) for t in emb.get("tensors", [emb])] if emb else []
         args = ModelArgs.from_dict(self.meta["model"])
         self.max_seq_len = self.meta["max_seq_len"]
+        self.chunk = self.meta.get("prefill_chunk", self.max_seq_len)
         self.k, self.v = empty_caches(args, self.max_seq_len, args.n_layers)
 
     def reset(self) -> None:
@@ -177,11 +183,26 @@ class PteModel:
             t.zero_()
 
     def forward(self, tokens: list[int], start: int, all_logits: bool = False):
+        """Logits [N, vocab] for the last token (or every token with all_logits); a
+        prompt longer than the program's chunk runs in several calls."""
+        import torch
+
+        if start + len(tokens) > self.max_seq_len:
+            raise EdgectlError(f"sequence of {start + len(tokens)} tokens exceeds max_seq_len {self.max_seq_len}")
+        outs = []
+        for i in range(0, len(tokens), self.chunk):
+            part = tokens[i : i + self.chunk]
+            last = i + self.chunk >= len(tokens)
+            if all_logits or last:
+                outs.append(self._call(part, start + i, all_logits))
+            else:
+                self._call(part, start + i, all_logits=False)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _call(self, tokens: list[int], start: int, all_logits: bool):
         import torch
 
         T = len(tokens)
-        if start + T > self.max_seq_len:
-            raise EdgectlError(f"sequence of {start + T} tokens exceeds max_seq_len {self.max_seq_len}")
         pos = torch.arange(start, start + T)
         idx = torch.arange(T) if all_logits else torch.tensor([T - 1])
         with self.trace.span("compute", "prefill" if T > 1 else "decode"):

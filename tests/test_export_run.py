@@ -43,6 +43,7 @@ def test_stories_greedy_64_equals_transformers(stories_pte, stories_hf):
 def test_stories_logits_match_transformers(stories_pte, stories_hf):
     model, ids, gen = _greedy_pte(stories_pte, 32)
     seq = ids + gen
+    assert len(seq) > model.chunk  # crosses prefill chunks
     model.reset()
     ours = model.forward(seq, 0, all_logits=True)
     with torch.no_grad():
