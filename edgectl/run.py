@@ -36,16 +36,7 @@ def run_prompt(
     from edgectl.runtime import open_artifact, set_threads  # imports torch + executorch
 
     set_threads(threads)
-    if is_shard_set(artifact):
-        from edgectl.shards_runtime import ShardModel
-
-        model = ShardModel(artifact, budget=budget, mode=mode, latency_target_ms=latency_target_ms)
-    else:
-        if budget is not None or mode != "auto" or latency_target_ms is not None:
-            from edgectl.errors import UsageError
-
-            raise UsageError("--memory-budget/--mode/--latency-target need a shard set directory (from `edgectl shard`)")
-        model = open_artifact(artifact)
+    model = open_artifact(artifact, budget=budget, mode=mode, latency_target_ms=latency_target_ms)
     load_ms = model.trace.total("load") * 1e3
     tok = tokenizer_for(model)
     ids = tok.encode_chat(prompt, system) if chat else tok.encode(prompt)

@@ -217,13 +217,21 @@ class PteModel:
         malloc_trim()
 
 
-def open_artifact(path: str | Path, trace: Trace | None = None) -> Model:
-    """A `.pte` file, or (later) a shard set directory with a manifest.json."""
+def open_artifact(path: str | Path, trace: Trace | None = None, **shard_options) -> Model:
+    """A `.pte` file, or a shard set directory with a manifest.json. `shard_options`
+    (budget, mode, latency_target_ms, plan, engine) go to the shard-set runtime; a `.pte`
+    takes none of them."""
+    from edgectl.errors import UsageError
+
     p = Path(path)
     if p.is_dir() and (p / "manifest.json").exists():
-        from edgectl.shards_runtime import ShardModel  # added with `edgectl shard`
+        from edgectl.shards_runtime import ShardModel
 
-        return ShardModel(p, trace=trace)
+        return ShardModel(p, trace=trace, **shard_options)
     if not p.exists():
         raise EdgectlError(f"{path}: no such file or directory")
+    if p.is_dir():
+        raise EdgectlError(f"{path}: a directory without manifest.json", hint="give a .pte or a shard set from `edgectl shard`")
+    if any(v is not None for k, v in shard_options.items() if k != "mode") or shard_options.get("mode", "auto") != "auto":
+        raise UsageError("--memory-budget/--mode/--latency-target need a shard set directory (from `edgectl shard`)")
     return PteModel(p, trace=trace)
