@@ -30,6 +30,10 @@ app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="Runtime threads (default: runtime's choice).")]
+RecipeOpt = Annotated[
+    Optional[Path],
+    typer.Option("--recipe", help="A recipe TOML (see recipes/): its settings become defaults; flags given here override them."),
+]
 
 
 def _version(value: bool):
@@ -58,6 +62,7 @@ def export(
     embedding: Annotated[str, typer.Option(help="With --scheme: embedding none, int8 or int4.")] = "none",
     embedding_group_size: Annotated[int, typer.Option(help="With --scheme: int4 embedding group size.")] = 32,
     json_out: JsonOpt = False,
+    recipe: RecipeOpt = None,
 ):
     """Export MODEL to a self-contained .pte (weights, tokenizer, chat template, config).
 
@@ -113,6 +118,7 @@ def run(
     mode: Annotated[str, typer.Option("--mode", help="Shard sets: auto, resident, pipelined or on-demand.")] = "auto",
     show_plan: Annotated[bool, typer.Option("--plan", help="Shard sets: print the plan (table, or JSON with --json) and exit.")] = False,
     json_out: JsonOpt = False,
+    recipe: RecipeOpt = None,
 ):
     """Generate text from ARTIFACT, streaming tokens to stdout; timings go to stderr.
 
@@ -200,6 +206,7 @@ def bench(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a timeline PNG of each artifact's last run.")] = None,
     ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Also measure the artifact's perplexity on this text file.")] = None,
     ppl_tokens: Annotated[Optional[int], typer.Option(min=2, help="Score at most this many tokens of --ppl.")] = None,
+    recipe: RecipeOpt = None,
 ):
     """Measure load time, TTFT, prefill/decode speed and memory of ARTIFACTS; a table on stdout.
 
@@ -247,6 +254,7 @@ def quantize(
     eval_file: Annotated[Optional[Path], typer.Option(help="Text file to measure the accuracy cost on (eager).")] = None,
     eval_tokens: Annotated[int, typer.Option(min=2, help="Tokens of --eval-file to score.")] = 2048,
     json_out: JsonOpt = False,
+    recipe: RecipeOpt = None,
 ):
     """Quantize MODEL into a checkpoint directory that `export` (and `shard`) accept as MODEL.
 
@@ -289,6 +297,7 @@ def shard(
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Parallel export workers.")] = 2,
     chunk: Annotated[int, typer.Option(min=2, help="Most tokens per program call (activation memory is planned for it).")] = 64,
     json_out: JsonOpt = False,
+    recipe: RecipeOpt = None,
 ):
     """Cut MODEL into per-layer programs at several precisions and rank them by importance.
 
@@ -345,6 +354,23 @@ def _click_modules() -> list:
     return mods
 
 
+def _recipe_defaults(argv: list[str]) -> dict | None:
+    """`--recipe FILE` on any command: the recipe's settings as that command's defaults."""
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--recipe"), None)
+    path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--recipe=")), None)
+    if path is None:
+        return None
+    from edgectl.recipes import command_defaults, load_recipe
+
+    group = typer.main.get_command(app)
+    command = next((a for a in argv if a in group.commands), None)
+    if command is None:
+        return None
+    names = {p.name for p in group.commands[command].params}
+    defaults = command_defaults(load_recipe(path), command)
+    return {command: {k: v for k, v in defaults.items() if k in names}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Returns the exit code: 0 ok, 1 domain error, 2 usage error, 130 Ctrl-C."""
     clicks = _click_modules()
@@ -355,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("EDGECTL_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     try:
-        rc = app(args=argv, prog_name="edgectl", standalone_mode=False)
+        rc = app(args=argv, prog_name="edgectl", standalone_mode=False, default_map=_recipe_defaults(argv))
         return rc if isinstance(rc, int) else 0
     except exits as e:
         return e.exit_code

@@ -200,3 +200,24 @@ def apply_overrides(recipe: Recipe, assignments: list[str]) -> Recipe:
 
 def shipped_recipes() -> list[Path]:
     return sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
+
+
+def command_defaults(recipe: Recipe, command: str) -> dict:
+    """A recipe as default values for one command's parameters (by parameter name).
+    Flags given on the command line override these."""
+    m, q, e, s, r = recipe.model, recipe.quantize, recipe.export, recipe.shard, recipe.run
+    model = {"model": m.id, "max_seq_len": m.max_seq_len}
+    quant = {"scheme": q.scheme, "group_size": q.group_size, "embedding": q.embedding,
+             "embedding_group_size": q.embedding_group_size}
+    budget = {"memory_budget": r.memory_budget, "latency_target": r.latency_target_ms, "mode": r.mode,
+              "threads": r.threads}
+    table = {
+        "export": {**model, "backend": e.backend, **(quant if q.scheme else {})},
+        "quantize": {"model": m.id, **quant},
+        "shard": {**model, "backend": e.backend, "group_size": q.group_size, "precisions": ",".join(s.precisions),
+                  "layers_per_shard": s.layers_per_shard, "calibration": s.calibration,
+                  "calibration_tokens": s.calibration_tokens},
+        "run": {**budget, "n": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p, "chat": r.chat},
+        "bench": budget,
+    }
+    return {k: v for k, v in table.get(command, {}).items() if v is not None}

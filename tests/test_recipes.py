@@ -63,3 +63,47 @@ def test_overrides_are_typed(tmp_path):
 @pytest.mark.parametrize("text,n", [("150MB", 150_000_000), ("1.5GiB", int(1.5 * 2**30)), ("4096", 4096), ("64 KiB", 65536)])
 def test_parse_size(text, n):
     assert parse_size(text) == n
+
+
+def _capture_export(monkeypatch):
+    import edgectl.checkpoint as C
+    import edgectl.export as E
+
+    seen = {}
+
+    class Res:
+        path, bytes, seconds, cpu_seconds, ops = "x.pte", 1, 0.0, 0.0, {}
+
+    def fake_export(ckpt, out, **kw):
+        seen.update(kw, model=ckpt, out=out)
+        return Res()
+
+    monkeypatch.setattr(C, "resolve", lambda m: m)
+    monkeypatch.setattr(E, "export_pte", fake_export)
+    return seen
+
+
+def test_recipe_gives_defaults_and_flags_override(monkeypatch, capsys):
+    from edgectl.cli import main
+    from edgectl.recipes import shipped_recipes
+
+    recipe = next(p for p in shipped_recipes() if p.stem == "smollm2-135m-laptop-8da4w")
+    seen = _capture_export(monkeypatch)
+    assert main(["export", "--recipe", str(recipe), "-o", "x.pte"]) == 0
+    assert seen["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and seen["max_seq_len"] == 1024
+    assert seen["scheme"].linear == "8da4w" and seen["scheme"].embedding == "int8"
+
+    seen.clear()
+    assert main(["export", "local.gguf", "--recipe", str(recipe), "-o", "x.pte", "--max-seq-len", "256",
+                 "--group-size", "64"]) == 0
+    assert seen["model"] == "local.gguf" and seen["max_seq_len"] == 256 and seen["scheme"].group_size == 64
+
+
+def test_bad_recipe_is_a_one_line_error(tmp_path, capsys):
+    from edgectl.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\nmemroy_budget = '1MB'\n")
+    rc = main(["run", "x.pte", "-p", "hi", "--recipe", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "memroy_budget" in err and err.strip().count("\n") == 0
