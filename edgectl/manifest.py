@@ -11,6 +11,8 @@ Program interfaces, by shard kind:
   -> (h, k_new_0, v_new_0, ...)` for the n decoder layers it holds (`layers`), caches in
   model.cache_shapes() layout, read only.
 - "head": `forward(h[1,T,dim], idx[N]) -> logits[1,N,vocab]` (final norm + output).
+T and N are at most `max_tokens_per_call` (activation memory is planned per program for
+the largest call): the runtime prefills, and asks for logits, in chunks of that size.
 
 Per precision the manifest records the file, its bytes and sha256, the resident bytes
 and load time measured after loading it, and the importance figures measured by
@@ -74,6 +76,7 @@ class Manifest:
     tokenizer_config: dict
     shards: list[Shard]  # in forward order
     calibration: dict = field(default_factory=dict)  # {"file":..., "tokens":..., "top_ppl":...}
+    max_tokens_per_call: int | None = None  # T and N of one program call at most (prefill in chunks); None: max_seq_len
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

@@ -1,0 +1,134 @@
+"""How much each shard matters: the cost of lowering it alone, measured on calibration text.
+
+For every shard and every lower precision it offers, only that shard runs at the lower
+precision and all others at the top one; the figures are the mean KL divergence
+KL(top || lowered) of the next-token distribution over every scored position, and the
+perplexity with that shard lowered.
+
+Fast path (eager PyTorch, "eager-quantized"): the very modules the exporter lowers
+(shard_build.layers_module / embed_head_module, quantized by quantize.quantize_module),
+run eagerly. The hidden state entering each shard at the top precision is kept per
+window, so lowering layer shard j re-runs only shards j.. onward. `shard` checks a sample
+of these figures through the exported programs (see shard.verify_with_pte).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from edgectl.manifest import Importance
+
+
+@dataclass
+class ShardSpec:
+    name: str
+    kind: str  # embed | layers | head
+    layers: list[int]
+
+
+def calibration_windows(tok, text: str, n_tokens: int, window: int) -> list[list[int]]:
+    """The first `n_tokens` tokens of `text`, in `edgectl bench --ppl`'s windows."""
+    from edgectl.bench_worker import ppl_windows
+    from edgectl.errors import EdgectlError
+
+    ids = tok.encode(text, bos=False)
+    if len(ids) < n_tokens:
+        raise EdgectlError(f"calibration text has {len(ids)} tokens, fewer than the {n_tokens} asked for",
+                           hint="give a longer --calibration file or lower --calibration-tokens")
+    return ppl_windows(ids[:n_tokens], window, tok.bos_id if tok.add_bos else None)
+
+
+class EagerShards:
+    """Eager modules of every shard at every precision, built from one fp32 model."""
+
+    def __init__(self, model, shards: list[ShardSpec], precisions: list[str], group_size: int,
+                 progress: Callable[[int, int], None] | None = None):
+        from edgectl.shard_build import embed_head_module, layers_module
+
+        self.model, self.shards, self.precisions = model, shards, precisions
+        self.mods: dict[tuple[str, str], torch.nn.Module] = {}
+        total, done = len(shards) * len(precisions), 0
+        for p in precisions:
+            tiny, _ = embed_head_module(model, p, group_size)
+            for s in shards:
+                if s.kind == "layers":
+                    self.mods[s.name, p] = layers_module(model, s.layers, p, group_size)[0]
+                else:
+                    self.mods[s.name, p] = tiny.embed if s.kind == "embed" else tiny.head
+                done += 1
+                if progress:
+                    progress(done, total)
+
+    def run(self, choice: dict[str, str], tokens: torch.Tensor, start_at: int = 0, h=None):
+        """Logits [T, vocab] for one window from position 0, shards from index `start_at`
+        (with `h` the hidden state entering it). Also returns the hidden state entering
+        every shard that ran (list aligned with self.shards)."""
+        from edgectl.model import empty_caches
+
+        T = tokens.shape[1]
+        pos, idx = torch.arange(T), torch.arange(T)
+        args, S = self.model.args, self.model.max_seq_len
+        top = self.precisions[0]
+        entering = [None] * len(self.shards)
+        for i in range(start_at, len(self.shards)):
+            s = self.shards[i]
+            m = self.mods[s.name, choice.get(s.name, top)]
+            entering[i] = h
+            if s.kind == "embed":
+                h = m(tokens)
+            elif s.kind == "layers":
+                ks, vs = empty_caches(args, S, len(s.layers))
+                h = m(h, pos, *[t for pair in zip(ks, vs) for t in pair])[0]
+            else:
+                return m(h, idx)[0], entering
+        raise RuntimeError("no head shard")
+
+
+def _scores(lp_top, logits, window: list[int]) -> tuple[float, float]:
+    """(sum of KL(top || this) over the scored positions, sum of NLL)."""
+    lp = torch.log_softmax(logits[:-1].double(), -1)
+    kl = float((lp_top.exp() * (lp_top - lp)).sum())
+    nll = float(-lp.gather(1, torch.tensor(window[1:]).unsqueeze(1)).sum())
+    return kl, nll
+
+
+def measure(eager: EagerShards, windows: list[list[int]],
+            progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
+    """({(shard, precision): Importance} for every lower precision, {"top_ppl", "tokens"})."""
+    shards, lower = eager.shards, eager.precisions[1:]
+    kl = {(s.name, p): 0.0 for s in shards for p in lower}
+    nll = dict.fromkeys(kl, 0.0)
+    top_nll, n = 0.0, 0
+    total, done = len(windows) * (1 + len(kl)), 0
+    with torch.no_grad():
+        for w in windows:
+            tokens = torch.tensor([w])
+            logits, entering = eager.run({}, tokens)
+            lp_top = torch.log_softmax(logits[:-1].double(), -1)
+            top_nll += float(-lp_top.gather(1, torch.tensor(w[1:]).unsqueeze(1)).sum())
+            n += len(w) - 1
+            done += 1
+            for i, s in enumerate(shards):
+                for p in lower:
+                    low, _ = eager.run({s.name: p}, tokens, start_at=i, h=entering[i])
+                    a, b = _scores(lp_top, low, w)
+                    kl[s.name, p] += a
+                    nll[s.name, p] += b
+                    done += 1
+                    if progress:
+                        progress(done, total)
+    top_ppl = math.exp(top_nll / n)
+    out = {key: Importance(kl=kl[key] / n, ppl=math.exp(nll[key] / n), ppl_delta=math.exp(nll[key] / n) - top_ppl,
+                           tokens=n, measured_with="eager-quantized") for key in kl}
+    return out, {"top_ppl": top_ppl, "tokens": n, "windows": len(windows)}
+
+
+def window_scores(run_logits: Callable[[list[int]], torch.Tensor], ref_logits: torch.Tensor, window: list[int]):
+    """(mean KL vs ref, ppl) of one window given a function producing logits [T, vocab]."""
+    lp_ref = torch.log_softmax(ref_logits[:-1].double(), -1)
+    kl, nll = _scores(lp_ref, run_logits(window), window)
+    return kl / (len(window) - 1), math.exp(nll / (len(window) - 1))

@@ -1,0 +1,279 @@
+"""The programs of a shard set, and the export of one shard at one precision.
+
+Shard modules (interfaces in manifest.py):
+- `LayersProgram`: forward(h[1,T,dim], pos[T], k_0, v_0, ...) -> (h, k_new_0, v_new_0, ...),
+  a `StepInputs` (RoPE, masks) and the Blocks it holds; caches read only.
+- `HeadProgram`: forward(h[1,T,dim], idx[N]) -> logits[1,N,vocab].
+- `EmbedProgram`: forward(tokens[1,T]) -> h[1,T,dim], only when the embedding matrix is
+  not shared with the head (untied model, or a backend that does not keep the head's
+  weight where the runtime can map it).
+
+A precision is a `quantize.QuantScheme` applied by `quantize.quantize_module` to the
+shard's own module: layers take the scheme's linear treatment; the head's matrix (tied or
+not) takes the embedding treatment that matches it (int8 rows for int8, int4 groups for
+the 4-bit schemes), so a tied matrix is stored once per precision, in the head's file.
+
+`build_variant` runs in a worker process (see shard.py): it owns one fp32 model per
+process and exports shard variants from it one at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgectl.errors import EdgectlError
+
+TOP = "fp32"
+EMBEDDING_FOR = {"fp32": "none", "int8": "int8", "8da4w": "int4", "4w": "int4"}
+
+
+class LayersProgram(nn.Module):
+    def __init__(self, step: nn.Module, blocks: list[nn.Module]):
+        super().__init__()
+        self.step = step
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, h, pos, *caches):
+        step = self.step(pos)
+        out = []
+        for i, block in enumerate(self.blocks):
+            h, k, v = block(h, step, caches[2 * i], caches[2 * i + 1])
+            out += [k, v]
+        return (h, *out)
+
+
+class HeadProgram(nn.Module):
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, h, idx):
+        return self.head(h, idx)
+
+
+class EmbedProgram(nn.Module):
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, tokens):
+        return self.embed(tokens)
+
+
+def scheme_for(precision: str, group_size: int):
+    """The QuantScheme of a precision label (the labels are quantize's linear schemes)."""
+    from edgectl.quantize import QuantScheme
+
+    return QuantScheme(precision, group_size, EMBEDDING_FOR.get(precision, "none"), group_size)
+
+
+def shares_table(args, backend: str) -> bool:
+    """Whether the embed shard reads the head's matrix instead of holding its own."""
+    return bool(args.tie_embeddings) and backend == "xnnpack"
+
+
+# ---------------------------------------------------------------------------------------
+# Shard modules at a precision (used by the exporter and by the eager importance path)
+
+
+def layers_module(model, layers: list[int], precision: str, group_size: int) -> tuple[nn.Module, dict]:
+    """A LayersProgram over deep copies of `model`'s blocks, quantized to `precision`."""
+    import copy
+
+    from edgectl.model import StepInputs
+    from edgectl.quantize import quantize_module
+
+    # the top precision shares the model's blocks; a lower one quantizes copies
+    blocks = [model.layers[i] if precision == TOP else copy.deepcopy(model.layers[i]) for i in layers]
+    prog = LayersProgram(StepInputs(model.args, model.max_seq_len), blocks).eval()
+    record = quantize_module(prog, scheme_for(precision, group_size)) if precision != TOP else {}
+    return prog, record
+
+
+def embed_head_module(model, precision: str, group_size: int):
+    """(tiny Transformer with no layers holding copies of `model`'s embedding and head,
+    quantized to `precision`, record). Going through a Transformer lets quantize_module
+    treat a tied matrix as one (quantized once, the head holding the embedding's codes)."""
+    import copy
+
+    from edgectl.model import Transformer
+    from edgectl.quantize import quantize_module
+
+    args = dataclasses.replace(model.args, n_layers=0)
+    with torch.device("meta"):
+        tiny = Transformer(args, model.max_seq_len)
+    tiny.embed = copy.deepcopy(model.embed)
+    tiny.head = copy.deepcopy(model.head)
+    if args.tie_embeddings:
+        tiny.head.lm_head.weight = tiny.embed.embed_tokens.weight
+    tiny.step.reset_buffers()
+    record = quantize_module(tiny, scheme_for(precision, group_size)) if precision != TOP else {}
+    return tiny.eval(), record
+
+
+# ---------------------------------------------------------------------------------------
+# Export of one variant
+
+
+def _layer_example(args, max_seq_len: int, n: int, chunk: int):
+    from torch.export import Dim
+
+    from edgectl.model import empty_caches
+
+    ks, vs = empty_caches(args, max_seq_len, n)
+    caches = [t for pair in zip(ks, vs) for t in pair]
+    T = Dim("T", min=1, max=chunk)
+    example = (torch.zeros(1, 4, args.dim), torch.arange(4), *caches)
+    return example, ({1: T}, {0: T}, tuple([None] * len(caches)))  # *caches is one argument to export
+
+
+def _head_example(args, chunk: int):
+    from torch.export import Dim
+
+    T, N = Dim("T", min=1, max=chunk), Dim("N", min=1, max=chunk)
+    return (torch.zeros(1, 4, args.dim), torch.arange(2, 4)), ({1: T}, {0: N})
+
+
+def _embed_example(chunk: int):
+    from torch.export import Dim
+
+    T = Dim("T", min=1, max=chunk)
+    return (torch.zeros(1, 4, dtype=torch.long),), ({1: T},)
+
+
+def table_spec(tiny, precision: str) -> dict | None:
+    """Where the runtime finds the embedding matrix in the head's file at `precision`:
+    fp32: {"key", "shape", "dtype"} of the head weight; quantized: {"tensors": [codes,
+    scales], "bits", "group_size"} (XNNPACK's own blobs of the head)."""
+    from edgectl.export import tied_table_key
+    from edgectl.quantize import shared_embedding
+
+    if precision == TOP or not hasattr(tiny.embed, "codes"):
+        return tied_table_key(tiny)
+    _, spec = shared_embedding(tiny)
+    return {**spec, "bits": tiny.embed.bits, "group_size": tiny.embed.group_size, "dim": tiny.embed.dim}
+
+
+def check_table(path: Path, spec: dict) -> None:
+    from edgectl.export import check_tied_table
+    from edgectl.quantize import check_shared_embedding
+
+    if "tensors" in spec:
+        check_shared_embedding(path, spec)
+    else:
+        check_tied_table(path, spec)
+
+
+def program_for(model, kind: str, layers: list[int], precision: str, group_size: int, backend: str, chunk: int):
+    """(module, example args, dynamic shapes, record, table spec or None). `chunk` is the
+    most tokens one call takes: ExecuTorch plans activation memory for the largest shape,
+    and each shard program has its own arena (a 2048-token call would plan ~600 MB of
+    attention scores per SmolLM2 layer), so prefill goes in chunks."""
+    args, S = model.args, model.max_seq_len
+    if kind == "layers":
+        mod, rec = layers_module(model, layers, precision, group_size)
+        ex, ds = _layer_example(args, S, len(layers), chunk)
+        return mod, ex, ds, rec, None
+    tiny, rec = embed_head_module(model, precision, group_size)
+    if kind == "head":
+        ex, ds = _head_example(args, chunk)
+        spec = table_spec(tiny, precision) if shares_table(args, backend) else None
+        return HeadProgram(tiny.head).eval(), ex, ds, rec, spec
+    ex, ds = _embed_example(chunk)
+    return EmbedProgram(tiny.embed).eval(), ex, ds, rec, None
+
+
+def shard_meta(manifest_head: dict, name: str, kind: str, layers: list[int], precision: str, record: dict) -> dict:
+    return {**manifest_head, "format": "edgectl-shard/1", "shard": name, "kind": kind, "layers": layers,
+            "precision": precision, "quantization": record or None}
+
+
+def export_variant(model, name: str, kind: str, layers: list[int], precision: str, group_size: int,
+                   backend: str, out: Path, meta_head: dict, chunk: int) -> dict:
+    """Export one shard at one precision to `out` (atomically). Returns
+    {"seconds", "cpu_seconds", "ops", "table" (spec or None), "record"}."""
+    from edgectl.export import bytes_tensor, lower, write_atomic
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    mod, example, dynamic, record, spec = program_for(model, kind, layers, precision, group_size, backend, chunk)
+    meta = shard_meta(meta_head, name, kind, layers, precision, record)
+    prog, ops = lower(mod, example, dynamic, backend, {"edgectl_meta": bytes_tensor(json.dumps(meta).encode())})
+
+    def write(f):
+        prog.write_to_file(f)
+        f.flush()
+        if spec is not None:
+            check_table(Path(f.name), spec)
+
+    write_atomic(out, write)
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "ops": ops,
+            "table": spec, "record": record}
+
+
+# ---------------------------------------------------------------------------------------
+# Worker process
+
+
+_WORKER: dict = {}
+
+
+def worker_init(model_arg: str, max_seq_len: int, threads: int) -> None:
+    """Process-pool initializer: load the checkpoint once per worker."""
+    import logging
+    import signal
+    import warnings
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    torch.set_num_threads(threads)
+    for noisy in ("torchao", "torch.utils._pytree", "torch._export", "executorch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    _WORKER["model_arg"] = (model_arg, max_seq_len)
+
+
+def _worker_model():
+    if "model" not in _WORKER:
+        from edgectl.checkpoint import resolve
+
+        model_arg, max_seq_len = _WORKER["model_arg"]
+        _WORKER["model"] = load_base(resolve(model_arg), max_seq_len)
+    return _WORKER["model"]
+
+
+def load_base(ckpt, max_seq_len: int):
+    from edgectl.checkpoint import load_model
+
+    if ckpt.quantization is not None:
+        raise EdgectlError(f"{ckpt.source} is already quantized",
+                           hint="shard the original model; `shard --precisions` quantizes each shard itself")
+    return load_model(ckpt, max_seq_len)
+
+
+def worker_task(task: dict) -> dict:
+    """Build one variant into task["out"] (a cache path). Runs in a worker."""
+    out = Path(task["out"])
+    res = export_variant(_worker_model(), task["name"], task["kind"], task["layers"], task["precision"],
+                         task["group_size"], task["backend"], out, task["meta"], task["chunk"])
+    # the table spec travels with the cached file, so a cache hit needs no export
+    side = out.with_suffix(".json")
+    tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"table": res["table"], "record": res["record"], "ops": res["ops"],
+                               "seconds": res["seconds"], "cpu_seconds": res["cpu_seconds"]}, default=str))
+    os.replace(tmp, side)
+    return {"key": task["key"], **{k: res[k] for k in ("seconds", "cpu_seconds")}}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
