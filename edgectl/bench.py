@@ -77,14 +77,21 @@ DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 @dataclass(frozen=True)
 class Case:
-    """One table row: an artifact and the options it runs with (none yet)."""
+    """One table row: an artifact and the options it runs with.
+
+    Options: `budget` (bytes; a shard set is planned into it, and with --cgroup any
+    artifact runs under a cap of budget + the measured interpreter baseline) and `mode`
+    (a shard set's placement mode, planner.MODES)."""
 
     artifact: Path
     options: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        opts = " ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        def fmt(k, v):
+            return f"{k}={v / 1e6:g}MB" if k == "budget" else f"{k}={v}"
+
+        opts = " ".join(fmt(k, v) for k, v in sorted(self.options.items()))
         return f"{self.artifact.name} {opts}".strip()
 
 
@@ -97,6 +104,7 @@ class BenchSettings:
     cold: bool = False
     ppl_file: Path | None = None
     ppl_tokens: int | None = None
+    cgroup: bool = False
 
 
 @dataclass
@@ -108,8 +116,19 @@ class Row:
     decode_ratio: float = float("nan")
 
     @property
-    def summary(self) -> dict:
-        return {k: summarise([r[k] for r in self.runs]) for k in SUMMARY_KEYS}
+    def ok_runs(self) -> list[dict]:
+        return [r for r in self.runs if r.get("status", "ok") == "ok"]
+
+    @property
+    def status(self) -> str:
+        """"ok", or what stopped some runs ("oom 2/3": the cgroup OOM-killed 2 of 3)."""
+        bad = [r["status"] for r in self.runs if r.get("status", "ok") != "ok"]
+        return "ok" if not bad else f"{bad[0]} {len(bad)}/{len(self.runs)}"
+
+    @property
+    def summary(self) -> dict | None:
+        ok = self.ok_runs
+        return {k: summarise([r[k] for r in ok]) for k in SUMMARY_KEYS} if ok else None
 
     def to_dict(self, label: str | None = None) -> dict:
         return {
@@ -117,6 +136,7 @@ class Row:
             "artifact": str(self.case.artifact),
             "options": dict(self.case.options),
             "file_bytes": self.file_bytes,
+            "status": self.status,
             "runs": self.runs,
             "summary": self.summary,
             "decode_ratio": self.decode_ratio,
@@ -130,6 +150,7 @@ class BenchReport:
     rows: list[Row]
     cold: bool  # whether the page cache really was dropped
     notes: list[str] = field(default_factory=list)
+    cgroup_baseline: int | None = None  # peak cgroup charge of a worker that loads no model
 
     def labels(self) -> list[str]:
         """Row labels, with #1, #2... where the same case is listed more than once."""
@@ -159,6 +180,8 @@ class BenchReport:
                 "warmup": not self.cold,
                 "ppl_file": str(s.ppl_file) if s.ppl_file else None,
                 "ppl_tokens": s.ppl_tokens,
+                "cgroup": s.cgroup,
+                "cgroup_baseline": self.cgroup_baseline,
             },
             "notes": self.notes,
             "rows": [r.to_dict(label) for r, label in zip(self.rows, self.labels())],
@@ -230,8 +253,12 @@ def drop_page_cache() -> str | None:
     return None
 
 
-def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool = False) -> dict:
-    """Run one measurement in a fresh `python -m edgectl.bench_worker` and return its figures."""
+def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool = False, cap=None) -> dict:
+    """Run one measurement in a fresh `python -m edgectl.bench_worker` and return its figures.
+
+    With `cap` (a memcap.MemCap) the worker runs in that memory cgroup; its figures gain
+    the group's (cgroup_peak, ...), and a worker the group OOM-killed returns
+    {"status": "oom", ...} instead of raising."""
     cmd = [
         sys.executable, "-m", "edgectl.bench_worker", "--artifact", str(case.artifact), "--mode", mode,
         "--prompt-tokens", str(settings.prompt_tokens), "--new-tokens", str(settings.new_tokens),
@@ -248,9 +275,12 @@ def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool 
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=cap.preexec if cap else None)
     if os.environ.get("EDGECTL_DEBUG") == "1" and proc.stderr:
         sys.stderr.write(proc.stderr)
+    group = cap.figures() if cap else {}
+    if cap and proc.returncode < 0 and (group["cgroup_oom_kills"] or group["cgroup_failcnt"]):
+        return {"status": "oom", "exit_signal": -proc.returncode, **group}
     lines = proc.stdout.strip().splitlines()
     try:
         out = json.loads(lines[-1]) if lines else None
@@ -261,7 +291,28 @@ def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool 
         raise EdgectlError(f"bench worker for {case.label} failed (exit {proc.returncode}): {last}", hint="rerun with --debug for its stderr")
     if not out.pop("ok", False):
         raise EdgectlError(f"{case.label}: {out.get('error')}", hint=out.get("hint"))
-    return out
+    return {"status": "ok", **out, **group}
+
+
+def _capped(case: Case, settings: BenchSettings, baseline: int | None):
+    """The memory cgroup a run of `case` goes in: budget + baseline, or uncapped (still
+    measured) when the case has no budget. None without --cgroup."""
+    if not settings.cgroup:
+        return None
+    from edgectl.memcap import MemCap
+
+    budget = case.options.get("budget")
+    return MemCap(budget + baseline if budget is not None and baseline is not None else None)
+
+
+def cgroup_baseline(settings: BenchSettings) -> int:
+    """Peak cgroup charge of a worker that imports torch, the runtime and the tokenizer
+    library and starts the thread pool, but opens no model: what --cgroup adds to a budget."""
+    from edgectl.memcap import MemCap
+
+    with MemCap(None) as cap:
+        out = worker(Case(Path(sys.executable)), settings, mode="baseline", cap=cap)
+    return out["cgroup_peak"]
 
 
 def run_bench(
@@ -282,6 +333,14 @@ def run_bench(
         raise EdgectlError(f"--ppl {settings.ppl_file}: no such file")
     rows = [Row(c, file_bytes(c.artifact)) for c in cases]
     notes, cold = [], settings.cold
+    baseline = None
+    if settings.cgroup:
+        from edgectl.memcap import unavailable
+
+        if why := unavailable():
+            raise EdgectlError(f"--cgroup: {why}")
+        progress("measuring the interpreter baseline (cgroup)")
+        baseline = cgroup_baseline(settings)
     if cold and (why := drop_page_cache()):
         notes.append(f"--cold: {why}; measured warm instead")
         warn(notes[-1])
@@ -296,7 +355,13 @@ def run_bench(
             if cold and not dropped:
                 raise EdgectlError("the page cache could be dropped once but not again")
             load_avg = os.getloadavg()[0]
-            row.runs.append({"cache_dropped": dropped, "loadavg_1m": load_avg, **worker(row.case, settings, warmup=not cold)})
+            cap = _capped(row.case, settings, baseline)
+            try:
+                got = worker(row.case, settings, warmup=not cold, cap=cap)
+            finally:
+                if cap:
+                    cap.close()
+            row.runs.append({"cache_dropped": dropped, "loadavg_1m": load_avg, **got})
     busiest = max(r["loadavg_1m"] for row in rows for r in row.runs)
     if busiest > (os.cpu_count() or 1):
         notes.append(f"1-minute load average up to {busiest:.1f} on {os.cpu_count()} CPUs: other work shared the CPUs, expect noise")
@@ -304,12 +369,17 @@ def run_bench(
     if settings.ppl_file is not None:
         for row in rows:
             progress(f"{row.case.label}: perplexity on {settings.ppl_file.name}")
-            row.ppl = worker(row.case, settings, mode="ppl")
+            cap = _capped(row.case, settings, baseline)
+            try:
+                row.ppl = worker(row.case, settings, mode="ppl", cap=cap)
+            finally:
+                if cap:
+                    cap.close()
             row.ppl.pop("trace", None)
-    base = rows[0].summary["decode_tok_s"]["mean"]
+    base = next((r.summary["decode_tok_s"]["mean"] for r in rows if r.summary), None)
     for row in rows:
-        row.decode_ratio = row.summary["decode_tok_s"]["mean"] / base if base else float("nan")
-    return BenchReport(settings, rows, cold, notes)
+        row.decode_ratio = row.summary["decode_tok_s"]["mean"] / base if base and row.summary else float("nan")
+    return BenchReport(settings, rows, cold, notes, baseline)
 
 
 def _pm(s: dict, fmt: str = ".1f") -> str:
@@ -324,7 +394,14 @@ def render_table(report: BenchReport):
     mode = "cold" if report.cold else "warm"
     title = f"edgectl bench: {s.prompt_tokens} prompt + {s.new_tokens} new tokens, {s.repeat} run(s), {mode}, threads {s.threads or 'default'}"
     t = Table(title=title, title_justify="left")
+    if report.cgroup_baseline is not None:
+        title += f", cgroup cap = budget + {report.cgroup_baseline / 1e6:.0f} MB baseline"
     cols = ["artifact", "size MB", "load ms", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model RSS MB"]
+    planned = any(r.get("plan_total_bytes") is not None for row in report.rows for r in row.runs)
+    if planned:
+        cols.append("plan MB")
+    if s.cgroup:
+        cols += ["cgroup peak MB", "status"]
     if any(r.ppl for r in report.rows):
         cols.append("ppl")
     cols.append("decode ×")
@@ -332,13 +409,23 @@ def render_table(report: BenchReport):
         t.add_column(name, justify="left" if name == "artifact" else "right", no_wrap=True)
     for r, label in zip(report.rows, report.labels()):
         m = r.summary
-        cells = [
-            label, f"{r.file_bytes / 1e6:.1f}", _pm(m["load_ms"]), _pm(m["ttft_ms"]),
-            _pm(m["prefill_tok_s"]), _pm(m["decode_tok_s"]),
-            f"{m['peak_rss']['mean'] / 1e6:.0f}", f"{m['model_rss']['mean'] / 1e6:.0f}",
-        ]
+        cells = [label, f"{r.file_bytes / 1e6:.1f}"]
+        if m is None:
+            cells += ["-"] * 6
+        else:
+            cells += [
+                _pm(m["load_ms"]), _pm(m["ttft_ms"]), _pm(m["prefill_tok_s"]), _pm(m["decode_tok_s"]),
+                f"{m['peak_rss']['mean'] / 1e6:.0f}", f"{m['model_rss']['mean'] / 1e6:.0f}",
+            ]
+        if planned:
+            p = [x["plan_total_bytes"] for x in r.ok_runs if x.get("plan_total_bytes") is not None]
+            cells.append(f"{p[0] / 1e6:.1f}" if p else "")
+        if s.cgroup:
+            peaks = [x["cgroup_peak"] for x in r.runs if "cgroup_peak" in x]
+            cells += [f"{max(peaks) / 1e6:.0f}" if peaks else "", r.status]
         if "ppl" in cols:
-            cells.append(f"{r.ppl['ppl']:.3f} ({r.ppl['tokens_scored']} tok)" if r.ppl else "")
+            pp = r.ppl if r.ppl and r.ppl.get("status", "ok") == "ok" else None
+            cells.append(f"{pp['ppl']:.3f} ({pp['tokens_scored']} tok)" if pp else (r.ppl or {}).get("status", ""))
         cells.append(f"{r.decode_ratio:.2f}×")
         t.add_row(*cells)
     return t

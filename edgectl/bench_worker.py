@@ -11,6 +11,13 @@ Modes:
        With --warmup, one generation first (its figures are reported as `warmup`: they
        are what `edgectl run` shows, first-call costs included), then the measured one.
   ppl  perplexity of the artifact itself on a text file (see `ppl_windows`).
+  baseline  set up torch, the runtime, the tokenizer library and the thread pool, open
+       nothing, and report the process's memory: the interpreter baseline that
+       `bench --cgroup` adds to a budget.
+
+Options (--options, JSON): `budget` (bytes) and `mode` go to `runtime.open_artifact` for
+a shard set, which plans under them; a `.pte` ignores them here (bench caps its memory
+with a cgroup instead). The plan's figures are reported as plan_*.
 
 Memory: the baseline is VmRSS read from /proc/self/status after torch, the ExecuTorch
 runtime, the tokenizer library and the thread pool are set up, but before the artifact is
@@ -170,15 +177,26 @@ def measure(args) -> dict:
     from edgectl.tokenizer import Tokenizer  # noqa: F401  (imports `tokenizers`)
 
     options = json.loads(args.options)
-    if options:
+    if unknown := set(options) - {"budget", "mode"}:
         from edgectl.errors import EdgectlError
 
-        raise EdgectlError(f"unsupported bench options for {args.artifact}: {sorted(options)}")
+        raise EdgectlError(f"unsupported bench options for {args.artifact}: {sorted(unknown)}")
     runtime._load_runtime()
     runtime.set_threads(args.threads)
+    if args.mode == "baseline":
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._threadpool_get_thread_count()  # the pool, as a shard set starts it
+        from edgectl import _native, generate, run  # noqa: F401  (code every run imports: not the model's)
+
+        _native.load()
+        s = read_status()
+        return {"rss": s["VmRSS"], "peak_rss": s["VmHWM"]}
     before = read_status()
     trace = runtime.Trace()
-    model = runtime.open_artifact(args.artifact, trace=trace)
+    shard_set = os.path.isdir(args.artifact)
+    kw = {k: options[k] for k in ("budget", "mode") if k in options} if shard_set else {}
+    model = runtime.open_artifact(args.artifact, trace=trace, **kw)
     after_load = read_status()
     tok = tokenizer_for(model)
     result = measure_gen(args, model, tok) if args.mode == "gen" else measure_ppl(args, model, tok)
@@ -195,13 +213,19 @@ def measure(args) -> dict:
         max_seq_len=model.max_seq_len,
         trace=trace.to_dict()["spans"],
     )
+    plan = getattr(model, "plan", None)
+    if plan is not None:
+        result.update(plan_mode=plan.mode, plan_total_bytes=plan.total_bytes, plan_budget_bytes=plan.budget_bytes,
+                      plan_precisions={c.name: c.precision for c in plan.shards},
+                      plan_placements={c.name: c.placement for c in plan.shards},
+                      engine=model.engine_name)
     return result
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m edgectl.bench_worker")
     p.add_argument("--artifact", required=True)
-    p.add_argument("--mode", choices=("gen", "ppl"), default="gen")
+    p.add_argument("--mode", choices=("gen", "ppl", "baseline"), default="gen")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--warmup", action="store_true", help="one unmeasured generation before the measured one")

@@ -206,23 +206,29 @@ def bench(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a timeline PNG of each artifact's last run.")] = None,
     ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Also measure the artifact's perplexity on this text file.")] = None,
     ppl_tokens: Annotated[Optional[int], typer.Option(min=2, help="Score at most this many tokens of --ppl.")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: plan under each budget (comma-separated, e.g. 150MB,75MB), one row each.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="Shard sets: placement mode(s), comma-separated (auto, resident, pipelined, on-demand), one row each.")] = None,
+    cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at budget + the measured interpreter baseline (root); OOM kills become a row status.")] = False,
     recipe: RecipeOpt = None,
 ):
     """Measure load time, TTFT, prefill/decode speed and memory of ARTIFACTS; a table on stdout.
 
+    A .pte with --memory-budget and --cgroup runs under each budget's cap (it has no plan).
+
     Example: edgectl bench fp32.pte 8da4w.pte --repeat 5 --json bench.json --plot timeline.png
+    Example: edgectl bench smol-shards/ smol-int8.pte --memory-budget 150MB,75MB --mode resident,pipelined --cgroup
     """
     from rich.console import Console
 
     from edgectl import ui
-    from edgectl.bench import BenchSettings, Case, render_table, run_bench
+    from edgectl.bench import BenchSettings, render_table, run_bench
 
     if ppl_tokens and not ppl:
         raise UsageError("--ppl-tokens needs --ppl")
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {plot}: expected a .png path")
-    settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens)
-    cases = [Case(a.resolve()) for a in artifacts]
+    settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup)
+    cases = bench_cases(artifacts, memory_budget, mode, cgroup)
     with ui.stages("benchmarking") as step:
         report = run_bench(cases, settings, progress=step, warn=ui.warn)
     data = report.to_dict()
@@ -240,6 +246,34 @@ def bench(
         from edgectl.plot import plot_timeline
 
         ui.info(f"wrote {plot_timeline(data['rows'], plot)}")
+
+
+def bench_cases(artifacts: list[Path], memory_budget: str | None, mode: str | None, cgroup: bool) -> list:
+    """One Case per artifact x budget x mode: a shard set gets every budget and mode; a
+    .pte gets every budget only under --cgroup (as a cap), and no mode."""
+    from edgectl.bench import Case
+    from edgectl.planner import MODES, parse_bytes
+
+    budgets = [parse_bytes(b) for b in memory_budget.split(",")] if memory_budget else [None]
+    modes = [m.strip() for m in mode.split(",")] if mode else [None]
+    for m in modes:
+        if m is not None and m not in MODES:
+            raise UsageError(f"--mode {m}: expected one of {', '.join(MODES)}")
+    if mode and not memory_budget:
+        raise UsageError("--mode needs --memory-budget")
+    cases = []
+    for a in artifacts:
+        a = a.resolve()
+        if a.is_dir():
+            for b in budgets:
+                for m in modes:
+                    opts = {k: v for k, v in (("budget", b), ("mode", m)) if v is not None}
+                    cases.append(Case(a, opts))
+        elif cgroup and memory_budget:
+            cases += [Case(a, {"budget": b}) for b in budgets]
+        else:
+            cases.append(Case(a))
+    return cases
 
 
 @app.command()

@@ -11,8 +11,13 @@ What counts against the budget (all from the manifest's measured figures):
 - one activation arena, the largest `extra["planned_bytes"]` among the chosen variants
   (shards run one at a time and share it; a variant's resident_bytes includes its own);
 - a tied embedding read from the head's file costs nothing extra (page cache rows).
-The interpreter's own baseline (Python + torch + the runtime, ~360 MB) is not counted:
-the runtime measures it and reports it beside the model's cost.
+- `fixed_bytes`: start-up costs the manifest cannot know, measured by the runtime in
+  its own process just before it plans (ShardModel: the tokenizer, the runtime's
+  first-execute set-up (XNNPACK init, heap growth), the I/O staging buffers); 0 when
+  planning without a runtime (`edgectl run --plan` says so in its notes).
+The interpreter's own baseline (Python + torch + the runtime + thread pool, ~280-360 MB)
+is not counted: the runtime measures it and reports it beside the model's cost, and
+`bench --cgroup` caps a run at budget + that baseline.
 
 How it chooses (greedy; every step is on the manifest's measured figures):
 1. Start at every shard's top precision. While the all-resident set is over budget,
@@ -72,6 +77,7 @@ class Plan:
     compute_measured: bool  # False: ms_per_token counts loading only
     format: str = PLAN_FORMAT
     notes: list[str] = field(default_factory=list)
+    fixed_bytes: int = 0  # measured start-up costs counted in total_bytes (see module doc)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,7 +223,8 @@ def _tied_head(shards):
 # The planner
 
 
-def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mode: str = "auto") -> Plan:
+def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mode: str = "auto",
+         fixed_bytes: int = 0) -> Plan:
     if mode not in MODES:
         raise UsageError(f"--mode {mode!r}", hint=f"choose one of: {', '.join(MODES)}")
     if budget_bytes <= 0:
@@ -226,11 +233,11 @@ def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mo
         last_err = None
         for m in ("resident", "pipelined", "on-demand"):
             try:
-                return _plan(manifest, budget_bytes, latency_target_ms, m, auto=True)
+                return _plan(manifest, budget_bytes, latency_target_ms, m, auto=True, fixed=fixed_bytes)
             except EdgectlError as e:
                 last_err = e
         raise last_err
-    return _plan(manifest, budget_bytes, latency_target_ms, mode)
+    return _plan(manifest, budget_bytes, latency_target_ms, mode, fixed=fixed_bytes)
 
 
 def _sync_embed(shards, st: _State) -> None:
@@ -241,9 +248,10 @@ def _sync_embed(shards, st: _State) -> None:
             st.prec[s.name] = st.prec[head]
 
 
-def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = False) -> Plan:
+def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = False, fixed: int = 0) -> Plan:
     shards, precisions = manifest.shards, manifest.precisions
     kv = kv_cache_bytes(manifest)
+    kvf = kv + fixed  # what every plan pays besides shards: KV cache and the measured start-up costs
     slots = SLOTS[mode]
     movable = [s for s in shards if not (s.kind == "embed" and all("table" in v.extra for v in s.variants.values()))]
     lowest = {s.name: [q for q in precisions if q in s.variants][-1] for s in shards}
@@ -252,21 +260,22 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
     _sync_embed(shards, small)
     if slots:
         small.streamed = {s.name for s in movable}
-    minimum = _memory(shards, small, kv, slots)[2]
+    minimum = _memory(shards, small, kvf, slots)[2]
     if budget < minimum:
         what = {"resident": "all shards resident at their smallest precision",
                 "pipelined": "every shard streamed through two loader slots",
                 "on-demand": "every shard streamed through one loader slot"}[mode]
         raise EdgectlError(
             f"a budget of {budget / 1e6:.1f} MB is below the feasible minimum of {minimum / 1e6:.1f} MB "
-            f"for mode {mode} ({what}, KV cache {kv / 1e6:.1f} MB)",
+            f"for mode {mode} ({what}, KV cache {kv / 1e6:.1f} MB"
+            + (f", measured start-up costs {fixed / 1e6:.1f} MB" if fixed else "") + ")",
             hint=f"give --memory-budget {int(-(-minimum // 10**5)) / 10:.1f}MB or more"
             + ("" if mode == "on-demand" else ", or --mode on-demand"),
         )
 
     st = _State({s.name: [q for q in precisions if q in s.variants][0] for s in shards}, set())
     _sync_embed(shards, st)
-    mem = lambda: _memory(shards, st, kv, slots)[2]  # noqa: E731
+    mem = lambda: _memory(shards, st, kvf, slots)[2]  # noqa: E731
     time_ms = lambda: _simulate(shards, st, slots)  # noqa: E731
     ok_time = lambda: target is None or time_ms() <= target  # noqa: E731
 
@@ -361,7 +370,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
             f"the best found takes {ms:.1f} ms",
             hint="raise --memory-budget or --latency-target",
         )
-    resident, slot, total = _memory(shards, st, kv, slots)
+    resident, slot, total = _memory(shards, st, kvf, slots)
     actual_mode = mode if st.streamed or not auto else "resident"
     choices = []
     for s in shards:
@@ -374,7 +383,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
     measured = all(c.compute_ms is not None for c in choices if c.placement != "mapped")
     notes = [] if measured else ["compute time per shard not in the manifest: expected ms/token counts loading only"]
     return Plan(actual_mode, budget, target, choices, kv, slot, resident, total, minimum, ms,
-                sum(c.kl for c in choices), measured, notes=notes)
+                sum(c.kl for c in choices), measured, notes=notes, fixed_bytes=fixed)
 
 
 def render_rows(p: Plan) -> list[list[str]]:

@@ -12,6 +12,8 @@ def tokenizer_for(model):
     """The Tokenizer that travels with an artifact's metadata."""
     from edgectl.tokenizer import Tokenizer
 
+    if getattr(model, "tokenizer", None) is not None:  # a shard set built it while measuring start-up costs
+        return model.tokenizer
     m = model.meta["model"]
     return Tokenizer(model.tokenizer_json, model.meta["tokenizer_config"], m["bos_token_id"], tuple(m["eos_token_ids"]))
 

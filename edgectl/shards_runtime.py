@@ -14,6 +14,13 @@ resident); streamed shards are loaded for every forward call and freed after the
 
 Trace lanes: "load" (one span per shard load, named by shard) and "compute" (one span
 per shard execute).
+
+Budget: before planning under a budget, the start-up costs the manifest cannot know are
+measured in this process (anonymous RSS growth) and handed to the planner as fixed bytes:
+the tokenizer (built here and kept: `self.tokenizer`), the runtime's first-execute set-up
+(XNNPACK init, heap growth; probed by loading and running the smallest layer shard once,
+then freeing it), and the I/O staging buffers (allocated now, at their final size).
+`self.startup` holds the figures.
 """
 
 from __future__ import annotations
@@ -25,6 +32,13 @@ from edgectl.errors import EdgectlError
 from edgectl.manifest import Manifest
 from edgectl.planner import Plan, plan as make_plan
 from edgectl.runtime import Trace, _load_runtime, malloc_trim, native_stderr_captured, tied_table
+
+
+def anon_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def rss_bytes() -> dict:
@@ -80,29 +94,78 @@ class ShardModel:
             self.tokenizer_json = (self.dir / m.tokenizer).read_text()
         except OSError as e:
             raise EdgectlError(f"{self.dir}: cannot read {m.tokenizer} ({e})") from e
-        if plan is None:
-            plan = make_plan(m, budget, latency_target_ms, mode) if budget else _everything_resident(m)
-        self.plan = plan
         rt = _load_runtime()
         self.memory = {"baseline": rss_bytes()["rss"]}  # interpreter + torch + runtime, before any shard
+        self.tokenizer, self.startup = None, None
         with native_stderr_captured():  # cpuinfo's probing chatter when the thread pool starts
-            self._open(m, plan, rt, engine)
+            native = self._native(engine)
+            if plan is None and budget:
+                self.startup = self._measure_startup(m, rt, native)
+            if plan is None:
+                fixed = self.startup["total"] if self.startup else 0
+                plan = make_plan(m, budget, latency_target_ms, mode, fixed_bytes=fixed) if budget else _everything_resident(m)
+            self.plan = plan
+            self._open(m, plan, rt, native)
 
-    def _open(self, m, plan, rt, engine) -> None:
+    def _native(self, engine: str):
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._threadpool_get_thread_count()  # start the pool here, not in the loader thread
+        if engine not in ("auto", "native"):
+            return None
+        from edgectl import _native
+
+        native = _native.load()
+        if native is None and engine == "native":
+            raise EdgectlError(f"the native shim is unavailable ({_native.why_not()})")
+        return native
+
+    def _measure_startup(self, m, rt, native) -> dict:
+        """Measured start-up costs the planner counts as fixed bytes (see the module doc)."""
         import torch
 
         from edgectl import loader as ld
         from edgectl.model import ModelArgs, empty_caches
-        from executorch.extension.pybindings import portable_lib
+        from edgectl.tokenizer import Tokenizer
 
-        portable_lib._threadpool_get_thread_count()  # start the pool here, not in the loader thread
-        native = None
-        if engine in ("auto", "native"):
-            from edgectl import _native
+        a0 = anon_bytes()
+        mm = m.model
+        self.tokenizer = Tokenizer(self.tokenizer_json, m.tokenizer_config, mm["bos_token_id"], tuple(mm["eos_token_ids"]))
+        a1 = anon_bytes()
+        layers = [s for s in m.shards if s.kind == "layers"]
+        probe = min(((s, v) for s in layers for v in s.variants.values()), key=lambda sv: sv[1].resident_bytes, default=None)
+        if probe is not None:
+            s, v = probe
+            path = self.dir / v.file
+            eng = ld.NativeEngine(native, native.planned_size(path)) if native is not None else ld.PyEngine(rt)
+            args = ModelArgs.from_dict(mm)
+            k, vc = empty_caches(args, m.max_seq_len, len(s.layers))
+            with self.trace.span("load", "startup-probe"):
+                loaded = eng.load(path)
+            h_cap, kv_cap = m.max_seq_len * args.dim, args.n_kv_heads * args.head_dim * m.max_seq_len
+            T = min(m.max_tokens_per_call or m.max_seq_len, m.max_seq_len)  # the widest call: its workspace
+            before_run = anon_bytes()
+            loaded.run([torch.zeros(1, T, args.dim), torch.arange(T), *[t for p in zip(k, vc) for t in p]],
+                       [h_cap] + [kv_cap] * (2 * len(s.layers)))
+            run_growth = anon_bytes() - before_run  # execute-time workspace, paid again by the real shards
+            loaded.free()
+            del loaded, eng, k, vc
+            malloc_trim()
+        a2 = anon_bytes() + (max(run_growth, 0) if probe is not None else 0)
+        # staging for outputs: h and 2 caches per layer of the widest shard, the head's logits (one row)
+        widest = max((len(s.layers) for s in layers), default=1)
+        staging = 4 * (m.max_seq_len * mm["dim"] + 2 * widest * mm["n_kv_heads"] * (mm.get("head_dim") or mm["dim"] // mm["n_heads"]) * m.max_seq_len
+                       + mm["vocab_size"])
+        out = {"tokenizer": max(a1 - a0, 0), "first_execute": max(a2 - a1, 0), "staging": staging}
+        out["total"] = sum(out.values())
+        return out
 
-            native = _native.load()
-            if native is None and engine == "native":
-                raise EdgectlError(f"the native shim is unavailable ({_native.why_not()})")
+    def _open(self, m, plan, rt, native) -> None:
+        import torch
+
+        from edgectl import loader as ld
+        from edgectl.model import ModelArgs, empty_caches
+
         by_name = {s.name: s for s in m.shards}
         self.steps = []  # (name, kind, path, layers, placement) in forward order, embed excluded
         self.embed = None
@@ -209,7 +272,8 @@ class ShardModel:
         r = rss_bytes()
         return {"baseline_bytes": self.memory["baseline"], "peak_bytes": r["peak"],
                 "model_peak_bytes": r["peak"] - self.memory["baseline"], "rss_bytes": r["rss"],
-                "budget_bytes": self.plan.budget_bytes, "engine": self.engine.name, "mode": self.plan.mode}
+                "budget_bytes": self.plan.budget_bytes, "engine": self.engine.name, "mode": self.plan.mode,
+                "startup": self.startup}
 
 
 def _everything_resident(m: Manifest) -> Plan:

@@ -65,6 +65,24 @@ def test_least_important_layer_gives_up_precision_first():
     assert p.total_bytes <= p.budget_bytes
 
 
+def test_fixed_costs_count_against_the_budget():
+    """Measured start-up costs shrink what shards may use: the same budget that held four
+    fp32 layers now forces one down, and the minimum grows by exactly the fixed bytes."""
+    kls = [(0, .30, .60), (0, .01, .05), (0, .20, .40), (0, .10, .30)]
+    m = _manifest([_layer(i, k) for i, k in enumerate(kls)])
+    kv = kv_cache_bytes(m)
+    budget = 4 * 10 * MB + 4 * MB + kv
+    assert {c.precision for c in plan(m, budget, mode="resident").shards} == {"fp32"}
+    p = plan(m, budget, mode="resident", fixed_bytes=2 * MB)
+    assert p.fixed_bytes == 2 * MB and p.total_bytes <= budget
+    assert p.total_bytes == p.resident_bytes + p.slot_bytes + kv + 2 * MB
+    assert [c.name for c in p.shards if c.precision != "fp32"] == ["layers.1"]
+    with pytest.raises(EdgectlError) as e:
+        plan(m, int(4 * 1.5 * MB + 0.5 * MB + kv + 2 * MB) - 1, mode="resident", fixed_bytes=2 * MB)
+    assert "start-up costs 2.0 MB" in str(e.value)
+    assert Plan.from_dict(json.loads(p.to_json())) == p
+
+
 def test_mapped_embedding_follows_the_head():
     m = _manifest([_layer(i, (0, .1, .2)) for i in range(2)],
                   head=Shard("head", "head", [], {p: _variant(p, s, k) for p, s, k in zip(PRECS, (40, 10, 5), (0, 0.01, 0.02))}))
