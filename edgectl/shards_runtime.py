@@ -195,12 +195,40 @@ class ShardModel:
             if placement == "resident":
                 with self.trace.span("load", name):
                     self.resident[name] = self.engine.load(path)
+        self.runs = self._chain(native, args)
         streamed = [(name, path) for name, _, path, _, placement in self.steps if placement == "streamed"]
         self.loader = None
         if streamed and plan.mode == "pipelined":
             self.loader = ld.Loader(self.engine, streamed, self.trace, slots=2)
         self.memory["after_load"] = rss_bytes()["rss"]
         self._torch = torch
+
+    def _chain(self, native, args) -> list:
+        """The forward pass as a list of runs: a run of consecutive resident layer shards
+        becomes one ("chain", name, Chain) executed by a single native call (set
+        EDGECTL_CHAIN=0 to call them one by one); every other step stays ("step", *step)."""
+        runs, group = [], []
+
+        def flush():
+            if group:
+                from edgectl._native import Chain
+
+                caches = [t for st in group for i in st[3] for t in (self.k[i], self.v[i])]
+                chain = Chain(native, [self.resident[st[0]].handle for st in group], [len(st[3]) for st in group], caches,
+                              args.n_kv_heads, args.head_dim, self.max_seq_len)
+                name = group[0][0] if len(group) == 1 else f"{group[0][0]}..{group[-1][0]}"
+                runs.append(("chain", name, chain))
+                group.clear()
+
+        chaining = native is not None and os.environ.get("EDGECTL_CHAIN", "1") != "0"
+        for st in self.steps:
+            if chaining and st[1] == "layers" and st[4] == "resident":
+                group.append(st)
+                continue
+            flush()
+            runs.append(("step", *st))
+        flush()
+        return runs
 
     @property
     def engine_name(self) -> str:
@@ -237,7 +265,13 @@ class ShardModel:
         idx = torch.arange(T) if all_logits else torch.tensor([T - 1])
         h = self.embed.fn(torch.tensor([tokens])).contiguous()
         logits = None
-        for name, kind, path, layers, placement in self.steps:
+        for run in self.runs:
+            if run[0] == "chain":
+                with self.trace.span("compute", run[1]):
+                    h = h.contiguous()
+                    run[2].run(h, pos, start)
+                continue
+            _, name, kind, path, layers, placement = run
             loaded = self._get(name, path, placement)
             try:
                 with self.trace.span("compute", name):

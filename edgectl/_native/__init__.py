@@ -82,6 +82,9 @@ class Native:
         lib.ets_run.argtypes = [vp, ctypes.c_int, ctypes.POINTER(vp), i32p, i32p, ctypes.c_int, ctypes.POINTER(vp), i64p,
                                 i32p, i32p, ctypes.c_char_p, ctypes.c_size_t]
         lib.ets_free.argtypes = [vp]
+        lib.ets_run_layers.argtypes = [ctypes.c_int, ctypes.POINTER(vp), i32p, vp, ctypes.c_int, ctypes.c_int, vp,
+                                       ctypes.POINTER(vp), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_char_p, ctypes.c_size_t]
         self.lib, self.so = lib, so
 
     def planned_size(self, path: str | Path, method: str = "forward") -> int:
@@ -104,6 +107,30 @@ class Native:
 
     def call(self, handle: int) -> "Call":
         return Call(self, handle)
+
+
+class Chain:
+    """Consecutive loaded layer shards run by one ets_run_layers call (h updated in place,
+    new K/V entries written into the caches): one ctypes call per forward pass instead of
+    one per shard plus Python cache writes."""
+
+    def __init__(self, native: Native, handles: list[int], n_layers: list[int], caches: list, nkv: int, hd: int, S: int):
+        self.lib = native.lib
+        self.n = len(handles)
+        self.handles = (ctypes.c_void_p * self.n)(*handles)
+        self.n_layers = (ctypes.c_int32 * self.n)(*n_layers)
+        self.caches = (ctypes.c_void_p * len(caches))(*[t.data_ptr() for t in caches])
+        self._keep = caches  # the caches must outlive the chain
+        self.nkv, self.hd, self.S = nkv, hd, S
+        self.err = ctypes.create_string_buffer(512)
+
+    def run(self, h, pos, start: int) -> None:
+        """h: contiguous fp32 [1, T, dim], updated in place; pos: int64 [T]."""
+        T, dim = h.shape[1], h.shape[2]
+        rc = self.lib.ets_run_layers(self.n, self.handles, self.n_layers, h.data_ptr(), T, dim, pos.data_ptr(),
+                                     self.caches, self.nkv, self.hd, self.S, start, self.err, 512)
+        if rc:
+            raise EdgectlError(f"shard execution failed: {self.err.value.decode(errors='replace')}")
 
 
 class Call:

@@ -257,6 +257,90 @@ int ets_run(void* h, int nin, void* const* in_data, const int32_t* in_ndim, cons
   return 0;
 }
 
+// Point input i of m at data with the given shape (the tensor keeps its dtype).
+static int point_input(etr::Method& m, int i, void* data, const int32_t* sizes, int ndim, char* err, size_t errlen) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  etr::EValue& ev = m.mutable_input(i);
+#pragma GCC diagnostic pop
+  if (!ev.isTensor()) {
+    snprintf(err, errlen, "input %d is not a tensor", i);
+    return 1;
+  }
+  auto* impl = ev.toTensor().unsafeGetTensorImpl();
+  if (impl->dim() != ndim) {
+    snprintf(err, errlen, "input %d has %zd dims, got %d", i, impl->dim(), ndim);
+    return 1;
+  }
+  Error e = etr::internal::resize_tensor_impl(impl, etr::ArrayRef<int32_t>(sizes, static_cast<size_t>(ndim)));
+  if (e != Error::Ok) {
+    snprintf(err, errlen, "input %d: cannot take that shape (error 0x%x)", i, static_cast<unsigned>(e));
+    return 1;
+  }
+  impl->set_data(data);
+  return 0;
+}
+
+// Run n loaded layer shards back to back in one call (the resident part of a forward
+// pass): shard j takes (h [1,T,dim], pos [T], then k,v caches of its n_layers[j] layers
+// from `caches`, in order) and returns (h, then k_new, v_new per layer). h is updated in
+// place; each layer's new entries are written into its caches at positions start..start+T.
+// Cache layouts as edgectl.model: k [1,nkv,hd,S] (transposed), v [1,nkv,S,hd]. fp32.
+int ets_run_layers(int n, void* const* handles, const int32_t* n_layers, float* h, int T, int dim, int64_t* pos,
+                   float* const* caches, int nkv, int hd, int S, int start, char* err, size_t errlen) {
+  if (start + T > S) {
+    snprintf(err, errlen, "positions %d..%d exceed the cache length %d", start, start + T, S);
+    return 1;
+  }
+  const int32_t h_sizes[3] = {1, T, dim};
+  const int32_t p_sizes[1] = {T};
+  const int32_t k_sizes[4] = {1, nkv, hd, S};
+  const int32_t v_sizes[4] = {1, nkv, S, hd};
+  int c = 0;  // next cache tensor
+  for (int j = 0; j < n; ++j) {
+    etr::Method& m = *static_cast<Shard*>(handles[j])->method;
+    int L = n_layers[j];
+    if (m.inputs_size() != static_cast<size_t>(2 + 2 * L) || m.outputs_size() < static_cast<size_t>(1 + 2 * L)) {
+      snprintf(err, errlen, "shard %d: expected %d inputs, has %zu", j, 2 + 2 * L, m.inputs_size());
+      return 1;
+    }
+    if (point_input(m, 0, h, h_sizes, 3, err, errlen) || point_input(m, 1, pos, p_sizes, 1, err, errlen)) return 1;
+    for (int l = 0; l < L; ++l) {
+      if (point_input(m, 2 + 2 * l, caches[c + 2 * l], k_sizes, 4, err, errlen) ||
+          point_input(m, 3 + 2 * l, caches[c + 2 * l + 1], v_sizes, 4, err, errlen))
+        return 1;
+    }
+    Error e = m.execute();
+    if (e != Error::Ok) {
+      snprintf(err, errlen, "shard %d: execute failed (error 0x%x)", j, static_cast<unsigned>(e));
+      return 2;
+    }
+    const auto& ho = m.get_output(0).toTensor();
+    if (ho.numel() != static_cast<ssize_t>(T) * dim) {
+      snprintf(err, errlen, "shard %d: h output has %zd elements, expected %d", j, ho.numel(), T * dim);
+      return 1;
+    }
+    for (int l = 0; l < L; ++l) {
+      const auto& kn = m.get_output(1 + 2 * l).toTensor();
+      const auto& vn = m.get_output(2 + 2 * l).toTensor();
+      if (kn.numel() != static_cast<ssize_t>(nkv) * hd * T || vn.numel() != kn.numel()) {
+        snprintf(err, errlen, "shard %d layer %d: new cache entries have %zd elements, expected %d", j, l, kn.numel(), nkv * hd * T);
+        return 1;
+      }
+      const float* k = kn.const_data_ptr<float>();
+      const float* v = vn.const_data_ptr<float>();
+      float* kc = caches[c + 2 * l];
+      float* vc = caches[c + 2 * l + 1];
+      for (int r = 0; r < nkv * hd; ++r) std::memcpy(kc + static_cast<size_t>(r) * S + start, k + static_cast<size_t>(r) * T, sizeof(float) * T);
+      for (int g = 0; g < nkv; ++g)
+        std::memcpy(vc + (static_cast<size_t>(g) * S + start) * hd, v + static_cast<size_t>(g) * T * hd, sizeof(float) * T * hd);
+    }
+    std::memcpy(h, ho.const_data_ptr<float>(), sizeof(float) * T * dim);  // inputs are consumed: h is free now
+    c += 2 * L;
+  }
+  return 0;
+}
+
 void ets_free(void* h) {
   Shard* s = static_cast<Shard*>(h);
   if (!s) return;
