@@ -61,12 +61,14 @@ def export(
     group_size: Annotated[int, typer.Option(help="With --scheme: 4-bit group size.")] = 32,
     embedding: Annotated[str, typer.Option(help="With --scheme: embedding none, int8 or int4.")] = "none",
     embedding_group_size: Annotated[int, typer.Option(help="With --scheme: int4 embedding group size.")] = 32,
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="Per-layer precisions from a plan JSON (`edgectl run SHARDS --memory-budget X --plan --json`); one monolithic .pte of that mix.")] = None,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
 ):
     """Export MODEL to a self-contained .pte (weights, tokenizer, chat template, config).
 
     Example: edgectl export HuggingFaceTB/SmolLM2-135M-Instruct -o smollm2.pte
+    Example: edgectl export model.gguf --plan plan.json -o mixed.pte
     """
     from edgectl import ui
     from edgectl.checkpoint import resolve
@@ -79,12 +81,26 @@ def export(
         from edgectl.quantize import QuantScheme
 
         qs = QuantScheme(scheme, group_size, embedding, embedding_group_size)
-    elif (group_size, embedding, embedding_group_size) != (32, "none", 32):
-        raise UsageError("--group-size/--embedding/--embedding-group-size need --scheme")
+    elif (embedding, embedding_group_size) != ("none", 32) or (group_size != 32 and plan is None):
+        raise UsageError("--group-size/--embedding/--embedding-group-size need --scheme (--group-size also goes with --plan)")
+    the_plan = None
+    if plan is not None:
+        import json
+
+        from edgectl.planner import Plan
+
+        if qs is not None:
+            raise UsageError("--plan and --scheme exclude each other")
+        try:
+            the_plan = Plan.from_dict(json.loads(plan.read_text()))
+        except OSError as e:
+            raise EdgectlError(f"--plan {plan}: cannot read ({e.strerror})") from e
+        except json.JSONDecodeError as e:
+            raise EdgectlError(f"--plan {plan}: not JSON ({e.msg}, line {e.lineno})") from e
     ckpt = resolve(model)
     with ui.stages(f"exporting {model}") as step:
         res = export_pte(ckpt, output, backend=backend, max_seq_len=max_seq_len, progress=step, scheme=qs,
-                         prefill_chunk=prefill_chunk)
+                         prefill_chunk=prefill_chunk, plan=the_plan, plan_group_size=group_size)
     if verbose:
         _print_ops(res.ops)
     if json_out:

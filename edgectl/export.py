@@ -219,10 +219,51 @@ def check_tied_table(path: Path, table: dict) -> None:
         raise EdgectlError(f"{path}: the output head was not stored where the runtime can share it as the embedding")
 
 
+def quantize_by_plan(model, plan, group_size: int = 32) -> dict:
+    """Give `model` (fp32, in memory) the per-shard precisions of a planner.Plan, in place:
+    each layer shard's blocks get its precision's scheme (quantize_module on the Block),
+    the head (and a tied embedding with it) the head shard's. The same schemes as
+    `edgectl shard` (shard_build.scheme_for), so the monolithic program runs the mix the
+    shard set would. Returns the quantization record for the program's metadata."""
+    import dataclasses
+
+    from edgectl.quantize import QuantScheme, quantize_module
+    from edgectl.shard_build import EMBEDDING_FOR, scheme_for
+
+    n = model.args.n_layers
+    per_layer: dict[int, str] = {}
+    head = None
+    for c in plan.shards:
+        if c.kind == "layers":
+            for i in c.layers:
+                if not 0 <= i < n:
+                    raise EdgectlError(f"the plan names layer {i}; the model has {n}")
+                per_layer[i] = c.precision
+        elif c.kind == "head":
+            head = c.precision
+    if sorted(per_layer) != list(range(n)) or head is None:
+        raise EdgectlError(f"the plan does not cover the model: layers {sorted(per_layer)} of {n}, head {head}",
+                           hint="make the plan from a shard set of this model")
+    record = {"format": "edgectl-plan-mix/1", "plan": {c.name: c.precision for c in plan.shards},
+              "group_size": group_size, "parts": {}}
+    # head + tied embedding first, while every linear is still a plain fp32 one
+    if head != "fp32":
+        emb = EMBEDDING_FOR.get(head, "none")
+        record["parts"]["embedding"] = quantize_module(model, QuantScheme("fp32", group_size, emb, group_size))
+        if not model.args.tie_embeddings:
+            record["parts"]["head"] = quantize_module(model.head, dataclasses.replace(scheme_for(head, group_size), embedding="none"))
+    for i in range(n):
+        if per_layer[i] != "fp32":
+            record["parts"][f"layers.{i}"] = quantize_module(model.layers[i], scheme_for(per_layer[i], group_size))
+    return record
+
+
 def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | None = None,
-               progress: Progress | None = None, scheme=None, prefill_chunk: int | None = None) -> ExportResult:
+               progress: Progress | None = None, scheme=None, prefill_chunk: int | None = None,
+               plan=None, plan_group_size: int = 32) -> ExportResult:
     """Export a checkpoint to one monolithic `.pte` at `out` (written atomically).
-    `scheme` (a quantize.QuantScheme) quantizes an unquantized checkpoint in memory first."""
+    `scheme` (a quantize.QuantScheme) quantizes an unquantized checkpoint in memory first;
+    `plan` (a planner.Plan) gives each layer and the head its own precision instead."""
     from edgectl.quantize import check_shared_embedding, load_for_export, shared_embedding
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -235,7 +276,16 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     if chunk < 2:
         raise EdgectlError("--prefill-chunk must be at least 2")
     step("loading weights")
+    if plan is not None and (scheme is not None or ckpt.quantization is not None):
+        from edgectl.errors import UsageError
+
+        raise UsageError("--plan takes an unquantized model and no --scheme", hint="the plan sets each layer's precision")
     model, quant = load_for_export(ckpt, max_seq_len, scheme, backend, step)
+    if plan is not None:
+        if backend != "xnnpack" and any(c.precision != "fp32" for c in plan.shards):
+            raise EdgectlError(f"quantized precisions export with --backend xnnpack only, not {backend}")
+        step("quantizing by plan")
+        quant = quantize_by_plan(model, plan, plan_group_size)
     # A tied matrix is stored once: the head keeps it (delegated), and the program takes
     # the embedding table as an input that the runtime maps from the head's copy (for a
     # quantized one: the head's codes and scales, dequantized row by row in the program).

@@ -75,4 +75,8 @@ def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", laten
 
     if not is_shard_set(artifact):
         raise UsageError(f"{artifact}: --plan needs a shard set directory (from `edgectl shard`)")
-    return plan(Manifest.load(Path(artifact)), budget or 1 << 62, latency_target_ms, mode if budget else "resident")
+    p = plan(Manifest.load(Path(artifact)), budget or 1 << 62, latency_target_ms, mode if budget else "resident")
+    if budget:
+        p.notes.append("start-up costs (tokenizer, first-execute workspace, staging) are not measured here: "
+                       "a run measures them first and plans with them, so it may choose lower precisions")
+    return p
