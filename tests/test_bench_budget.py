@@ -1,0 +1,61 @@
+"""bench under memory budgets: cases per budget x mode, cgroup caps, OOM as a row status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgectl.bench import Case, Row
+from edgectl.cli import bench_cases
+from edgectl.errors import UsageError
+
+
+def test_cases_are_artifact_by_budget_by_mode(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pte = tmp_path / "m.pte"
+    pte.write_bytes(b"x")
+    cases = bench_cases([shards, pte], "150MB,75MB", "resident,pipelined", cgroup=True)
+    assert [(c.artifact.name, c.options) for c in cases] == [
+        ("shards", {"budget": 150_000_000, "mode": "resident"}), ("shards", {"budget": 150_000_000, "mode": "pipelined"}),
+        ("shards", {"budget": 75_000_000, "mode": "resident"}), ("shards", {"budget": 75_000_000, "mode": "pipelined"}),
+        ("m.pte", {"budget": 150_000_000}), ("m.pte", {"budget": 75_000_000}),
+    ]
+    assert cases[0].label == "shards budget=150MB mode=resident"
+    # without --cgroup a budget means nothing to a .pte: one plain row
+    assert [c.options for c in bench_cases([pte], "150MB", None, cgroup=False)] == [{}]
+
+
+def test_case_errors():
+    with pytest.raises(UsageError, match="--mode needs --memory-budget"):
+        bench_cases([Path(".")], None, "resident", cgroup=False)
+    with pytest.raises(UsageError, match="--mode fast"):
+        bench_cases([Path(".")], "1MB", "fast", cgroup=False)
+
+
+def test_row_status_counts_oom_runs():
+    row = Row(Case(Path("x")), 1, runs=[{"status": "oom"}, {"status": "ok", **{k: 1.0 for k in (
+        "load_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss", "model_rss")}}])
+    assert row.status == "oom 1/2" and row.summary["decode_tok_s"]["n"] == 1
+    assert Row(Case(Path("x")), 1, runs=[{"status": "oom"}]).summary is None
+
+
+def test_memcap_kills_a_child_over_its_cap():
+    from edgectl.memcap import MemCap, unavailable
+
+    if unavailable():
+        pytest.skip(unavailable())
+    hog = "b = bytearray(200 * 1024 * 1024)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('survived')"
+    with MemCap(64 * 1024 * 1024) as cap:
+        p = subprocess.run([sys.executable, "-c", hog], preexec_fn=cap.preexec, capture_output=True, text=True)
+        fig = cap.figures()
+    assert p.returncode == -9 and "survived" not in p.stdout
+    assert fig["cgroup_oom_kills"] >= 1 and fig["cgroup_peak"] <= 64 * 1024 * 1024
+    with MemCap(None) as cap:  # uncapped: same child lives, and its peak is measured
+        p = subprocess.run([sys.executable, "-c", hog], preexec_fn=cap.preexec, capture_output=True, text=True)
+        fig = cap.figures()
+    assert p.returncode == 0 and fig["cgroup_peak"] > 200 * 1024 * 1024
+    assert not cap.path.exists()
