@@ -598,7 +598,8 @@ def load_for_export(ckpt, max_seq_len: int, scheme: QuantScheme | None, backend:
 def shared_embedding(model):
     """For a tied matrix quantized as embedding + head: ((codes, scales) example inputs,
     spec) where spec names the head's XNNPACK blobs the runtime maps as those inputs.
-    None when the embedding is not a tied quantized one."""
+    Drops the embedding's own buffers (for export only). None when the embedding is not a
+    tied quantized one."""
     from edgectl.quant_modules import QuantEmbedding, xnnpack_blobs
 
     emb = model.embed
@@ -606,6 +607,9 @@ def shared_embedding(model):
         return None
     blobs = xnnpack_blobs(emb.codes, emb.scales, emb.bits)
     spec = {"tensors": [{"key": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in blobs]}
+    # The program reads the inputs; its own copy would still be stored as an unused constant.
+    emb.register_buffer("codes", None)
+    emb.register_buffer("scales", None)
     # Clones: an example input aliasing a parameter breaks the head's delegation.
     return tuple(t.clone() for _, t in blobs), spec
 

@@ -175,6 +175,12 @@ def test_export_parity_delegation_and_tied_matrix_once(quantized_dirs, name, tmp
     code_bytes = v * d // (2 if ck.quantization["weights"]["embed.embed_tokens"]["bits"] == 4 else 1)
     assert blobs[spec["tensors"][0]["key"]][1] >= code_bytes
     assert sum(1 for _, size in blobs.values() if size >= code_bytes) == 1
+    from edgectl.ptefile import _program, constant_bytes
+
+    # and no second copy among the program's own constants (there: metadata, tokenizer, norms)
+    prog, _ = _program(res.path)
+    other = len(constant_bytes(res.path, "edgectl_meta")) + len(constant_bytes(res.path, "edgectl_tokenizer"))
+    assert prog.Segments(prog.ConstantSegment().SegmentIndex()).Size() - other < code_bytes
     model, _ = load_quantized_model(ck, 64)
     toks = torch.randint(0, v, (20,)).tolist()
     with torch.no_grad():
