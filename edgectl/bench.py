@@ -121,7 +121,8 @@ class Row:
 
     @property
     def status(self) -> str:
-        """"ok", or what stopped some runs ("oom 2/3": the cgroup OOM-killed 2 of 3)."""
+        """"ok", or what stopped some runs ("oom 2/3": the cgroup OOM-killed 2 of 3;
+        "infeasible": the planner found no plan within the budget)."""
         bad = [r["status"] for r in self.runs if r.get("status", "ok") != "ok"]
         return "ok" if not bad else f"{bad[0]} {len(bad)}/{len(self.runs)}"
 
@@ -290,7 +291,10 @@ def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool 
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise EdgectlError(f"bench worker for {case.label} failed (exit {proc.returncode}): {last}", hint="rerun with --debug for its stderr")
     if not out.pop("ok", False):
-        raise EdgectlError(f"{case.label}: {out.get('error')}", hint=out.get("hint"))
+        err = str(out.get("error"))
+        if case.options.get("budget") is not None and err.startswith(("a budget of", "no plan")):
+            return {"status": "infeasible", "error": err, **group}  # the planner's answer for this budget: a row
+        raise EdgectlError(f"{case.label}: {err}", hint=out.get("hint"))
     return {"status": "ok", **out, **group}
 
 
@@ -368,6 +372,8 @@ def run_bench(
         warn(notes[-1])
     if settings.ppl_file is not None:
         for row in rows:
+            if any(r.get("status") == "infeasible" for r in row.runs):
+                continue
             progress(f"{row.case.label}: perplexity on {settings.ppl_file.name}")
             cap = _capped(row.case, settings, baseline)
             try:
@@ -401,7 +407,10 @@ def render_table(report: BenchReport):
     if planned:
         cols.append("plan MB")
     if s.cgroup:
-        cols += ["cgroup peak MB", "status"]
+        cols.append("cgroup peak MB")
+    show_status = s.cgroup or any(r.status != "ok" for r in report.rows)
+    if show_status:
+        cols.append("status")
     if any(r.ppl for r in report.rows):
         cols.append("ppl")
     cols.append("decode ×")
@@ -422,7 +431,9 @@ def render_table(report: BenchReport):
             cells.append(f"{p[0] / 1e6:.1f}" if p else "")
         if s.cgroup:
             peaks = [x["cgroup_peak"] for x in r.runs if "cgroup_peak" in x]
-            cells += [f"{max(peaks) / 1e6:.0f}" if peaks else "", r.status]
+            cells.append(f"{max(peaks) / 1e6:.0f}" if peaks else "")
+        if show_status:
+            cells.append(r.status)
         if "ppl" in cols:
             pp = r.ppl if r.ppl and r.ppl.get("status", "ok") == "ok" else None
             cells.append(f"{pp['ppl']:.3f} ({pp['tokens_scored']} tok)" if pp else (r.ppl or {}).get("status", ""))

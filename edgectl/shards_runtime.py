@@ -19,8 +19,9 @@ Budget: before planning under a budget, the start-up costs the manifest cannot k
 measured in this process (anonymous RSS growth) and handed to the planner as fixed bytes:
 the tokenizer (built here and kept: `self.tokenizer`), the runtime's first-execute set-up
 (XNNPACK init, heap growth; probed by loading and running the smallest layer shard once,
-then freeing it), and the I/O staging buffers (allocated now, at their final size).
-`self.startup` holds the figures.
+then freeing it), the I/O staging buffers (computed from the model shape), and, when
+the manifest has no per-variant planned_bytes, the largest program's planned (activation)
+memory read from the programs' headers. `self.startup` holds the figures.
 """
 
 from __future__ import annotations
@@ -157,6 +158,11 @@ class ShardModel:
         staging = 4 * (m.max_seq_len * mm["dim"] + 2 * widest * mm["n_kv_heads"] * (mm.get("head_dim") or mm["dim"] // mm["n_heads"]) * m.max_seq_len
                        + mm["vocab_size"])
         out = {"tokenizer": max(a1 - a0, 0), "first_execute": max(a2 - a1, 0), "staging": staging}
+        # A manifest without per-variant planned_bytes leaves the planner blind to the shared
+        # activation arena: read the programs' planned sizes (headers only) and count the largest.
+        variants = [(s, v) for s in m.shards for v in s.variants.values() if not (s.kind == "embed" and "table" in v.extra)]
+        if native is not None and variants and not any("planned_bytes" in v.extra for _, v in variants):
+            out["arena"] = max(native.planned_size(self.dir / v.file) for _, v in variants)
         out["total"] = sum(out.values())
         return out
 
