@@ -43,6 +43,18 @@ def test_row_status_counts_oom_runs():
     assert Row(Case(Path("x")), 1, runs=[{"status": "oom"}]).summary is None
 
 
+@pytest.mark.real_model
+def test_a_budget_below_the_minimum_is_an_infeasible_row(stories_dir, tmp_path):
+    """Through a real worker: the planner's refusal becomes the row's status."""
+    from edgectl.bench import BenchSettings, worker
+
+    from test_shards_runtime import build_shard_set
+
+    shards = build_shard_set(stories_dir, tmp_path / "s", 64, ("fp32",))
+    out = worker(Case(shards, {"budget": 1000}), BenchSettings(prompt_tokens=4, new_tokens=2, repeat=1))
+    assert out["status"] == "infeasible" and "feasible minimum" in out["error"]
+
+
 def test_memcap_kills_a_child_over_its_cap():
     from edgectl.memcap import MemCap, unavailable
 
