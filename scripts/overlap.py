@@ -1,6 +1,8 @@
 """Do shard loads and shard compute overlap? Throughput of each alone and of both at once.
 
     python scripts/overlap.py SHARD_DIR [--precision int8] [--seconds 3] [--engine native|python]
+    python scripts/overlap.py --files a.pte b.pte ... --shape DIM,N_KV_HEADS,HEAD_DIM,MAX_SEQ_LEN
+        (one-layer programs without a manifest, e.g. from the shard build cache)
 
 A loader thread loads and frees the layer shards' programs at `--precision` in a loop
 (what the pipelined mode's loader does); the main thread runs one decode step (T=1) of a
@@ -25,7 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("shards", type=Path)
+    ap.add_argument("shards", type=Path, nargs="?")
+    ap.add_argument("--files", type=Path, nargs="+", help="one-layer programs instead of a shard set")
+    ap.add_argument("--shape", help="with --files: dim,n_kv_heads,head_dim,max_seq_len")
     ap.add_argument("--precision", default=None, help="default: the manifest's lowest")
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=3)
@@ -43,10 +47,16 @@ def main() -> None:
     from executorch.extension.pybindings import portable_lib
 
     portable_lib._threadpool_get_thread_count()
-    m = Manifest.load(a.shards)
-    prec = a.precision or m.precisions[-1]
-    layers = [s for s in m.shards if s.kind == "layers" and prec in s.variants]
-    paths = [a.shards / s.variants[prec].file for s in layers]
+    if a.files:
+        dim, nkv, hd, S = (int(x) for x in a.shape.split(","))
+        paths, prec, n_per, S_ = a.files, a.precision or "?", 1, S
+        shape = {"dim": dim, "n_kv_heads": nkv, "head_dim": hd}
+    else:
+        m = Manifest.load(a.shards)
+        prec = a.precision or m.precisions[-1]
+        layers = [s for s in m.shards if s.kind == "layers" and prec in s.variants]
+        paths = [a.shards / s.variants[prec].file for s in layers]
+        n_per, S_ = len(layers[0].layers), m.max_seq_len
     if a.engine == "native":
         from edgectl import _native
 
@@ -56,14 +66,21 @@ def main() -> None:
         eng = ld.NativeEngine(native, max(native.planned_size(p) for p in paths))
     else:
         eng = ld.PyEngine(rt)
-    args = ModelArgs.from_dict(m.model)
+    if a.files:
+        from types import SimpleNamespace
+
+        args = SimpleNamespace(**shape)
+        cs = ([1, nkv, hd, S], [1, nkv, S, hd])
+        k, v = [torch.zeros(cs[0])], [torch.zeros(cs[1])]
+    else:
+        args = ModelArgs.from_dict(m.model)
+        k, v = empty_caches(args, S_, n_per)
     # the computing shard gets its own engine's arena so loads cannot touch its memory
     ceng = ld.NativeEngine(native, native.planned_size(paths[0])) if a.engine == "native" else eng
     comp = ceng.load(paths[0])
-    k, v = empty_caches(args, m.max_seq_len, len(layers[0].layers))
     caches = [t for p in zip(k, v) for t in p]
     h, pos = torch.randn(1, 1, args.dim), torch.tensor([5])
-    caps = [m.max_seq_len * args.dim] + [args.n_kv_heads * args.head_dim * m.max_seq_len] * len(caches)
+    caps = [S_ * args.dim] + [args.n_kv_heads * args.head_dim * S_] * len(caches)
 
     def load_loop(stop: threading.Event, count: list) -> None:
         i = 0
@@ -110,7 +127,7 @@ def main() -> None:
         cb.append(y)
     mean = statistics.fmean
     size = sum(p.stat().st_size for p in paths) / len(paths)
-    print(f"{a.shards} layers at {prec} ({size / 1e6:.1f} MB file each), engine {a.engine}, {a.rounds} rounds x {a.seconds:g} s")
+    print(f"{a.shards or f'{len(paths)} programs'} layers at {prec} ({size / 1e6:.1f} MB file each), engine {a.engine}, {a.rounds} rounds x {a.seconds:g} s")
     print(f"{'':10s} {'alone /s':>10s} {'together /s':>12s} {'fraction':>9s}")
     print(f"{'loads':10s} {mean(la):10.1f} {mean(lb):12.1f} {mean(lb) / mean(la):9.2f}")
     print(f"{'computes':10s} {mean(ca):10.1f} {mean(cb):12.1f} {mean(cb) / mean(ca):9.2f}")
