@@ -267,6 +267,10 @@ class ShardModel:
         T = len(tokens)
         if start + T > self.max_seq_len:
             raise EdgectlError(f"sequence of {start + T} tokens exceeds max_seq_len {self.max_seq_len}")
+        chunk = self.manifest.max_tokens_per_call or self.max_seq_len
+        if T > chunk:  # programs take at most `chunk` tokens per call: feed a long prompt in pieces
+            parts = [self.forward(tokens[i : i + chunk], start + i, all_logits) for i in range(0, T, chunk)]
+            return torch.cat(parts) if all_logits else parts[-1]
         pos = torch.arange(start, start + T)
         idx = torch.arange(T) if all_logits else torch.tensor([T - 1])
         h = self.embed.fn(torch.tensor([tokens])).contiguous()

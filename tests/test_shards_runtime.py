@@ -273,3 +273,24 @@ def test_budget_below_minimum_is_one_line_error(stories_shards):
 
     with pytest.raises(EdgectlError, match="feasible minimum of [0-9.]+ MB"):
         ShardModel(stories_shards, budget=1000, mode="auto")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_long_prompt_runs_in_chunks_of_max_tokens_per_call(stories_shards, tmp_path):
+    import json
+
+    from edgectl.shards_runtime import ShardModel
+
+    for f in stories_shards.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "manifest.json").unlink()
+    d = json.loads((stories_shards / "manifest.json").read_text())
+    d["max_tokens_per_call"] = 3
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    whole = ShardModel(stories_shards).forward(PROMPT, 0, all_logits=True)
+    chunked = ShardModel(tmp_path)
+    got = chunked.forward(PROMPT, 0, all_logits=True)
+    assert got.shape == whole.shape and (got - whole).abs().max().item() < 1e-4
+    chunked.reset()
+    assert (chunked.forward(PROMPT, 0)[-1] - whole[-1]).abs().max().item() < 1e-4
