@@ -20,8 +20,8 @@ measured in this process (anonymous RSS growth) and handed to the planner as fix
 the tokenizer (built here and kept: `self.tokenizer`), the runtime's first-execute set-up
 (XNNPACK init, heap growth; probed by loading and running the smallest layer shard once,
 then freeing it), the I/O staging buffers (computed from the model shape), and, when
-the manifest has no per-variant planned_bytes, the largest program's planned (activation)
-memory read from the programs' headers. `self.startup` holds the figures.
+the manifest has no per-variant planned_bytes, the planned (activation) memory of each program read from its header into the in-memory manifest (so the planner
+counts one shared arena, not one per shard). `self.startup` holds the figures.
 """
 
 from __future__ import annotations
@@ -158,11 +158,14 @@ class ShardModel:
         staging = 4 * (m.max_seq_len * mm["dim"] + 2 * widest * mm["n_kv_heads"] * (mm.get("head_dim") or mm["dim"] // mm["n_heads"]) * m.max_seq_len
                        + mm["vocab_size"])
         out = {"tokenizer": max(a1 - a0, 0), "first_execute": max(a2 - a1, 0), "staging": staging}
-        # A manifest without per-variant planned_bytes leaves the planner blind to the shared
-        # activation arena: read the programs' planned sizes (headers only) and count the largest.
-        variants = [(s, v) for s in m.shards for v in s.variants.values() if not (s.kind == "embed" and "table" in v.extra)]
-        if native is not None and variants and not any("planned_bytes" in v.extra for _, v in variants):
-            out["arena"] = max(native.planned_size(self.dir / v.file) for _, v in variants)
+        # A manifest without per-variant planned_bytes counts every shard's activation memory in
+        # its resident_bytes, though all shards share one arena: read the programs' planned
+        # sizes (headers only) into the in-memory manifest, so the planner counts the arena once.
+        variants = [v for s in m.shards for v in s.variants.values() if not (s.kind == "embed" and "table" in v.extra)]
+        if native is not None:
+            for v in variants:
+                if "planned_bytes" not in v.extra:
+                    v.extra["planned_bytes"] = native.planned_size(self.dir / v.file)
         out["total"] = sum(out.values())
         return out
 
