@@ -388,8 +388,11 @@ def verify_with_pte(directory: Path, manifest: Manifest, eager, window: list[int
     sample = list(dict.fromkeys([ranked[0], ranked[-1], "head", *ranked[1:]]))[:n]
     tokens = torch.tensor([window])
 
+    threads = torch.get_num_threads()
+
     def pte_run(choice):
         chain = ShardChain(directory, choice, manifest)
+        torch.set_num_threads(threads)  # the runtime sets torch to 1 thread; the eager side wants them all
         return lambda w: chain.forward(w, 0, all_logits=True)
 
     with torch.no_grad():
