@@ -137,6 +137,20 @@ def write_atomic(path: Path, data_writer: Callable[[object], None]) -> int:
     return path.stat().st_size
 
 
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move a finished temporary directory into place; an older `out_dir` is swapped out
+    first and removed after, so `out_dir` is always either complete or the old one."""
+    import shutil
+
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
 def bytes_tensor(data: bytes):
     import torch
 

@@ -409,10 +409,6 @@ def verify_with_pte(directory: Path, manifest: Manifest, eager, window: list[int
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    from edgectl.export import replace_dir
+
+    replace_dir(tmp, out_dir)
