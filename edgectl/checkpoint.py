@@ -153,7 +153,6 @@ def _from_gguf(source: str, path: Path) -> Checkpoint:
 
 def _sentencepiece_to_json(model_file: Path) -> str:
     try:
-        from transformers.convert_slow_tokenizer import SpmConverter  # noqa: F401
         from transformers import LlamaTokenizerFast
     except ImportError as e:  # transformers is only a test extra
         raise EdgectlError(f"{model_file}: only tokenizer.model, and no tokenizer.json", hint="add a tokenizer.json") from e

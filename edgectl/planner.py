@@ -254,7 +254,6 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
     kvf = kv + fixed  # what every plan pays besides shards: KV cache and the measured start-up costs
     slots = SLOTS[mode]
     movable = [s for s in shards if not (s.kind == "embed" and all("table" in v.extra for v in s.variants.values()))]
-    lowest = {s.name: [q for q in precisions if q in s.variants][-1] for s in shards}
     # Feasibility minimum: everything at its smallest variant, streamed as far as the mode allows.
     small = _State({s.name: min(s.variants, key=lambda q: _weights(s.variants[q])) for s in shards}, set())
     _sync_embed(shards, small)

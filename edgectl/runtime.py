@@ -149,8 +149,6 @@ class PteModel:
     """A monolithic edgectl `.pte`: forward(tokens, pos, idx, k*L, v*L) -> (logits, k_new*L, v_new*L)."""
 
     def __init__(self, path: str | Path, trace: Trace | None = None):
-        import torch
-
         path = Path(path)
         if not path.is_file():
             raise EdgectlError(f"{path}: no such file")

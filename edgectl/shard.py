@@ -140,7 +140,6 @@ def shard_model(ckpt, out_dir: Path, settings: ShardSettings, step: Step | None 
     out_dir = Path(out_dir)
     s = settings
     args = ckpt.args
-    top = s.precisions[0]
     if ckpt.quantization is not None:
         raise EdgectlError(f"{ckpt.source} is already quantized",
                            hint="shard the original model; --precisions quantizes each shard")
