@@ -170,6 +170,7 @@ def run(
         ui.emit_json(res)
         return
     sys.stdout.write("\n")
+    sys.stdout.flush()  # the newline before the stats that go to stderr
     s = res["stats"]
     ui.info(
         f"[dim]{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new ({s['stopped']}) | load {res['load_ms']:.0f} ms | "
