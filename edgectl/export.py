@@ -76,6 +76,18 @@ def partitioners(backend: str) -> list:
         raise EdgectlError(f"the {backend} backend's ahead-of-time part is not installed ({e})") from e
 
 
+def _quiet_library_noise() -> None:
+    """Keep known, harmless library chatter off the user's stderr (edgectl --debug shows all)."""
+    import logging
+    import warnings
+
+    if os.environ.get("EDGECTL_DEBUG") == "1":
+        return
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+
+
 def lower(module, example_args: tuple, dynamic_shapes, backend: str, constant_methods: dict | None = None,
           progress: Progress | None = None):
     """torch.export -> edge -> backend lowering -> ExecuTorch program. Returns (et_program, op counts)."""
@@ -84,6 +96,7 @@ def lower(module, example_args: tuple, dynamic_shapes, backend: str, constant_me
     from executorch.exir.passes import MemoryPlanningPass
 
     step = progress or (lambda s: None)
+    _quiet_library_noise()
     step("torch.export")
     with torch.no_grad():
         ep = torch.export.export(
@@ -279,6 +292,8 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     `scheme` (a quantize.QuantScheme) quantizes an unquantized checkpoint in memory first;
     `plan` (a planner.Plan) gives each layer and the head its own precision instead."""
     from edgectl.quantize import check_shared_embedding, load_for_export, shared_embedding
+
+    _quiet_library_noise()  # before torchao is imported
 
     t0, c0 = time.perf_counter(), time.process_time()
     step = progress or (lambda s: None)
