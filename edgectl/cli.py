@@ -61,6 +61,7 @@ def export(
     group_size: Annotated[int, typer.Option(help="With --scheme: 4-bit group size.")] = 32,
     embedding: Annotated[str, typer.Option(help="With --scheme: embedding none, int8 or int4.")] = "none",
     embedding_group_size: Annotated[int, typer.Option(help="With --scheme: int4 embedding group size.")] = 32,
+    mapping: Annotated[str, typer.Option(help="With --scheme: 4-bit weights: asymmetric (scale + offset per group; exact on a Q4_1 GGUF's grid) or symmetric (torchao's plain 8da4w).")] = "asymmetric",
     plan: Annotated[Optional[Path], typer.Option("--plan", help="Per-layer precisions from a plan JSON (`edgectl run SHARDS --memory-budget X --plan --json`); one monolithic .pte of that mix.")] = None,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
@@ -80,9 +81,9 @@ def export(
     if scheme is not None:
         from edgectl.quantize import QuantScheme
 
-        qs = QuantScheme(scheme, group_size, embedding, embedding_group_size)
-    elif (embedding, embedding_group_size) != ("none", 32) or (group_size != 32 and plan is None):
-        raise UsageError("--group-size/--embedding/--embedding-group-size need --scheme (--group-size also goes with --plan)")
+        qs = QuantScheme(scheme, group_size, embedding, embedding_group_size, mapping=mapping)
+    elif (embedding, embedding_group_size, mapping) != ("none", 32, "asymmetric") or (group_size != 32 and plan is None):
+        raise UsageError("--group-size/--embedding/--embedding-group-size/--mapping need --scheme (--group-size also goes with --plan)")
     the_plan = None
     if plan is not None:
         import json
@@ -297,11 +298,13 @@ def bench_cases(artifacts: list[Path], memory_budget: str | None, mode: str | No
 def quantize(
     model: Annotated[str, typer.Argument(help="Hub id, Hugging Face directory or .gguf file (not already quantized).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the quantized checkpoint to.")],
-    scheme: Annotated[str, typer.Option(help="int8 (per channel, runs as 8da8w), 8da4w, or 4w (4-bit asymmetric groupwise).")],
+    scheme: Annotated[str, typer.Option(help="int8 (per channel, runs as 8da8w), 8da4w (int8 dynamic activations x 4-bit groupwise "
+                                             "weights), or 4w (4-bit groupwise; XNNPACK runs it as 8da4w asymmetric).")],
     group_size: Annotated[int, typer.Option(help="Group size of 4-bit weights (a multiple of 32).")] = 32,
     embedding: Annotated[str, typer.Option(help="Embedding: none, int8 or int4 (a tied output head follows it).")] = "none",
     embedding_group_size: Annotated[int, typer.Option(help="Group size of an int4 embedding.")] = 32,
-    qparams: Annotated[str, typer.Option(help="How 8da4w scales are chosen: affine (torchao min-max), hqq (torchao), mse (clip search).")] = "affine",
+    mapping: Annotated[str, typer.Option(help="4-bit weights: asymmetric (scale + offset per group; exact on a Q4_1 GGUF's grid) or symmetric (torchao's plain 8da4w).")] = "asymmetric",
+    qparams: Annotated[str, typer.Option(help="How symmetric 4-bit scales are chosen: affine (torchao min-max), hqq (torchao), mse (clip search).")] = "affine",
     eval_file: Annotated[Optional[Path], typer.Option(help="Text file to measure the accuracy cost on (eager).")] = None,
     eval_tokens: Annotated[int, typer.Option(min=2, help="Tokens of --eval-file to score.")] = 2048,
     json_out: JsonOpt = False,
@@ -315,7 +318,7 @@ def quantize(
     from edgectl.checkpoint import resolve
     from edgectl.quantize import QuantScheme, quantize_checkpoint
 
-    qs = QuantScheme(scheme, group_size, embedding, embedding_group_size, qparams)
+    qs = QuantScheme(scheme, group_size, embedding, embedding_group_size, qparams, mapping)
     ckpt = resolve(model)
     with ui.stages(f"quantizing {model}") as step:
         res = quantize_checkpoint(ckpt, output, qs, eval_file, eval_tokens, progress=step)
@@ -336,9 +339,10 @@ def quantize(
 
 @app.command()
 def shard(
-    model: Annotated[str, typer.Argument(help="Hub id, Hugging Face directory or .gguf file.")],
+    model: Annotated[str, typer.Argument(help="Hub id, Hugging Face directory, .gguf file or `edgectl quantize` output.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Shard-set directory to write (complete or absent).")],
-    precisions: Annotated[str, typer.Option(help="Precisions every shard is exported at, highest first.")] = "fp32",
+    precisions: Annotated[Optional[str], typer.Option(help="Precisions every shard is exported at, highest first "
+                                                           "(default fp32; a quantized MODEL: its own, the only one it offers).")] = None,
     group_size: Annotated[int, typer.Option(help="4-bit group size (a multiple of 32).")] = 32,
     layers_per_shard: Annotated[int, typer.Option(min=1, help="Decoder layers per shard.")] = 1,
     calibration: Annotated[Optional[Path], typer.Option(help="Text file to measure importance on (needed with 2+ precisions).")] = None,
@@ -353,13 +357,15 @@ def shard(
     """Cut MODEL into per-layer programs at several precisions and rank them by importance.
 
     Example: edgectl shard model.gguf -o smol-shards --precisions fp32,int8,8da4w --calibration wiki.valid.raw
+
+    MODEL may be an `edgectl quantize` output: its shards are its stored codes, at its one precision (e.g. 8da4w).
     """
     from edgectl import ui
     from edgectl.checkpoint import resolve
     from edgectl.quantize import QuantScheme
     from edgectl.shard import ShardSettings, parse_precisions, shard_model
 
-    ps = parse_precisions(precisions)
+    ps = parse_precisions(precisions) if precisions is not None else None
     QuantScheme("fp32", group_size)  # validates --group-size
     if output.suffix == ".pte":
         raise UsageError(f"--output {output}: a shard set is a directory, not a .pte")
@@ -374,7 +380,7 @@ def shard(
 
         def built(name: str, precision: str, how: str) -> None:
             if name not in tasks:
-                tasks[name] = bar.add_task(name, total=len(ps))
+                tasks[name] = bar.add_task(name, total=len(ps or (None,)))
             bar.advance(tasks[name])
 
         def count(what: str, done: int, total: int) -> None:

@@ -104,12 +104,16 @@ def lower(module, example_args: tuple, dynamic_shapes, backend: str, constant_me
             prefer_deferred_runtime_asserts_over_guards=True,
         )
     step(f"lowering ({backend})")
-    edge = to_edge_transform_and_lower(
-        ep,
-        partitioner=partitioners(backend),
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        constant_methods=constant_methods,
-    )
+    from edgectl.xnnpack_fast import fast_passes, infer_view_dims
+
+    with fast_passes():
+        edge = to_edge_transform_and_lower(
+            ep,
+            transform_passes=[infer_view_dims] if backend == "xnnpack" else None,
+            partitioner=partitioners(backend),
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            constant_methods=constant_methods,
+        )
     ops = op_counts(edge.exported_program().graph_module)
     step("to_executorch")
     prog = edge.to_executorch(

@@ -107,14 +107,18 @@ class QuantEmbedding(nn.Module):
     program inputs (the tied head's XNNPACK blobs); otherwise the module's own buffers.
     """
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, dim: int):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, dim: int,
+                 offsets: torch.Tensor | None = None):
         super().__init__()
         self.bits, self.group_size, self.dim = bits, group_size, dim
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        # 4-bit asymmetric (Asym4Linear's grid): w = scales * (u - 8) + offsets, per group
+        self.register_buffer("offsets", None if offsets is None else offsets.to(torch.float32).contiguous())
 
     def forward(self, tokens, table=None):
-        codes, scales = table if table is not None else (self.codes, self.scales)
+        codes, scales, *rest = table if table is not None else (self.codes, self.scales, self.offsets)
+        offsets = rest[0] if rest else None
         idx = tokens.reshape(-1)
         rows = codes.index_select(0, idx)
         s = scales.index_select(0, idx).to(torch.float32)
@@ -124,6 +128,8 @@ class QuantEmbedding(nn.Module):
             hi = torch.div(r, 16, rounding_mode="floor")
             q = torch.stack([r - hi * 16, hi], dim=-1).to(torch.float32) - 8.0  # [T, D/2, 2]
             e = q.reshape(-1, self.dim // self.group_size, self.group_size) * s.unsqueeze(-1)
+            if offsets is not None:
+                e = e + offsets.index_select(0, idx).unsqueeze(-1)
         else:
             e = rows.to(torch.float32) * s
         return e.reshape(1, -1, self.dim)
@@ -131,18 +137,27 @@ class QuantEmbedding(nn.Module):
     def dequantized(self) -> torch.Tensor:
         if self.bits == 4:
             q = unpack4(self.codes).to(torch.float32) - 8.0
-            return (q.view(q.shape[0], -1, self.group_size) * self.scales.unsqueeze(-1)).view(q.shape[0], -1)
+            e = q.view(q.shape[0], -1, self.group_size) * self.scales.unsqueeze(-1)
+            if self.offsets is not None:
+                e = e + self.offsets.unsqueeze(-1)
+            return e.view(q.shape[0], -1)
         return self.codes.to(torch.float32) * self.scales
 
 
-def xnnpack_blobs(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> list[tuple[str, torch.Tensor]]:
+def xnnpack_blobs(codes: torch.Tensor, scales: torch.Tensor, bits: int,
+                  offsets: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
     """The (named-data key, tensor) pairs XNNPACK writes for a quantized linear weight
-    with these codes (int8 [N,K] signed, or packed uint8 [N,K/2] for 4 bits) and scales."""
+    with these codes (int8 [N,K] signed, or packed uint8 [N,K/2] for 4 bits) and scales;
+    with `offsets`, also the fp32 weight of Asym4Linear's offset linear (stored unchanged)."""
     if bits == 4:
         sc = scales.to(torch.bfloat16).contiguous()
     else:
         sc = scales.to(torch.float32).contiguous()
-    return [(sha256_hex(codes), codes.contiguous()), ("scale_" + sha256_hex(sc), sc)]
+    out = [(sha256_hex(codes), codes.contiguous()), ("scale_" + sha256_hex(sc), sc)]
+    if offsets is not None:
+        off = offsets.to(torch.float32).contiguous()
+        out.append((sha256_hex(off), off))
+    return out
 
 
 def is_quantized_linear(m: nn.Module) -> bool:

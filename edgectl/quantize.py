@@ -12,9 +12,15 @@ What each scheme name runs as (see quant_modules.py for the forms):
     int8   -> "8da8w": int8 weights, one scale per output channel, int8 dynamic activations
               (XNNPACK qd8-f32-qc8w). torchao's weight-only int8 lowers to wrong results
               in ExecuTorch 1.4.1, so weight-only is not offered as such.
-    8da4w  -> "8da4w": int4 symmetric groupwise weights, int8 dynamic activations (qd8-f32-qb4w).
-    4w     -> "a4w": 4-bit asymmetric groupwise weights (scale + offset per group, the
-              llama.cpp Q4_1 grid), run as qb4w plus an fp32 linear over group sums.
+    8da4w  -> int8 dynamic activations x 4-bit groupwise weights, with --mapping:
+              asymmetric (default) -> "a4w": scale + offset per group (torchao's
+              MappingType.ASYMMETRIC; the llama.cpp Q4_1 grid), run as qb4w on the centred
+              codes plus an fp32 linear over per-group input sums carrying the offsets;
+              symmetric -> "8da4w": torchao's symmetric int4 (plain qd8-f32-qb4w).
+    4w     -> "a4w" as well: XNNPACK has no fp32 x 4-bit groupwise kernel, so 4-bit
+              "weight-only" runs with int8 dynamic activations like 8da4w asymmetric.
+The asymmetric grid matters for GGUF sources such as SmolLM2's Q4_1 release: its weights
+already sit on an asymmetric 4-bit grid of group 32, which "a4w" reproduces exactly.
 A linear whose input width no valid group size divides is kept at 8 bits ("8da8w"), and
 the record says so. A tied embedding/output matrix takes the --embedding treatment.
 
@@ -41,6 +47,7 @@ from edgectl.errors import EdgectlError, UsageError
 LINEAR_SCHEMES = ("fp32", "int8", "8da4w", "4w")
 EMBEDDING_SCHEMES = ("none", "int8", "int4")
 QPARAMS = ("affine", "hqq", "mse")
+MAPPINGS = ("asymmetric", "symmetric")
 FORMAT = "edgectl-quant/1"
 QUANT_FILE = "edgectl_quant.json"
 GROUP_MULTIPLE = 32  # XNNPACK's blockwise kernels take group sizes that are multiples of 32
@@ -53,6 +60,8 @@ RUNS_AS = {
            "centred codes plus an fp32 linear over per-group input sums carrying the offsets",
     "emb_int8": "int8 rows, one scale per row: gather + dequantize of the looked-up rows (portable ops)",
     "emb_int4": "int4 groupwise rows, packed two per byte: gather + dequantize of the looked-up rows (portable ops)",
+    "emb_a4": "4-bit asymmetric groupwise rows (scale + offset per group), packed two per byte: gather + "
+              "dequantize of the looked-up rows (portable ops)",
 }
 SCHEME_FORM = {"int8": "8da8w", "8da4w": "8da4w", "4w": "a4w"}
 
@@ -66,12 +75,15 @@ class QuantScheme:
     embedding: str = "none"  # none | int8 | int4
     embedding_group_size: int = 32
     qparams: str = "affine"  # 4-bit symmetric scales: affine (torchao min-max) | hqq (torchao, scale only) | mse (clip search)
+    mapping: str = "asymmetric"  # 4-bit weights (8da4w linears, int4 embedding): asymmetric | symmetric
 
     def __post_init__(self):
         if self.linear not in LINEAR_SCHEMES:
             raise UsageError(f"unknown scheme {self.linear!r}", hint=f"choose one of: {', '.join(LINEAR_SCHEMES[1:])}")
         if self.embedding not in EMBEDDING_SCHEMES:
             raise UsageError(f"unknown embedding scheme {self.embedding!r}", hint=f"choose one of: {', '.join(EMBEDDING_SCHEMES)}")
+        if self.mapping not in MAPPINGS:
+            raise UsageError(f"unknown mapping {self.mapping!r}", hint=f"choose one of: {', '.join(MAPPINGS)}")
         if self.qparams not in QPARAMS:
             raise UsageError(f"unknown qparams algorithm {self.qparams!r}", hint=f"choose one of: {', '.join(QPARAMS)}")
         for flag, gs in (("--group-size", self.group_size), ("--embedding-group-size", self.embedding_group_size)):
@@ -81,6 +93,11 @@ class QuantScheme:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def asymmetric4(self) -> bool:
+        """4-bit weights on the asymmetric grid ("4w" always is)."""
+        return self.linear == "4w" or self.mapping == "asymmetric"
 
     @property
     def is_identity(self) -> bool:
@@ -207,6 +224,8 @@ def _quantize_linear(lin, scheme: QuantScheme) -> tuple[object, dict]:
 
     w, bias = lin.weight, lin.bias
     form, gs, note = SCHEME_FORM[scheme.linear], None, None
+    if form == "8da4w" and scheme.asymmetric4:
+        form = "a4w"
     if form in ("8da4w", "a4w"):
         gs, note = pick_group(w.shape[1], scheme.group_size)
         if gs is None:
@@ -223,30 +242,38 @@ def _quantize_linear(lin, scheme: QuantScheme) -> tuple[object, dict]:
     return new, {"form": form, **entry, "shape": list(w.shape), "note": note}
 
 
-def _embedding_codes(weight, scheme: QuantScheme) -> tuple[dict, tuple]:
-    """(record entry, (bits, group_size, signed codes, scales)) for an embedding matrix."""
+def _embedding(weight, scheme: QuantScheme, tied: bool) -> tuple[dict, object, object, str | None]:
+    """(record entry, QuantEmbedding, tied head or None, the head's form) for an embedding
+    matrix; a tied head is built from the very same codes, so the matrix is stored once."""
+    import torch
+
+    from edgectl.quant_modules import Asym4Linear, QuantEmbedding, dynamic_linear, pack4
+
     bits, note, gs = (8 if scheme.embedding == "int8" else 4), None, None
     if bits == 4:
         gs, note = pick_group(weight.shape[1], scheme.embedding_group_size)
         if gs is None:
             bits = 8
+    head = head_form = None
     if bits == 8:
         codes, scales = codes_int8(weight)
-        gs = weight.shape[1]
+        emb, form = QuantEmbedding(codes, scales, 8, weight.shape[1], weight.shape[1]), "emb_int8"
+        if tied:
+            head, head_form = dynamic_linear(codes, scales, 8, weight.shape[1]), "8da8w"
+    elif scheme.asymmetric4:
+        packed, scales, offsets = codes_asym4(weight, gs)
+        emb, form = QuantEmbedding(packed, scales, 4, gs, weight.shape[1], offsets), "emb_a4"
+        if tied:
+            head, head_form = Asym4Linear(packed, scales, offsets, gs), "a4w"
     else:
         codes, scales = codes_int4(weight, gs, scheme.qparams)
-    entry = {"form": f"emb_int{bits}", "bits": bits, "group_size": gs if bits == 4 else None,
+        packed = pack4((codes.to(torch.int16) + 8).to(torch.uint8))
+        emb, form = QuantEmbedding(packed, scales, 4, gs, weight.shape[1]), "emb_int4"
+        if tied:
+            head, head_form = dynamic_linear(codes, scales, 4, gs), "8da4w"
+    entry = {"form": form, "bits": bits, "group_size": gs if bits == 4 else None,
              "shape": list(weight.shape), "note": note}
-    return entry, (bits, gs, codes, scales)
-
-
-def _quant_embedding(bits: int, gs: int, codes, scales):
-    import torch
-
-    from edgectl.quant_modules import QuantEmbedding, pack4
-
-    stored = pack4((codes.to(torch.int16) + 8).to(torch.uint8)) if bits == 4 else codes
-    return QuantEmbedding(stored, scales, bits, gs, codes.shape[1])
+    return entry, emb, head, head_form
 
 
 def quantize_module(module, scheme: QuantScheme, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -257,7 +284,6 @@ def quantize_module(module, scheme: QuantScheme, progress: Callable[[int, int], 
     """
     _quiet_torchao()
     from edgectl.model import Transformer
-    from edgectl.quant_modules import dynamic_linear
 
     record = {"format": FORMAT, "scheme": scheme.to_dict(), "weights": {}, "runs_as": {}}
     if scheme.is_identity:
@@ -296,13 +322,12 @@ def quantize_module(module, scheme: QuantScheme, progress: Callable[[int, int], 
                 weights["head.lm_head"] = {"form": "fp32", "shape": list(emb_w.shape), "tied_to": "embed.embed_tokens",
                                            "note": "tied to the embedding, which --embedding none keeps fp32"}
         else:
-            entry, (bits, gs, codes, scales) = _embedding_codes(emb_w, scheme)
-            module.embed = _quant_embedding(bits, gs, codes, scales)
+            entry, module.embed, head, head_form = _embedding(emb_w, scheme, tied)
             weights["embed.embed_tokens"] = entry
             if tied:
-                module.head.lm_head = dynamic_linear(codes, scales, bits, gs)
+                module.head.lm_head = head
                 weights["head.lm_head"] = {
-                    "form": "8da8w" if bits == 8 else "8da4w", "bits": bits, "group_size": entry["group_size"],
+                    "form": head_form, "bits": entry["bits"], "group_size": entry["group_size"],
                     "shape": entry["shape"], "tied_to": "embed.embed_tokens",
                     "note": "tied to the embedding: same codes, stored once",
                 }
@@ -346,13 +371,18 @@ def quantized_state(model, record: dict) -> dict:
 
     out, skip = {}, set()
     for name, w in record["weights"].items():
-        if w["form"] == "fp32" or "tied_to" in w:
+        if w["form"] == "fp32":
+            continue
+        if "tied_to" in w:
+            skip.add(name)  # rebuilt from its embedding's codes
             continue
         base = ours_to_hf(name)
         mod = model.embed if name == "embed.embed_tokens" else model.get_submodule(name)
         skip.add(name)
         if isinstance(mod, QuantEmbedding):
             out[base + ".qweight"], out[base + ".scales"] = mod.codes, mod.scales
+            if mod.offsets is not None:
+                out[base + ".offsets"] = mod.offsets
             continue
         lin = mod.main if isinstance(mod, Asym4Linear) else mod
         codes, scales = lin.weight.qdata, lin.weight.scale
@@ -370,8 +400,6 @@ def quantized_state(model, record: dict) -> dict:
         owner = pname.rpartition(".")[0]
         if owner in skip or any(owner.startswith(s + ".") for s in skip) or id(p) in seen:
             continue
-        if type(p).__name__ == "IntxUnpackedToInt8Tensor":
-            continue  # a tied head: stored with its embedding
         seen.add(id(p))
         out[ours_to_hf(owner) + "." + pname.rpartition(".")[2]] = p.detach()
     return {k: v.contiguous() for k, v in out.items()}
@@ -458,8 +486,9 @@ def apply_recorded_quantization(model, ckpt) -> dict | None:
         codes, scales = take(base + ".qweight"), take(base + ".scales")
         if form.startswith("emb_"):
             gs = w["group_size"] or w["shape"][1]
-            model.embed = QuantEmbedding(codes, scales, w["bits"], gs, w["shape"][1])
-            built[name] = (signed(codes, w["bits"]), scales, w["bits"], gs)
+            offsets = take(base + ".offsets") if form == "emb_a4" else None
+            model.embed = QuantEmbedding(codes, scales, w["bits"], gs, w["shape"][1], offsets)
+            built[name] = (codes, scales, w["bits"], gs, offsets)
             continue
         bias = tensors.pop(base + ".bias", None)
         if form == "a4w":
@@ -471,8 +500,11 @@ def apply_recorded_quantization(model, ckpt) -> dict | None:
         _set(model, name, new)
     for name, w in rec["weights"].items():
         if "tied_to" in w and w["form"] != "fp32":
-            codes, scales, bits, gs = built[w["tied_to"]]
-            _set(model, name, dynamic_linear(codes, scales, bits, gs))
+            codes, scales, bits, gs, offsets = built[w["tied_to"]]
+            if offsets is not None:
+                _set(model, name, Asym4Linear(codes, scales, offsets, gs))
+            else:
+                _set(model, name, dynamic_linear(signed(codes, bits), scales, bits, gs))
     params = dict(model.named_parameters())
     for key, t in tensors.items():
         ours = hf_key_to_ours(key)
@@ -601,11 +633,12 @@ def shared_embedding(model):
     emb = model.embed
     if not (model.args.tie_embeddings and isinstance(emb, QuantEmbedding)):
         return None
-    blobs = xnnpack_blobs(emb.codes, emb.scales, emb.bits)
+    blobs = xnnpack_blobs(emb.codes, emb.scales, emb.bits, emb.offsets)
     spec = {"tensors": [{"key": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in blobs]}
     # The program reads the inputs; its own copy would still be stored as an unused constant.
     emb.register_buffer("codes", None)
     emb.register_buffer("scales", None)
+    emb.register_buffer("offsets", None)
     # Clones: an example input aliasing a parameter breaks the head's delegation.
     return tuple(t.clone() for _, t in blobs), spec
 

@@ -59,9 +59,11 @@ class QuantizeSection:
     group_size: int = 32
     embedding: str = "none"  # none | int8 | int4
     embedding_group_size: int = 32
+    mapping: str = "asymmetric"  # 4-bit weights: asymmetric | symmetric
 
     def __post_init__(self):
         _one_of("quantize.scheme", self.scheme, ("int8", "8da4w", "4w"))
+        _one_of("quantize.mapping", self.mapping, ("asymmetric", "symmetric"))
         _one_of("quantize.embedding", self.embedding, ("none", "int8", "int4"))
         for name in ("group_size", "embedding_group_size"):
             if getattr(self, name) <= 0:
@@ -208,7 +210,7 @@ def command_defaults(recipe: Recipe, command: str) -> dict:
     m, q, e, s, r = recipe.model, recipe.quantize, recipe.export, recipe.shard, recipe.run
     model = {"model": m.id, "max_seq_len": m.max_seq_len}
     quant = {"scheme": q.scheme, "group_size": q.group_size, "embedding": q.embedding,
-             "embedding_group_size": q.embedding_group_size}
+             "embedding_group_size": q.embedding_group_size, "mapping": q.mapping}
     budget = {"memory_budget": r.memory_budget, "latency_target": r.latency_target_ms, "mode": r.mode,
               "threads": r.threads}
     table = {

@@ -68,11 +68,10 @@ class _Embed:
         if "tensors" in spec:
             from edgectl.quant_modules import QuantEmbedding
 
-            codes, scales = (tied_table(path, t) for t in spec["tensors"])
             self.quant = QuantEmbedding.__new__(QuantEmbedding)
             torch.nn.Module.__init__(self.quant)
             self.quant.bits, self.quant.group_size, self.quant.dim = spec["bits"], spec["group_size"], spec["dim"]
-            self.table = (codes, scales)
+            self.table = tuple(tied_table(path, t) for t in spec["tensors"])  # codes, scales[, offsets]
             self.fn = lambda tokens: self.quant.forward(tokens, self.table)
         else:
             table = tied_table(path, spec)
