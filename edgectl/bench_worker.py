@@ -93,13 +93,48 @@ def ppl_windows(ids: list[int], max_seq_len: int, bos_id: int | None) -> list[li
     return wins
 
 
-def nll_sum(logits, window: list[int]) -> float:
-    """Sum of -log p(window[t] | window[:t]) for t = 1..T-1, given logits [T, vocab]."""
+SCORE_ROWS = 32  # positions scored at once: float64 log-probs of 32 x 49152 are 12.5 MB
+
+
+def log_prob_chunks(logits, rows: int = SCORE_ROWS):
+    """(start, float64 log_softmax of logits[start:start + rows]) over the scored rows
+    logits[:-1], a chunk at a time: a whole window in float64 (513 x 49152 x 8 bytes, plus
+    copies) is what got a memory-capped worker killed. log_softmax is per row, so each
+    row's values are those of the whole-window computation.
+
+    The chunks live in two buffers reused for every chunk (fresh chunk-sized tensors each
+    time leave glibc holding several of them resident), so a yielded chunk is valid until
+    the next one, and the caller may overwrite it."""
     import torch
 
-    lp = torch.log_softmax(logits[:-1].double(), dim=-1)
+    n = logits.shape[0] - 1
+    if n < 1:
+        return
+    src = torch.empty(min(rows, n), logits.shape[1], dtype=torch.float64)
+    out = torch.empty_like(src)
+    for a in range(0, n, rows):
+        k = min(rows, n - a)
+        src[:k].copy_(logits[a : a + k])
+        torch.log_softmax(src[:k], dim=-1, out=out[:k])
+        yield a, out[:k]
+
+
+def target_log_probs(logits, window: list[int]):
+    """log p(window[t] | window[:t]) for t = 1..T-1 as float64 [T-1, 1], given logits [T, vocab]."""
+    import torch
+
     target = torch.tensor(window[1:]).unsqueeze(1)
-    return float(-lp.gather(1, target).sum())
+    out = torch.empty(len(window) - 1, 1, dtype=torch.float64)
+    for a, lp in log_prob_chunks(logits):
+        out[a : a + len(lp)] = lp.gather(1, target[a : a + len(lp)])
+    return out
+
+
+def nll_sum(logits, window: list[int]) -> float:
+    """Sum of -log p(window[t] | window[:t]) for t = 1..T-1, given logits [T, vocab].
+    Scored in chunks of SCORE_ROWS positions; the picked log-probs are summed in one
+    reduction, as when the whole window was one tensor (same result to the bit)."""
+    return float(-target_log_probs(logits, window).sum())
 
 
 def _gen_figures(stats) -> dict:

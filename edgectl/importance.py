@@ -88,17 +88,27 @@ class EagerShards:
         raise RuntimeError("no head shard")
 
 
-def _scores(lp_top, logits, window: list[int]) -> tuple[float, float]:
-    """(sum of KL(top || this) over the scored positions, sum of NLL)."""
-    lp = torch.log_softmax(logits[:-1].double(), -1)
-    kl = float((lp_top.exp() * (lp_top - lp)).sum())
-    nll = float(-lp.gather(1, torch.tensor(window[1:]).unsqueeze(1)).sum())
-    return kl, nll
+def _scores(top_logits, logits, window: list[int]) -> tuple[float, float]:
+    """(sum of KL(top || this) over the scored positions, sum of NLL), given both logits
+    [T, vocab]. In float64 a few positions at a time (bench_worker.log_prob_chunks): a
+    window's log-probs at once are hundreds of MB for a 49152-token vocabulary."""
+    from edgectl.bench_worker import log_prob_chunks
+
+    target = torch.tensor(window[1:]).unsqueeze(1)
+    picked = torch.empty(len(window) - 1, 1, dtype=torch.float64)
+    kl = 0.0
+    for (a, lt), (_, lp) in zip(log_prob_chunks(top_logits), log_prob_chunks(logits)):
+        picked[a : a + len(lp)] = lp.gather(1, target[a : a + len(lp)])
+        # exp(lt) * (lt - lp), in the chunks' own buffers (no chunk-sized temporaries)
+        kl += float(lp.neg_().add_(lt).mul_(lt.exp_()).sum())
+    return kl, float(-picked.sum())
 
 
 def measure(eager: EagerShards, windows: list[list[int]],
             progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
     """({(shard, precision): Importance} for every lower precision, {"top_ppl", "tokens"})."""
+    from edgectl.bench_worker import nll_sum
+
     shards, lower = eager.shards, eager.precisions[1:]
     kl = {(s.name, p): 0.0 for s in shards for p in lower}
     nll = dict.fromkeys(kl, 0.0)
@@ -108,14 +118,13 @@ def measure(eager: EagerShards, windows: list[list[int]],
         for w in windows:
             tokens = torch.tensor([w])
             logits, entering = eager.run({}, tokens)
-            lp_top = torch.log_softmax(logits[:-1].double(), -1)
-            top_nll += float(-lp_top.gather(1, torch.tensor(w[1:]).unsqueeze(1)).sum())
+            top_nll += nll_sum(logits, w)
             n += len(w) - 1
             done += 1
             for i, s in enumerate(shards):
                 for p in lower:
                     low, _ = eager.run({s.name: p}, tokens, start_at=i, h=entering[i])
-                    a, b = _scores(lp_top, low, w)
+                    a, b = _scores(logits, low, w)
                     kl[s.name, p] += a
                     nll[s.name, p] += b
                     done += 1
@@ -129,6 +138,5 @@ def measure(eager: EagerShards, windows: list[list[int]],
 
 def window_scores(run_logits: Callable[[list[int]], torch.Tensor], ref_logits: torch.Tensor, window: list[int]):
     """(mean KL vs ref, ppl) of one window given a function producing logits [T, vocab]."""
-    lp_ref = torch.log_softmax(ref_logits[:-1].double(), -1)
-    kl, nll = _scores(lp_ref, run_logits(window), window)
+    kl, nll = _scores(ref_logits, run_logits(window), window)
     return kl / (len(window) - 1), math.exp(nll / (len(window) - 1))

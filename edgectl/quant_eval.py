@@ -12,20 +12,21 @@ from pathlib import Path
 
 
 def _logits(model, window: list[int]):
+    """Logits [T, vocab] as the model gives them (float32; scored in float64 by chunks)."""
     import torch
 
     T = len(window)
     k, v = model.empty_caches()
     with torch.no_grad():
         logits, _, _ = model(torch.tensor([window]), torch.arange(T), torch.arange(T), k, v)
-    return logits[0].double()
+    return logits[0]
 
 
 def compare(ref, quant, ckpt, text_file: Path, n_tokens: int, window: int) -> dict:
     """{ppl_ref, ppl_quant, ppl_change, kl_mean, top1_agree, tokens_scored, windows, file}."""
     import torch
 
-    from edgectl.bench_worker import ppl_windows
+    from edgectl.bench_worker import log_prob_chunks, ppl_windows
     from edgectl.errors import EdgectlError
     from edgectl.tokenizer import Tokenizer
 
@@ -38,12 +39,18 @@ def compare(ref, quant, ckpt, text_file: Path, n_tokens: int, window: int) -> di
     nll_r = nll_q = kl = 0.0
     agree = n = 0
     for w in wins:
-        lr, lq = torch.log_softmax(_logits(ref, w)[:-1], -1), torch.log_softmax(_logits(quant, w)[:-1], -1)
+        # float64 log-probs a few positions at a time (a whole window is hundreds of MB
+        # for a large vocabulary); the picked ones are summed in one reduction as before
         target = torch.tensor(w[1:]).unsqueeze(1)
-        nll_r -= float(lr.gather(1, target).sum())
-        nll_q -= float(lq.gather(1, target).sum())
-        kl += float((lr.exp() * (lr - lq)).sum())
-        agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+        pr, pq = (torch.empty(len(w) - 1, 1, dtype=torch.float64) for _ in range(2))
+        for (a, lr), (_, lq) in zip(log_prob_chunks(_logits(ref, w)), log_prob_chunks(_logits(quant, w))):
+            rows = slice(a, a + len(lr))
+            pr[rows], pq[rows] = lr.gather(1, target[rows]), lq.gather(1, target[rows])
+            agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+            # exp(lr) * (lr - lq), in the chunks' own buffers (no chunk-sized temporaries)
+            kl += float(lq.neg_().add_(lr).mul_(lr.exp_()).sum())
+        nll_r -= float(pr.sum())
+        nll_q -= float(pq.sum())
         n += len(w) - 1
     ppl_r, ppl_q = math.exp(nll_r / n), math.exp(nll_q / n)
     return {
