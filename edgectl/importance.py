@@ -43,20 +43,21 @@ def calibration_windows(tok, text: str, n_tokens: int, window: int) -> list[list
 
 
 class EagerShards:
-    """Eager modules of every shard at every precision, built from one fp32 model."""
+    """Eager modules of every shard at every precision, built from one model whose own
+    precision is `base` (fp32, or a quantized checkpoint's stored precision)."""
 
     def __init__(self, model, shards: list[ShardSpec], precisions: list[str], group_size: int,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, base: str = "fp32"):
         from edgectl.shard_build import embed_head_module, layers_module
 
         self.model, self.shards, self.precisions = model, shards, precisions
         self.mods: dict[tuple[str, str], torch.nn.Module] = {}
         total, done = len(shards) * len(precisions), 0
         for p in precisions:
-            tiny, _ = embed_head_module(model, p, group_size)
+            tiny, _ = embed_head_module(model, p, group_size, base)
             for s in shards:
                 if s.kind == "layers":
-                    self.mods[s.name, p] = layers_module(model, s.layers, p, group_size)[0]
+                    self.mods[s.name, p] = layers_module(model, s.layers, p, group_size, base)[0]
                 else:
                     self.mods[s.name, p] = tiny.embed if s.kind == "embed" else tiny.head
                 done += 1

@@ -16,6 +16,14 @@ directory beside `out_dir` (files hard-linked from the cache), measured (load co
 fresh process, importance on the calibration text, a sample of the importance figures
 re-measured through the exported programs), and renamed to `out_dir` only when complete.
 Ctrl-C or an error removes the temporary directory.
+
+MODEL may be an `edgectl quantize` output: its shards are exported from the stored codes
+as they are, at one precision named after the stored scheme (shard_build.stored_precision,
+e.g. "8da4w"), which is then the set's only one. A precision above it (fp32 from an 8da4w
+checkpoint) cannot be had from quantized weights, and a lower or different one would be
+re-quantized from already-quantized weights: both are refused before any work (shard the
+original model for a set of several precisions). The manifest's `source` records the
+quantize directory, its content hash and its quantization record.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ CODE_FILES = ("model.py", "shard_build.py", "quantize.py", "quant_modules.py", "
 
 @dataclass(frozen=True)
 class ShardSettings:
-    precisions: tuple[str, ...] = ("fp32",)  # highest first
+    precisions: tuple[str, ...] | None = None  # highest first; None: the checkpoint's own (fp32, or as quantized)
     group_size: int = 32
     layers_per_shard: int = 1
     calibration: Path | None = None
@@ -83,6 +91,36 @@ def parse_precisions(text: str) -> tuple[str, ...]:
     if len(set(ps)) != len(ps):
         raise UsageError(f"--precisions {text}: a precision is listed twice")
     return ps
+
+
+_RANK = {"fp32": 0, "int8": 1, "8da4w": 2, "4w": 2}  # bits kept, most first (8da4w and 4w: both 4-bit)
+
+
+def precisions_for(ckpt, settings: ShardSettings) -> ShardSettings:
+    """`settings` with the precisions (and group size) the shard set of `ckpt` will have.
+
+    An unquantized checkpoint takes any precisions (default fp32). A quantized one offers
+    only its stored precision (the default): one above it is refused since quantized
+    weights cannot give back the originals, and one below it (or another 4-bit scheme)
+    since it would quantize already-quantized weights."""
+    import dataclasses
+
+    from edgectl.shard_build import TOP, stored_precision
+
+    rec = ckpt.quantization
+    base = stored_precision(rec)
+    if rec is None:
+        return settings if settings.precisions else dataclasses.replace(settings, precisions=(TOP,))
+    sch = rec["scheme"]
+    what = f"{ckpt.source} is quantized ({sch['linear']}, embedding {sch.get('embedding')})"
+    hint = f"its one precision is {base}: omit --precisions, or shard the original model for others"
+    for p in settings.precisions or ():
+        if p == base:
+            continue
+        if p == TOP or _RANK.get(p, 0) < _RANK.get(sch["linear"], 0):
+            raise UsageError(f"{what}: it cannot give back {p} weights", hint=hint)
+        raise UsageError(f"{what}: {p} would quantize its already-quantized weights again", hint=hint)
+    return dataclasses.replace(settings, precisions=(base,), group_size=sch.get("group_size", settings.group_size))
 
 
 def plan(n_layers: int, per_shard: int) -> list[tuple[str, str, list[int]]]:
@@ -134,15 +172,14 @@ def shard_model(ckpt, out_dir: Path, settings: ShardSettings, step: Step | None 
                 built: Built | None = None, count: Counter_ | None = None) -> ShardResult:
     """Build the shard set of `ckpt` at `out_dir` (complete or absent)."""
     from edgectl.export import partitioners
+    from edgectl.shard_build import stored_precision, stored_record
 
     t0, c0 = time.perf_counter(), _cpu()
     step = step or (lambda s: None)
     out_dir = Path(out_dir)
-    s = settings
+    s = precisions_for(ckpt, settings)
     args = ckpt.args
-    if ckpt.quantization is not None:
-        raise EdgectlError(f"{ckpt.source} is already quantized",
-                           hint="shard the original model; --precisions quantizes each shard")
+    base = stored_precision(ckpt.quantization)
     if any(p != "fp32" for p in s.precisions) and s.backend != "xnnpack":
         raise UsageError(f"quantized precisions need --backend xnnpack, not {s.backend}")
     max_seq_len = s.max_seq_len or min(args.max_position_embeddings, 2048)
@@ -193,7 +230,9 @@ def shard_model(ckpt, out_dir: Path, settings: ShardSettings, step: Step | None 
                 continue
             tasks.append({"key": key, "name": name, "kind": kind, "layers": layers, "precision": p,
                           "group_size": s.group_size, "backend": s.backend, "out": str(out), "meta": meta_head,
-                          "chunk": chunk})
+                          "chunk": chunk, "base": base,
+                          "base_record": stored_record(ckpt.quantization, kind, layers, shared)
+                          if ckpt.quantization is not None and p == base else None})
     _build(ckpt.source, max_seq_len, tasks, s.jobs, built)
 
     # 2. assemble in a temporary directory, measure, rename
@@ -292,9 +331,12 @@ def _assemble(tmp: Path, ckpt, shards, keys, s: ShardSettings, max_seq_len: int,
                               "note": "no program: rows are gathered from the head's matrix in `file`"})
     tc = ckpt.tokenizer_config
     keep = ("bos_token", "eos_token", "add_bos_token", "chat_template")
+    source = {"model": ckpt.source, "sha256": source_hash, "kind": ckpt.kind}
+    if ckpt.quantization is not None:  # an `edgectl quantize` output: its record, as stored
+        source["quantization"] = ckpt.quantization
     return Manifest(
         edgectl_version=__version__,
-        source={"model": ckpt.source, "sha256": source_hash, "kind": ckpt.kind},
+        source=source,
         model=ckpt.args.to_dict(),
         max_seq_len=max_seq_len,
         backend=s.backend,
@@ -339,7 +381,7 @@ def _measure_load(tmp: Path, manifest: Manifest) -> None:
 
 def _importance(ckpt, tmp: Path, manifest: Manifest, s: ShardSettings, windows, step: Step, count) -> None:
     from edgectl.importance import EagerShards, ShardSpec, measure
-    from edgectl.shard_build import load_base
+    from edgectl.shard_build import load_base, stored_precision
 
     W = max(len(w) for w in windows)
     step("loading the model for importance")
@@ -347,7 +389,8 @@ def _importance(ckpt, tmp: Path, manifest: Manifest, s: ShardSettings, windows, 
     specs = [ShardSpec(sh.name, sh.kind, sh.layers) for sh in manifest.shards]
     step("quantizing shards (eager)")
     eager = EagerShards(model, specs, list(s.precisions), s.group_size,
-                        (lambda d, t: count("quantizing", d, t)) if count else None)
+                        (lambda d, t: count("quantizing", d, t)) if count else None,
+                        base=stored_precision(ckpt.quantization))
     if len(s.precisions) > 1:
         step(f"importance on {sum(len(w) - 1 for w in windows)} calibration tokens")
         figures, summary = measure(eager, windows, (lambda d, t: count("importance", d, t)) if count else None)

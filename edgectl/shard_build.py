@@ -13,6 +13,12 @@ shard's own module: layers take the scheme's linear treatment; the head's matrix
 not) takes the embedding treatment that matches it (int8 rows for int8, int4 groups for
 the 4-bit schemes), so a tied matrix is stored once per precision, in the head's file.
 
+The *base* precision is the loaded checkpoint's own: "fp32" for an unquantized model, or
+the `stored_precision` of an `edgectl quantize` output (e.g. "8da4w"), which is rebuilt
+from its stored codes (`quantize.load_quantized_model`) and exported as it is: a shard at
+its base precision is never quantized again, and its record is the checkpoint's record
+for that shard's weights (`stored_record`).
+
 `build_variant` runs in a worker process (see shard.py): it owns one fp32 model per
 process and exports shard variants from it one at a time.
 """
@@ -75,6 +81,40 @@ def scheme_for(precision: str, group_size: int):
     return QuantScheme(precision, group_size, EMBEDDING_FOR.get(precision, "none"), group_size)
 
 
+def stored_precision(record: dict | None) -> str:
+    """The precision label of a checkpoint: "fp32" for an unquantized one, else the linear
+    scheme an `edgectl quantize` output stores ("int8", "8da4w", "4w"), or "fp32-emb<e>"
+    when only its embedding is quantized."""
+    if record is None:
+        return TOP
+    from edgectl.quantize import FORMAT, QUANT_FILE
+
+    scheme = record.get("scheme") or {}
+    if record.get("format") != FORMAT or "linear" not in scheme:
+        raise EdgectlError(f"{QUANT_FILE} has format {record.get('format')!r}, expected {FORMAT!r}",
+                           hint="re-run `edgectl quantize` with this edgectl version")
+    if scheme["linear"] == TOP:
+        return f"{TOP}-emb{scheme.get('embedding', 'none')}"
+    return scheme["linear"]
+
+
+def stored_record(record: dict, kind: str, layers: list[int], tied: bool) -> dict:
+    """The part of a quantized checkpoint's record that one shard holds (names as in the
+    checkpoint): its layers' linears, or the head (with the tied embedding it stores)."""
+    from edgectl.quantize import RUNS_AS
+
+    if kind == "layers":
+        prefixes = tuple(f"layers.{i}." for i in layers)
+    elif kind == "head":
+        prefixes = ("head.", "embed.") if tied else ("head.",)
+    else:
+        prefixes = ("embed.",)
+    weights = {k: w for k, w in record["weights"].items() if k.startswith(prefixes)}
+    return {"format": record["format"], "scheme": record["scheme"], "weights": weights,
+            "runs_as": {f: RUNS_AS[f] for f in sorted({w["form"] for w in weights.values()}) if f in RUNS_AS},
+            "stored": True}
+
+
 def shares_table(args, backend: str) -> bool:
     """Whether the embed shard reads the head's matrix instead of holding its own."""
     return bool(args.tie_embeddings) and backend == "xnnpack"
@@ -84,38 +124,55 @@ def shares_table(args, backend: str) -> bool:
 # Shard modules at a precision (used by the exporter and by the eager importance path)
 
 
-def layers_module(model, layers: list[int], precision: str, group_size: int) -> tuple[nn.Module, dict]:
-    """A LayersProgram over deep copies of `model`'s blocks, quantized to `precision`."""
+def _quantize_to(precision: str, base: str) -> bool:
+    """Whether `precision` means quantizing a model whose own precision is `base`."""
+    if precision == base:
+        return False
+    if base != TOP:  # shard.py refuses this before any work; a guard for other callers
+        raise EdgectlError(f"cannot re-quantize a {base} checkpoint to {precision}",
+                           hint="shard the original model")
+    return True
+
+
+def layers_module(model, layers: list[int], precision: str, group_size: int,
+                  base: str = TOP) -> tuple[nn.Module, dict]:
+    """A LayersProgram over deep copies of `model`'s blocks, quantized to `precision`
+    (`model` itself is at `base`: the blocks are shared, and not quantized, at that one)."""
     import copy
 
     from edgectl.model import StepInputs
     from edgectl.quantize import quantize_module
 
-    # the top precision shares the model's blocks; a lower one quantizes copies
-    blocks = [model.layers[i] if precision == TOP else copy.deepcopy(model.layers[i]) for i in layers]
+    requant = _quantize_to(precision, base)
+    # the base precision shares the model's blocks; a lower one quantizes copies
+    blocks = [copy.deepcopy(model.layers[i]) if requant else model.layers[i] for i in layers]
     prog = LayersProgram(StepInputs(model.args, model.max_seq_len), blocks).eval()
-    record = quantize_module(prog, scheme_for(precision, group_size)) if precision != TOP else {}
+    record = quantize_module(prog, scheme_for(precision, group_size)) if requant else {}
     return prog, record
 
 
-def embed_head_module(model, precision: str, group_size: int):
+def embed_head_module(model, precision: str, group_size: int, base: str = TOP):
     """(tiny Transformer with no layers holding copies of `model`'s embedding and head,
-    quantized to `precision`, record). Going through a Transformer lets quantize_module
-    treat a tied matrix as one (quantized once, the head holding the embedding's codes)."""
+    quantized to `precision` unless that is `model`'s own `base`, record). Going through a
+    Transformer lets quantize_module treat a tied matrix as one (quantized once, the head
+    holding the embedding's codes)."""
     import copy
 
     from edgectl.model import Transformer
     from edgectl.quantize import quantize_module
 
+    requant = _quantize_to(precision, base)
     args = dataclasses.replace(model.args, n_layers=0)
     with torch.device("meta"):
         tiny = Transformer(args, model.max_seq_len)
     tiny.embed = copy.deepcopy(model.embed)
     tiny.head = copy.deepcopy(model.head)
-    if args.tie_embeddings:
+    # a tied fp32 matrix is one Parameter again; a quantized checkpoint's tied matrix is
+    # an embedding and a head built from the same stored codes (nothing to tie)
+    if args.tie_embeddings and isinstance(getattr(tiny.embed, "embed_tokens", None), nn.Embedding):
         tiny.head.lm_head.weight = tiny.embed.embed_tokens.weight
     tiny.step.reset_buffers()
-    record = quantize_module(tiny, scheme_for(precision, group_size)) if precision != TOP else {}
+    record = quantize_module(tiny, scheme_for(precision, group_size)) if requant else {}
     return tiny.eval(), record
 
 
@@ -172,17 +229,19 @@ def check_table(path: Path, spec: dict) -> None:
         check_tied_table(path, spec)
 
 
-def program_for(model, kind: str, layers: list[int], precision: str, group_size: int, backend: str, chunk: int):
-    """(module, example args, dynamic shapes, record, table spec or None). `chunk` is the
+def program_for(model, kind: str, layers: list[int], precision: str, group_size: int, backend: str, chunk: int,
+                base: str = TOP):
+    """(module, example args, dynamic shapes, record, table spec or None) of one shard of
+    `model` (whose own precision is `base`) at `precision`. `chunk` is the
     most tokens one call takes: ExecuTorch plans activation memory for the largest shape,
     and each shard program has its own arena (a 2048-token call would plan ~600 MB of
     attention scores per SmolLM2 layer), so prefill goes in chunks."""
     args, S = model.args, model.max_seq_len
     if kind == "layers":
-        mod, rec = layers_module(model, layers, precision, group_size)
+        mod, rec = layers_module(model, layers, precision, group_size, base)
         ex, ds = _layer_example(args, S, len(layers), chunk)
         return mod, ex, ds, rec, None
-    tiny, rec = embed_head_module(model, precision, group_size)
+    tiny, rec = embed_head_module(model, precision, group_size, base)
     if kind == "head":
         ex, ds = _head_example(args, chunk)
         spec = table_spec(tiny, precision) if shares_table(args, backend) else None
@@ -197,13 +256,17 @@ def shard_meta(manifest_head: dict, name: str, kind: str, layers: list[int], pre
 
 
 def export_variant(model, name: str, kind: str, layers: list[int], precision: str, group_size: int,
-                   backend: str, out: Path, meta_head: dict, chunk: int) -> dict:
-    """Export one shard at one precision to `out` (atomically). Returns
+                   backend: str, out: Path, meta_head: dict, chunk: int, base: str = TOP,
+                   base_record: dict | None = None) -> dict:
+    """Export one shard at one precision to `out` (atomically). `base_record` is the record
+    of a shard at `base` (a quantized checkpoint's, see stored_record). Returns
     {"seconds", "cpu_seconds", "ops", "table" (spec or None), "record"}."""
     from edgectl.export import bytes_tensor, lower, write_atomic
 
     t0, c0 = time.perf_counter(), time.process_time()
-    mod, example, dynamic, record, spec = program_for(model, kind, layers, precision, group_size, backend, chunk)
+    mod, example, dynamic, record, spec = program_for(model, kind, layers, precision, group_size, backend, chunk, base)
+    if precision == base and base_record:
+        record = base_record
     meta = shard_meta(meta_head, name, kind, layers, precision, record)
     prog, ops = lower(mod, example, dynamic, backend, {"edgectl_meta": bytes_tensor(json.dumps(meta).encode())})
 
@@ -249,11 +312,15 @@ def _worker_model():
 
 
 def load_base(ckpt, max_seq_len: int):
+    """The model at its own precision (stored_precision): fp32, or a quantized checkpoint
+    rebuilt from its stored codes."""
+    if ckpt.quantization is not None:
+        from edgectl.quantize import load_quantized_model
+
+        stored_precision(ckpt.quantization)  # an unknown record format: one line, before loading
+        return load_quantized_model(ckpt, max_seq_len)[0]
     from edgectl.checkpoint import load_model
 
-    if ckpt.quantization is not None:
-        raise EdgectlError(f"{ckpt.source} is already quantized",
-                           hint="shard the original model; `shard --precisions` quantizes each shard itself")
     return load_model(ckpt, max_seq_len)
 
 
@@ -261,7 +328,8 @@ def worker_task(task: dict) -> dict:
     """Build one variant into task["out"] (a cache path). Runs in a worker."""
     out = Path(task["out"])
     res = export_variant(_worker_model(), task["name"], task["kind"], task["layers"], task["precision"],
-                         task["group_size"], task["backend"], out, task["meta"], task["chunk"])
+                         task["group_size"], task["backend"], out, task["meta"], task["chunk"],
+                         task.get("base", TOP), task.get("base_record"))
     # the table spec travels with the cached file, so a cache hit needs no export
     side = out.with_suffix(".json")
     tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")

@@ -246,3 +246,92 @@ def test_smol_chain_reproduces_monolithic(smol_gguf, smol_pte, tmp_path, shard_c
     prompt = tok.encode("The history of the city begins in the early middle ages, when a small group of "
                         "merchants settled on the banks of the river and built a market that")
     _chain_matches_monolithic(out, smol_pte, prompt)
+
+
+# ---------------------------------------------------------------------------------------
+# stories260K quantized by `edgectl quantize`: shards of the stored codes, as they are
+
+
+@pytest.fixture(scope="session")
+def stories_8da4w(tmp_path_factory, stories_dir):
+    from edgectl.checkpoint import resolve
+    from edgectl.quantize import QuantScheme, quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("quant") / "stories-8da4w"
+    quantize_checkpoint(resolve(str(stories_dir)), out, QuantScheme("8da4w", 32, "int8", 32))
+    return out
+
+
+@pytest.mark.real_model
+def test_quantized_model_refuses_other_precisions(capsys, tmp_path, stories_8da4w, monkeypatch):
+    """fp32 (or int8) cannot come back from 8da4w codes, and 4w would re-quantize them:
+    a one-line usage error before any work, nothing written."""
+    from edgectl.checkpoint import resolve
+    from edgectl.shard import ShardSettings, shard_model
+
+    monkeypatch.setenv("EDGECTL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    for asked, why in (("fp32,8da4w", "cannot give back fp32"), ("fp32", "cannot give back fp32"),
+                       ("int8", "cannot give back int8"), ("8da4w,4w", "already-quantized")):
+        rc, _, err = _run(capsys, "shard", stories_8da4w, "-o", out, "--precisions", asked)
+        assert rc == 2 and why in err and "8da4w" in err and err.strip().count("\n") == 0, (asked, err)
+    with pytest.raises(UsageError, match="cannot give back fp32"):
+        shard_model(resolve(str(stories_8da4w)), out, ShardSettings(("fp32",)))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_quantized_model_shards_reproduce_its_monolithic_export(stories_8da4w, tmp_path, shard_cache, monkeypatch):
+    """A quantize output shards at its one stored precision (the codes exported as they
+    are, never re-quantized), the manifest records where it came from, and the chain
+    reproduces the monolithic export of the same checkpoint."""
+    from edgectl.checkpoint import resolve
+    from edgectl.export import export_pte
+    from edgectl.manifest import Manifest
+    from edgectl.quantize import QUANT_FILE
+    from edgectl.runtime import PteModel
+    from edgectl.shard import ShardSettings, shard_model
+    from edgectl.shard_build import file_sha256
+    from edgectl.shard_chain import ShardChain
+
+    monkeypatch.setenv("EDGECTL_CACHE", str(shard_cache))
+    ckpt = resolve(str(stories_8da4w))
+    record = json.loads((stories_8da4w / QUANT_FILE).read_text())
+    out = tmp_path / "set"
+    res = shard_model(ckpt, out, ShardSettings(max_seq_len=STORIES_SEQ))  # precisions: the stored one
+
+    m = Manifest.load(out)
+    assert m.precisions == ["8da4w"] and res.variants == 7
+    assert m.source["model"] == str(stories_8da4w) and m.source["sha256"] == ckpt.content_hash()
+    assert m.source["quantization"] == record and m.calibration["group_size"] == 32
+    for s in m.shards:
+        assert set(s.variants) == {"8da4w"}
+        v = s.variants["8da4w"]
+        assert (out / v.file).exists() and file_sha256(out / v.file) == v.sha256 and v.importance is None
+        if s.kind == "embed":  # the int8 embedding is read from the head's file
+            assert v.extra["table"]["file"] == "head.8da4w.pte" and v.extra["table"]["bits"] == 8
+            continue
+        rec = v.extra["quantization"]
+        assert rec["stored"] and rec["scheme"] == record["scheme"]
+        names = [f"layers.{i}." for i in s.layers] if s.kind == "layers" else ["head.", "embed."]
+        assert rec["weights"] == {k: w for k, w in record["weights"].items() if k.startswith(tuple(names))}
+        assert rec["weights"]
+    assert not any(f.name.startswith(("embed", "fp32")) or ".fp32." in f.name for f in out.iterdir())
+
+    pte = tmp_path / "mono.pte"
+    export_pte(ckpt, pte, max_seq_len=STORIES_SEQ, prefill_chunk=16)
+    mono, chain = PteModel(pte), ShardChain(out)
+    # one call of the same 16 tokens: both run the same quantized computation
+    short = [1] + [(5 * i) % 500 + 3 for i in range(15)]
+    mono.reset()
+    chain.reset()
+    a, b = mono.forward(short, 0, all_logits=True), chain.forward(short, 0, all_logits=True)
+    assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4
+    # 100 tokens in calls of 16 vs 64: int8 dynamic activation quantization may round a
+    # tie the other way, so greedy tokens must agree and logits only loosely
+    prompt = [1] + [(7 * i) % 500 + 3 for i in range(99)]
+    t_mono, l_mono = _greedy(mono, prompt, 64)
+    t_chain, l_chain = _greedy(chain, prompt, 64)
+    assert l_mono.shape == l_chain.shape and float((l_mono - l_chain).abs().max()) < 5e-2
+    assert t_chain == t_mono
