@@ -27,20 +27,24 @@ def table_tensors(directory: Path, spec: dict) -> list:
 def embed_rows(tensors: list, spec: dict, tokens):
     """Rows for `tokens` [1,T] from the mapped table: fp32 rows as they are; int8 rows
     times their row scale; int4 rows (two codes a byte, low nibble = even column, code - 8)
-    times their group's bfloat16 scale. Returns [1, T, dim] fp32."""
+    times their group's bfloat16 scale, plus the group's offset when the table has a third
+    tensor (4-bit asymmetric, as QuantEmbedding). Returns [1, T, dim] fp32."""
     import torch
 
     idx = tokens.reshape(-1)
     if "tensors" not in spec:
         return tensors[0].index_select(0, idx).unsqueeze(0)
-    codes, scales = tensors
+    codes, scales, *offsets = tensors
     rows, s = codes.index_select(0, idx), scales.index_select(0, idx).to(torch.float32)
     if spec["bits"] == 8:
         return (rows.to(torch.float32) * s).unsqueeze(0)
     r = rows.to(torch.int32)
     q = torch.stack([r & 15, r >> 4], dim=-1).to(torch.float32) - 8.0  # [T, D/2, 2]
     gs = spec["group_size"]
-    return (q.reshape(len(idx), -1, gs) * s.unsqueeze(-1)).reshape(1, len(idx), -1)
+    e = q.reshape(len(idx), -1, gs) * s.unsqueeze(-1)
+    if offsets:
+        e = e + offsets[0].index_select(0, idx).unsqueeze(-1)
+    return e.reshape(1, len(idx), -1)
 
 
 class ShardChain:
