@@ -91,9 +91,18 @@ def _quiet_library_noise() -> None:
 def lower(module, example_args: tuple, dynamic_shapes, backend: str, constant_methods: dict | None = None,
           progress: Progress | None = None):
     """torch.export -> edge -> backend lowering -> ExecuTorch program. Returns (et_program, op counts)."""
+    from edgectl.xnnpack_fast import shape_kernels
+
+    with shape_kernels():
+        return _lower(module, example_args, dynamic_shapes, backend, constant_methods, progress)
+
+
+def _lower(module, example_args, dynamic_shapes, backend, constant_methods, progress):
     import torch
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
+
+    from edgectl.xnnpack_fast import fast_passes, infer_view_dims
 
     step = progress or (lambda s: None)
     _quiet_library_noise()
@@ -104,8 +113,6 @@ def lower(module, example_args: tuple, dynamic_shapes, backend: str, constant_me
             prefer_deferred_runtime_asserts_over_guards=True,
         )
     step(f"lowering ({backend})")
-    from edgectl.xnnpack_fast import fast_passes, infer_view_dims
-
     with fast_passes():
         edge = to_edge_transform_and_lower(
             ep,

@@ -1,4 +1,8 @@
-"""Skip XNNPACK preprocess passes that cannot match anything in a partition.
+"""Faster ExecuTorch lowering for the graphs edgectl exports, with the same result.
+
+1. `fast_passes()`: skip XNNPACK preprocess passes that cannot match anything in a partition.
+2. `infer_view_dims`: views with one symbolic size get -1, so XNNPACK delegates them.
+3. `shape_kernels()`: shape-only (Meta) kernels for torchao's quantize/dequantize/choose_qparams ops.
 
 XNNPACK's preprocess runs 17 graph passes over every partition, and each one re-traces the
 partition with fake tensors even when it has nothing to rewrite (batch norm, conv1d,
@@ -6,8 +10,14 @@ PReLU, upsample, max-pool, pad, concatenation, ...). On SmolLM2-135M that re-tra
 most of the export time. `fast_passes()` drops, per partition, each pass whose anchor
 operators do not occur in it; every other pass runs as before and in the same order.
 
-The result is checked, not assumed: tests/test_export_run.py exports with and without it
-and requires byte-identical programs. `EDGECTL_ALL_XNNPACK_PASSES=1` turns it off.
+torchao registers its quantization primitives as custom ops with no shape function, so
+every time a graph is re-traced with fake tensors (decompositions, then each XNNPACK pass,
+for every quantized linear) the whole Python implementation runs op by op on fake tensors:
+a third of an 8da4w export. `shape_kernels()` gives them Meta kernels that compute only the
+output shapes and dtypes, following torchao 0.18's own code.
+
+Both are checked, not assumed: tests/test_export_run.py exports with and without them and
+requires byte-identical programs. `EDGECTL_SLOW_EXPORT=1` turns them off.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ def needed(passes: list, ep) -> list:
 
 @contextlib.contextmanager
 def fast_passes():
-    if os.environ.get("EDGECTL_ALL_XNNPACK_PASSES") == "1":
+    if os.environ.get("EDGECTL_SLOW_EXPORT") == "1":
         yield
         return
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
@@ -84,3 +94,68 @@ def infer_view_dims(gm):
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return PassResult(gm, changed)
+
+
+def _choose_qparams_shapes(input, mapping_type, block_size, target_dtype, quant_min=None, quant_max=None, eps=None,
+                           scale_dtype=None, zero_point_dtype=None, keepdim=False):
+    import torch
+    from torchao.quantization.quant_primitives import _get_reduction_params
+
+    if keepdim:
+        shape = [input.shape[i] // block_size[i] for i in range(len(block_size))]
+    else:
+        full, dims = _get_reduction_params(block_size, input.size())
+        shape = [d for i, d in enumerate(full) if i not in dims]
+    zp_dtype = zero_point_dtype or (torch.int32 if mapping_type == "ASYMMETRIC" else input.dtype)
+    return (input.new_empty(shape, dtype=scale_dtype or input.dtype), input.new_empty(shape, dtype=zp_dtype))
+
+
+def _quantize_shapes(input, block_size, scale, zero_point, output_dtype, quant_min=None, quant_max=None):
+    return input.new_empty(input.shape, dtype=output_dtype)
+
+
+def _dequantize_shapes(input, block_size, scale, zero_point, input_dtype, quant_min=None, quant_max=None,
+                       output_dtype=None):
+    import torch
+
+    return input.new_empty(input.shape, dtype=output_dtype or torch.float32)
+
+
+SHAPES = {"choose_qparams_affine": _choose_qparams_shapes, "quantize_affine": _quantize_shapes,
+          "dequantize_affine": _dequantize_shapes}
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or getattr(t, "is_meta", False)
+
+
+@contextlib.contextmanager
+def shape_kernels():
+    """Override torchao's three ops' CompositeImplicitAutograd kernels with ones that, given
+    fake (or meta) tensors, return only the output shapes; real tensors still run torchao's
+    code. Exporting preserves these ops (XNNPACK lowers them), so under fake tensors their
+    kernels are only ever asked for output shapes."""
+    if os.environ.get("EDGECTL_SLOW_EXPORT") == "1":
+        yield
+        return
+    import warnings
+
+    import torch
+    import torchao.quantization.quant_primitives as qp
+
+    lib = torch.library.Library("torchao", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        for name, shapes in SHAPES.items():
+            real = getattr(qp, "_" + name)
+
+            def kernel(*args, _real=real, _shapes=shapes, **kwargs):
+                return _shapes(*args, **kwargs) if _is_fake(args[0]) else _real(*args, **kwargs)
+
+            lib.impl(name, kernel, "CompositeImplicitAutograd")
+    try:
+        yield
+    finally:
+        lib._destroy()
