@@ -102,7 +102,7 @@ def _lower(module, example_args, dynamic_shapes, backend, constant_methods, prog
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
-    from edgectl.xnnpack_fast import fast_passes, infer_view_dims
+    from edgectl.xnnpack_fast import dedupe, fast_passes, infer_view_dims
 
     step = progress or (lambda s: None)
     _quiet_library_noise()
@@ -116,7 +116,7 @@ def _lower(module, example_args, dynamic_shapes, backend, constant_methods, prog
     with fast_passes():
         edge = to_edge_transform_and_lower(
             ep,
-            transform_passes=[infer_view_dims] if backend == "xnnpack" else None,
+            transform_passes=[infer_view_dims, dedupe] if backend == "xnnpack" else None,
             partitioner=partitioners(backend),
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=constant_methods,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 XNNPACK_GROUP_MULTIPLE = 32  # XNNPACK's blockwise (qb4w) kernels need group sizes that are multiples of 32
@@ -78,8 +79,26 @@ def dynamic_linear(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_s
     return lin
 
 
+_ONES: dict[int, torch.Tensor] = {}
+
+
+def _ones(group_size: int) -> torch.Tensor:
+    """One shared [1, group_size] tensor of ones per group size: linears that read the same
+    input then compute the very same group sums in the exported graph, and export's
+    common-subexpression pass (xnnpack_fast.dedupe) keeps one of them (q/k/v, gate/up)."""
+    if group_size not in _ONES:
+        _ONES[group_size] = torch.ones(1, group_size)
+    return _ONES[group_size]
+
+
 class Asym4Linear(nn.Module):
-    """4-bit asymmetric groupwise weight: w = scales * (u - 8) + offsets, per group."""
+    """4-bit asymmetric groupwise weight: w = scales * (u - 8) + offsets, per group.
+
+    x @ w.T = x @ (scales * (u - 8)).T + group_sums(x) @ offsets.T: a qb4w linear plus a
+    small fp32 linear over the input's per-group sums. The sums are one more linear, over
+    the input viewed as [tokens * groups, group_size] with a [1, group_size] weight of ones:
+    it reads the input once (a dense 0/1 [groups, K] matrix would read K * K / group_size
+    weights per call) and stays inside XNNPACK."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None):
@@ -88,16 +107,13 @@ class Asym4Linear(nn.Module):
         self.group_size, self.groups = group_size, g
         codes = unpack4(packed).to(torch.int8) - 8
         self.main = dynamic_linear(codes, scales, 4, group_size, bias)
-        # Group sums of the input as an fp32 matmul with a 0/1 matrix (stays inside XNNPACK).
-        k = g * group_size
-        self.group_sum = nn.Linear(k, g, bias=False)
-        self.group_sum.weight = nn.Parameter(
-            (torch.arange(k).unsqueeze(0) // group_size == torch.arange(g).unsqueeze(1)).float(), requires_grad=False)
+        self.register_buffer("ones", _ones(group_size), persistent=False)
         self.offset = nn.Linear(g, n, bias=False)
         self.offset.weight = nn.Parameter(offsets.to(torch.float32).contiguous(), requires_grad=False)
 
     def forward(self, x):
-        return self.main(x) + self.offset(self.group_sum(x))
+        sums = F.linear(x.reshape(-1, self.group_size), self.ones).reshape(*x.shape[:-1], self.groups)
+        return self.main(x) + self.offset(sums)
 
 
 class QuantEmbedding(nn.Module):

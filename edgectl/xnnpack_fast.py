@@ -159,3 +159,30 @@ def shape_kernels():
         yield
     finally:
         lib._destroy()
+
+
+# Pure operators whose duplicates (same target, same inputs, same arguments) can be merged.
+PURE = ("view_copy", "linear", "permute_copy", "mm.default", "addmm", "mul.Tensor", "add.Tensor", "rsqrt")
+
+
+def dedupe(gm):
+    """Edge pass: merge repeated pure computations on the same inputs (in place). The one
+    that matters: the per-group input sums of asymmetric 4-bit linears that share an input
+    (q/k/v, gate/up), which would otherwise be computed once per linear."""
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    seen, removed = {}, 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not any(p in str(node.target) for p in PURE):
+            continue
+        key = (node.target, repr(node.args), repr(sorted(node.kwargs.items())))
+        first = seen.get(key)
+        if first is None:
+            seen[key] = node
+            continue
+        node.replace_all_uses_with(first)
+        gm.graph.erase_node(node)
+        removed += 1
+    if removed:
+        gm.recompile()
+    return PassResult(gm, bool(removed))

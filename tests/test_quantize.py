@@ -41,6 +41,7 @@ def test_pick_group():
 
 def test_asym4_is_exact_on_a_q4_1_grid():
     # Weights on a Q4_1 grid (w = d*q + m per group of 32) come back to bf16 precision of d.
+    torch.manual_seed(0)
     d = torch.rand(16, 4, 1) * 0.01 + 0.001
     m = -torch.rand(16, 4, 1) * 0.05
     q = torch.randint(0, 16, (16, 4, 32)).float()
@@ -51,7 +52,9 @@ def test_asym4_is_exact_on_a_q4_1_grid():
     back = (s.unsqueeze(-1) * (u - 8) + c.unsqueeze(-1)).view(16, 128)
     assert torch.equal(u, q)
     err = (back - w).view(16, 4, 32).abs().amax(-1, keepdim=True)
-    assert (err / d).max() < 0.03  # bf16 scale rounding only: far below a quantization step d
+    # bf16 scale rounding only (relative 2^-9, times |u - 8| <= 8, on both sides of the
+    # refitted offset): far below a quantization step d
+    assert (err / d).max() < 16 * 2**-9 * 1.05
     sym_codes, sym_scales = codes_int4(w, 32)
     sym = (sym_codes.float().view(16, 4, 32) * sym_scales.unsqueeze(-1)).view(16, 128)
     assert (sym - w).abs().max() > 10 * (back - w).abs().max()  # symmetric int4 cannot represent it
