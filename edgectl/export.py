@@ -70,6 +70,7 @@ class ExportResult:
 def partitioners(backend: str) -> list:
     if backend not in BACKENDS:
         raise EdgectlError(f"unknown backend {backend!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
+    _quiet_library_noise()  # the partitioners import torchao, which logs at import time
     try:
         return BACKENDS[backend]()
     except ImportError as e:
