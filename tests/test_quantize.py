@@ -231,3 +231,17 @@ def test_cli_errors(stories_dir, tmp_path):
     assert main(["export", str(stories_dir), "-o", str(tmp_path / "x.pte"), "--embedding", "int8"]) == 2
     r = CliRunner().invoke(__import__("edgectl.cli", fromlist=["app"]).app, ["quantize", "--help"])
     assert r.exit_code == 0 and "--scheme" in r.output
+
+
+def test_4w_is_8da4w_asymmetric():
+    # XNNPACK has no fp32 x 4-bit groupwise kernel: 4w runs as 8da4w with the asymmetric
+    # mapping, the same modules from the same codes (so the same program).
+    a, b = _tiny(), _tiny()
+    ra = quantize_module(a, QuantScheme("4w", 32, "int4", 32))
+    rb = quantize_module(b, QuantScheme("8da4w", 32, "int4", 32, mapping="asymmetric"))
+    assert ra["weights"] == rb["weights"]
+    toks = torch.arange(12).unsqueeze(0)
+    with torch.no_grad():
+        la = a(toks, torch.arange(12), torch.arange(12), *a.empty_caches())[0]
+        lb = b(toks, torch.arange(12), torch.arange(12), *b.empty_caches())[0]
+    assert torch.equal(la, lb)
