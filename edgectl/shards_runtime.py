@@ -252,7 +252,7 @@ class ShardModel:
         if self.loader is not None:
             return self.loader.take(name)
         with self.trace.span("load", name):
-            return self.engine.load(path)
+            return self.engine.load(path, streamed=True)
 
     def _release(self, loaded, placement: str) -> None:
         if placement == "resident":

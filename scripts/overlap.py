@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engine", default="native", choices=("native", "python"))
+    ap.add_argument("--threads", type=int, default=0, help="XNNPACK thread pool size (default: the runtime's)")
+    ap.add_argument("--shared-workspace", action="store_true",
+                    help="load into XNNPACK's process-wide workspace (as before the loader got its own): shows the lock")
     a = ap.parse_args()
 
     import torch
@@ -46,6 +49,8 @@ def main() -> None:
     rt = _load_runtime()
     from executorch.extension.pybindings import portable_lib
 
+    if a.threads:
+        portable_lib._unsafe_reset_threadpool(a.threads)
     portable_lib._threadpool_get_thread_count()
     if a.files:
         dim, nkv, hd, S = (int(x) for x in a.shape.split(","))
@@ -85,7 +90,7 @@ def main() -> None:
     def load_loop(stop: threading.Event, count: list) -> None:
         i = 0
         while not stop.is_set():
-            eng.load(paths[i % len(paths)]).free()
+            eng.load(paths[i % len(paths)], streamed=not a.shared_workspace).free()
             i += 1
             count[0] = i
 

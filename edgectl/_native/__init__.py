@@ -72,7 +72,7 @@ class Native:
     def __init__(self, so: Path):
         lib = ctypes.CDLL(str(so))
         vp, i32p, i64p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64)
-        lib.ets_load.argtypes = [ctypes.c_char_p, ctypes.c_char_p, vp, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+        lib.ets_load.argtypes = [ctypes.c_char_p, ctypes.c_char_p, vp, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
         lib.ets_planned_size.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
         lib.ets_planned_size.restype = ctypes.c_int64
         lib.ets_load.restype = vp
@@ -93,11 +93,13 @@ class Native:
             raise EdgectlError(f"{path}: not a loadable ExecuTorch program with a {method} method")
         return n
 
-    def load(self, path: str | Path, method: str = "forward", arena=None) -> int:
-        """Load a method; `arena` (a uint8 torch tensor) holds its planned memory if given."""
+    def load(self, path: str | Path, method: str = "forward", arena=None, own_workspace: bool = False) -> int:
+        """Load a method; `arena` (a uint8 torch tensor) holds its planned memory if given.
+        `own_workspace`: its XNNPACK delegates get their own workspace, so loading it does
+        not wait for (or stall) methods executing in the shared one."""
         err = ctypes.create_string_buffer(512)
         ptr, size = (arena.data_ptr(), arena.numel()) if arena is not None else (None, 0)
-        h = self.lib.ets_load(str(path).encode(), method.encode(), ptr, size, err, 512)
+        h = self.lib.ets_load(str(path).encode(), method.encode(), ptr, size, int(own_workspace), err, 512)
         if not h:
             raise EdgectlError(f"{path}: cannot load {method} ({err.value.decode(errors='replace')})")
         return h

@@ -13,6 +13,8 @@
 // tensors re-pointed at the caller's memory (exported with alloc_graph_input=False),
 // so nothing is copied in; outputs are copied into caller buffers.
 
+#include <executorch/runtime/backend/backend_options_map.h>
+#include <executorch/runtime/backend/options.h>
 #include <executorch/runtime/core/data_loader.h>
 #include <executorch/runtime/core/hierarchical_allocator.h>
 #include <executorch/runtime/core/memory_allocator.h>
@@ -150,7 +152,13 @@ int64_t ets_planned_size(const char* path, const char* method_name) {
 // Load `method_name` of the program at `path`. Returns a handle or null (message in err).
 // With `arena` (arena_size bytes), the method's planned memory is placed there instead of
 // its own allocation: shards run one at a time, so they can all share one arena.
-void* ets_load(const char* path, const char* method_name, void* arena, size_t arena_size, char* err, size_t errlen) {
+// With `own_workspace`, the method's XNNPACK delegates get a workspace of their own
+// (sharing mode PerModel) instead of the process-wide one. XNNPACK holds the workspace's
+// lock for the whole of a delegate's init (weight packing) and of each execute, so a
+// shard loading into the shared workspace stalls every resident shard's compute; a
+// streamed shard loads into its own and the two really run at once.
+void* ets_load(const char* path, const char* method_name, void* arena, size_t arena_size, int own_workspace,
+               char* err, size_t errlen) {
   auto s = std::make_unique<Shard>();
   s->loader.reset(MmapLoader::open(path, err, errlen));
   if (!s->loader) return nullptr;
@@ -190,7 +198,14 @@ void* ets_load(const char* path, const char* method_name, void* arena, size_t ar
   s->planned_alloc = std::make_unique<etr::HierarchicalAllocator>(
       etr::Span<etr::Span<uint8_t>>(s->spans.data(), s->spans.size()));
   s->memory = std::make_unique<etr::MemoryManager>(&s->method_alloc, s->planned_alloc.get(), &s->temp_alloc);
-  auto m = s->program->load_method(method_name, s->memory.get());
+  etr::BackendOptions<1> xnn_opts;
+  etr::LoadBackendOptionsMap opts_map;
+  if (own_workspace) {
+    static const char kSharingMode[] = "workspace_sharing_mode";  // executorch::backends::xnnpack
+    xnn_opts.set_option(kSharingMode, 1);                          // WorkspaceSharingMode::PerModel
+    opts_map.set_options("XnnpackBackend", xnn_opts.view());
+  }
+  auto m = s->program->load_method(method_name, s->memory.get(), nullptr, nullptr, own_workspace ? &opts_map : nullptr);
   if (!m.ok()) {
     snprintf(err, errlen, "load_method(%s) failed (error 0x%x)", method_name, static_cast<unsigned>(m.error()));
     return nullptr;
