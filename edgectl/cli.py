@@ -340,7 +340,10 @@ def quantize(
 @app.command()
 def shard(
     model: Annotated[str, typer.Argument(help="Hub id, Hugging Face directory, .gguf file or `edgectl quantize` output.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Shard-set directory to write (complete or absent).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Shard-set directory to write (complete or absent).")] = None,
+    remeasure: Annotated[bool, typer.Option("--remeasure", help="MODEL is an existing shard set: measure its load time, "
+                                            "memory and decode-step time again on this machine and rewrite its manifest "
+                                            "(e.g. after copying it to a device); nothing is exported.")] = False,
     precisions: Annotated[Optional[str], typer.Option(help="Precisions every shard is exported at, highest first "
                                                            "(default fp32; a quantized MODEL: its own, the only one it offers).")] = None,
     group_size: Annotated[int, typer.Option(help="4-bit group size (a multiple of 32).")] = 32,
@@ -359,11 +362,33 @@ def shard(
     Example: edgectl shard model.gguf -o smol-shards --precisions fp32,int8,8da4w --calibration wiki.valid.raw
 
     MODEL may be an `edgectl quantize` output: its shards are its stored codes, at its one precision (e.g. 8da4w).
+
+    Example: edgectl shard smol-shards --remeasure   (on the device that will run it)
     """
     from edgectl import ui
     from edgectl.checkpoint import resolve
     from edgectl.quantize import QuantScheme
     from edgectl.shard import ShardSettings, parse_precisions, shard_model
+
+    if remeasure:
+        from edgectl.shard import remeasure as do_remeasure
+
+        if output is not None:
+            raise UsageError("--remeasure rewrites MODEL's own manifest: drop --output")
+        ui.info(f"re-measuring {model} (fresh process)")
+        m = do_remeasure(Path(model))
+        rows = [{"shard": sh.name, "precision": p, "load_ms": v.load_ms, "resident_bytes": v.resident_bytes,
+                 "planned_bytes": v.extra.get("planned_bytes"), "compute_ms": v.extra.get("compute_ms")}
+                for sh in m.shards for p, v in sh.variants.items()]
+        if json_out:
+            ui.emit_json({"path": str(model), "variants": rows})
+            return
+        for r in rows:
+            c = f"{r['compute_ms']:.3f} ms/step" if r["compute_ms"] is not None else "-"
+            typer.echo(f"  {r['shard']:<12} {r['precision']:<6} load {r['load_ms']:7.2f} ms  {r['resident_bytes'] / 1e6:7.2f} MB  {c}")
+        return
+    if output is None:
+        raise UsageError("--output/-o is required", hint="give the shard-set directory to write")
 
     ps = parse_precisions(precisions) if precisions is not None else None
     QuantScheme("fp32", group_size)  # validates --group-size

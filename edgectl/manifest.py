@@ -83,7 +83,10 @@ class Manifest:
         return json.dumps(asdict(self), indent=2)
 
     def save(self, directory: Path) -> None:
-        (directory / MANIFEST).write_text(self.to_json())
+        self.save_as(Path(directory) / MANIFEST)
+
+    def save_as(self, path: Path) -> None:
+        Path(path).write_text(self.to_json())
 
     @classmethod
     def load(cls, directory: Path) -> "Manifest":

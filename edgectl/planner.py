@@ -29,7 +29,9 @@ How it chooses (greedy; every step is on the manifest's measured figures):
    the forward pass stay resident as the preload buffer.
 3. Spend what is left: raise precisions back (most accuracy per byte first), then keep
    streamed shards resident again (most time saved first), as long as budget and
-   latency target still hold.
+   latency target still hold. With shards streamed and no latency target, a raise must
+   keep the decode step within STREAM_SLACK (10%) of the plan before raising: otherwise
+   the most accurate plan streams top-precision layers at a few tokens per second.
 The expected time per token comes from simulating one decode step on the measured
 load_ms and (when the manifest has them) compute_ms of each shard: a loader that loads
 streamed shards in forward order into its slots while the executor runs shards.
@@ -45,6 +47,7 @@ from edgectl.errors import EdgectlError, UsageError
 MODES = ("auto", "resident", "pipelined", "on-demand")
 SLOTS = {"resident": 0, "pipelined": 2, "on-demand": 1}
 PLAN_FORMAT = "edgectl-plan/1"
+STREAM_SLACK = 0.10  # see _plan step 3a
 
 
 @dataclass
@@ -320,7 +323,16 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
         st.streamed.add(best[1].name)
     if mem() > budget:  # cannot happen above the minimum; keep the guard honest
         raise EdgectlError(f"no plan fits {budget / 1e6:.1f} MB in mode {mode} (minimum {minimum / 1e6:.1f} MB)")
-    # 3a. raise precisions back while budget and latency hold (most accuracy per byte first)
+    # 3a. raise precisions back while budget and latency hold (most accuracy per byte first).
+    # With shards streamed and no latency target, a raise may not slow a decode step by more
+    # than STREAM_SLACK over the plan found so far: a streamed fp32 layer buys a sliver of
+    # accuracy for several ms of loading per token. --latency-target lifts this.
+    notes = []
+    if target is None and st.streamed:
+        base = time_ms()
+        ok_time = lambda: time_ms() <= base * (1 + STREAM_SLACK) + 1e-9  # noqa: E731
+        notes.append(f"no --latency-target: precisions raised only while a decode step stays within "
+                     f"{STREAM_SLACK:.0%} of {base:.1f} ms; give --latency-target to trade speed for accuracy")
     while True:
         best = None
         for s in movable:
@@ -380,7 +392,9 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
         choices.append(ShardChoice(s.name, s.kind, list(s.layers), p, placement, 0 if placement == "mapped" else _weights(v),
                                    v.load_ms, _compute_ms(v), imp.kl if imp else 0.0, imp.ppl_delta if imp else 0.0))
     measured = all(c.compute_ms is not None for c in choices if c.placement != "mapped")
-    notes = [] if measured else ["compute time per shard not in the manifest: expected ms/token counts loading only"]
+    if not measured:
+        notes.append("compute time per shard not in the manifest (`edgectl shard DIR --remeasure` adds it): "
+                     "expected ms/token counts loading only")
     return Plan(actual_mode, budget, target, choices, kv, slot, resident, total, minimum, ms,
                 sum(c.kl for c in choices), measured, notes=notes, fixed_bytes=fixed)
 

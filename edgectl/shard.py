@@ -360,9 +360,28 @@ def _table_bytes(table: dict) -> int:
     return n_all
 
 
+def remeasure(directory: Path) -> Manifest:
+    """Measure an existing shard set's per-variant costs again on this machine (load time,
+    resident bytes, planned memory, decode-step time: what the planner plans with) and
+    rewrite its manifest.json atomically; importance figures are kept."""
+    directory = Path(directory)
+    manifest = Manifest.load(directory)
+    _measure_load(directory, manifest)
+    tmp = directory / f".manifest.json.tmp-{os.getpid()}"
+    try:
+        manifest.save_as(tmp)
+        os.replace(tmp, directory / "manifest.json")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return manifest
+
+
 def _measure_load(tmp: Path, manifest: Manifest) -> None:
     from edgectl.shard_measure import run_measure
 
+    m = manifest.model
+    shape = {"dim": m["dim"], "n_kv_heads": m["n_kv_heads"], "head_dim": m.get("head_dim") or m["dim"] // m["n_heads"],
+             "max_seq_len": manifest.max_seq_len, "vocab_size": m["vocab_size"]}
     items = []
     for sh in manifest.shards:
         for p, v in sh.variants.items():
@@ -370,13 +389,19 @@ def _measure_load(tmp: Path, manifest: Manifest) -> None:
             if "table" in v.extra:
                 items.append({"id": tid, "dir": str(tmp), "table": v.extra["table"]})
             else:
-                items.append({"id": tid, "path": str(tmp / v.file)})
+                item = {"id": tid, "path": str(tmp / v.file)}
+                if sh.kind in ("layers", "head"):
+                    item["call"] = {"kind": sh.kind, "n_layers": len(sh.layers), **shape}
+                items.append(item)
     res = run_measure(items)
     for sh in manifest.shards:
         for p, v in sh.variants.items():
             r = res[f"{sh.name}|{p}"]
             v.resident_bytes, v.load_ms = r["resident_bytes"], round(r["load_ms"], 3)
             v.extra["anon_bytes"] = r["anon_bytes"]
+            for k in ("planned_bytes", "compute_ms"):  # absent without the native shim
+                if k in r:
+                    v.extra[k] = round(r[k], 4) if k == "compute_ms" else r[k]
 
 
 def _importance(ckpt, tmp: Path, manifest: Manifest, s: ShardSettings, windows, step: Step, count) -> None:

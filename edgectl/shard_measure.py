@@ -8,6 +8,12 @@ drop both, malloc_trim. resident_bytes / anon_bytes are the medians of the VmRSS
 RssAnon growth, load_ms the median load time. One program is loaded and dropped first so
 the one-time runtime initialisation (~15 ms) is not charged to a shard.
 
+A program item may also carry "call": {"kind": "layers"|"head", "n_layers", "dim",
+"n_kv_heads", "head_dim", "max_seq_len"}: then, through the native shim the runtime uses
+(edgectl/_native), the program's planned (activation) memory is read from its header
+("planned_bytes") and one decode step (one token, position 64, full-size KV cache) is
+timed, median of 20 after a warm-up ("compute_ms"). Without the shim those two are absent.
+
 An embed variant that reads the head's matrix has no program: its figures are those of
 mapping the table (file-backed pages, touched only by the rows looked up).
 """
@@ -37,6 +43,11 @@ def measure(items: list[dict], repeats: int = 3) -> dict:
     from edgectl.shard_chain import table_tensors
 
     rt = _load_runtime()
+    native = None
+    if any("call" in it for it in items):
+        from edgectl import _native
+
+        native = _native.load()
     out = {}
     with native_stderr_captured():
         progs = [it for it in items if "path" in it]
@@ -70,9 +81,40 @@ def measure(items: list[dict], repeats: int = 3) -> dict:
                     del prog, method
             out[it["id"]] = {"resident_bytes": int(statistics.median(rss)), "anon_bytes": int(statistics.median(anon)),
                              "load_ms": statistics.median(ms)}
+            if "call" in it and native is not None:
+                out[it["id"]].update(_decode_step(native, it["path"], it["call"]))
     gc.collect()
     malloc_trim()
     return out
+
+
+def _decode_step(native, path: str, call: dict, runs: int = 20) -> dict:
+    """Planned memory and the median time of one decode step of the program at `path`."""
+    import torch
+
+    from edgectl.loader import NativeEngine
+
+    planned = native.planned_size(path)
+    eng = NativeEngine(native, planned)
+    loaded = eng.load(path)
+    S, dim, hd, nkv = call["max_seq_len"], call["dim"], call["head_dim"], call["n_kv_heads"]
+    h = torch.randn(1, 1, dim)
+    if call["kind"] == "layers":
+        n = call["n_layers"]
+        caches = [t for _ in range(n) for t in (torch.zeros(1, nkv, hd, S), torch.zeros(1, nkv, S, hd))]
+        inputs, caps = [h, torch.tensor([min(64, S - 1)]), *caches], [S * dim] + [nkv * hd * S] * (2 * n)
+    else:
+        inputs, caps = [h, torch.tensor([0])], [call["vocab_size"]]
+    times = []
+    try:
+        for i in range(runs + 1):
+            t0 = time.perf_counter()
+            loaded.run(inputs, caps)
+            if i:
+                times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        loaded.free()
+    return {"planned_bytes": int(planned), "compute_ms": statistics.median(times)}
 
 
 def run_measure(items: list[dict], repeats: int = 3) -> dict:

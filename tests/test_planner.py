@@ -187,3 +187,24 @@ def test_parse_bytes(text, n):
 def test_parse_bytes_rejects(text):
     with pytest.raises(UsageError):
         parse_bytes(text)
+
+
+def test_without_latency_target_streamed_shards_do_not_trade_speed_for_accuracy():
+    # Three layers, all streamed (budget: head + two fp32-sized slots + KV). fp32 loads 8x
+    # slower than int8/8da4w at nearly the same size. Accuracy alone streams fp32 (120 ms a
+    # token); with no target a raise must keep the step within STREAM_SLACK: int8 (same
+    # load time) is taken, fp32 is not.
+    from edgectl.planner import STREAM_SLACK
+
+    head = Shard("head", "head", [], {p: _variant(p, 0.5, k) for p, k in zip(PRECS, (0, 0.5, 0.9))})
+    m = _manifest([_layer(i, (0, .1, .2), sizes=(7, 6, 5), loads=(40, 5, 5), compute=0.5) for i in range(3)], head=head)
+    budget = int(0.5 * MB + 2 * 7 * MB + 0.5 * MB + kv_cache_bytes(m))
+    fast = plan(m, budget, mode="pipelined")
+    assert sorted(fast.streamed) == ["layers.0", "layers.1", "layers.2"]
+    assert {c.precision for c in fast.shards if c.placement == "streamed"} == {"int8"}
+    assert fast.ms_per_token == pytest.approx(3 * 5.0)
+    assert any("--latency-target" in n for n in fast.notes)
+    slow = plan(m, budget, mode="pipelined", latency_target_ms=1000.0)  # accuracy first, within 1 s
+    assert {c.precision for c in slow.shards if c.placement == "streamed"} == {"fp32"}
+    assert slow.kl_sum < fast.kl_sum and slow.ms_per_token == pytest.approx(3 * 40.0)
+    assert fast.ms_per_token <= 3 * 5.0 * (1 + STREAM_SLACK)

@@ -119,7 +119,10 @@ def test_manifest_contract(stories_shards):
     from edgectl.manifest import Manifest
     from edgectl.shard_build import file_sha256
 
+    from edgectl import _native
+
     out, res, _ = stories_shards
+    native = _native.load()
     m = Manifest.load(out)
     assert [s.name for s in m.shards] == ["embed", *[f"layers.{i}" for i in range(5)], "head"]
     assert m.precisions == ["fp32", "8da4w"] and m.max_seq_len == STORIES_SEQ and m.source["sha256"]
@@ -134,6 +137,9 @@ def test_manifest_contract(stories_shards):
             assert (v.importance is None) == (p == "fp32")
             if v.importance:
                 assert v.importance.kl > 0 and math.isfinite(v.importance.ppl)
+            if s.kind != "embed" and native is not None:  # what the planner plans with
+                assert v.extra["planned_bytes"] == native.planned_size(out / v.file) > 0
+                assert 0 < v.extra["compute_ms"] < 1000
     # the tied matrix is stored once per precision: the embed reads the head's file
     emb = m.shards[0].variants
     assert emb["fp32"].extra["table"]["file"] == "head.fp32.pte"
@@ -141,6 +147,42 @@ def test_manifest_contract(stories_shards):
     assert not any(f.name.startswith("embed") for f in out.iterdir())
     ranked = [r["kl"] for r in m.calibration["ranking"]]
     assert ranked == sorted(ranked, reverse=True) and len(ranked) == 7
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_remeasure_rewrites_costs_and_keeps_importance(stories_shards, tmp_path, capsys):
+    import json
+    import shutil
+
+    from edgectl import _native
+    from edgectl.cli import main
+    from edgectl.manifest import Manifest
+
+    if _native.load() is None:
+        pytest.skip(f"native shim unavailable: {_native.why_not()}")
+    src, _, _ = stories_shards
+    d = tmp_path / "copy"
+    shutil.copytree(src, d)
+    before = Manifest.load(d)
+    raw = json.loads((d / "manifest.json").read_text())
+    for sh in raw["shards"]:  # as written before shard measured these
+        for v in sh["variants"].values():
+            v["extra"].pop("compute_ms", None)
+            v["extra"].pop("planned_bytes", None)
+    (d / "manifest.json").write_text(json.dumps(raw))
+    capsys.readouterr()
+    assert main(["shard", str(d), "--remeasure", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["variants"]
+    after = Manifest.load(d)
+    assert len(rows) == sum(len(s.variants) for s in after.shards)
+    for s0, s1 in zip(before.shards, after.shards):
+        for p, v in s1.variants.items():
+            assert v.importance == s0.variants[p].importance and v.sha256 == s0.variants[p].sha256
+            if s1.kind != "embed":
+                assert v.extra["compute_ms"] > 0 and v.extra["planned_bytes"] > 0 and v.load_ms > 0
+    assert not [f for f in d.iterdir() if f.name.startswith(".")]  # no temporary left
+    assert main(["shard", str(d), "--remeasure", "-o", str(tmp_path / "x")]) == 2
 
 
 @pytest.mark.real_model
