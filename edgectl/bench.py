@@ -35,6 +35,9 @@ Sizes in bytes, times in ms, rates in tokens per second:
             prompt_tokens, new_tokens: int
             ttft_ms, prefill_ms, decode_ms, prefill_tok_s, decode_tok_s: float
             load_ms: float              sum of the trace's "load" lane (as `edgectl run`)
+            open_ms: float              wall time of opening the artifact and its tokenizer
+            first_token_ms: float       open_ms + TTFT of the process's first generation (the
+                                        warm-up's when there is one): start to first token
             rss_before_load: int        VmRSS after torch + runtime import, before load
             rss_after_load, rss_end, rss_anon_end, rss_file_end: int
             peak_rss: int               VmHWM at the end of the run
@@ -45,7 +48,7 @@ Sizes in bytes, times in ms, rates in tokens per second:
             phases: {warmup?: [start_s, end_s], measured: [start_s, end_s]}
             trace: [{lane, name: str, start, end: float seconds from the trace origin}]
         }]
-        summary: {load_ms, ttft_ms, prefill_tok_s, decode_tok_s, peak_rss, model_rss:
+        summary: {load_ms, ttft_ms, first_token_ms, prefill_tok_s, decode_tok_s, peak_rss, model_rss:
                   {mean: float, sd: float | null (null when n < 2), min, max: float, n: int}}
         decode_ratio: float             mean decode tok/s over the first row's
         ppl: {file: str, ppl, nll: float, tokens_scored, text_tokens, windows,
@@ -71,7 +74,7 @@ from edgectl import __version__
 from edgectl.errors import EdgectlError, UsageError
 
 SCHEMA_VERSION = 1
-SUMMARY_KEYS = ("load_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss", "model_rss")
+SUMMARY_KEYS = ("load_ms", "ttft_ms", "first_token_ms", "prefill_tok_s", "decode_tok_s", "peak_rss", "model_rss")
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 
@@ -129,7 +132,9 @@ class Row:
     @property
     def summary(self) -> dict | None:
         ok = self.ok_runs
-        return {k: summarise([r[k] for r in ok]) for k in SUMMARY_KEYS} if ok else None
+        if not ok:
+            return None
+        return {k: summarise([r[k] for r in ok]) if all(k in r for r in ok) else None for k in SUMMARY_KEYS}
 
     def to_dict(self, label: str | None = None) -> dict:
         return {
@@ -402,7 +407,7 @@ def render_table(report: BenchReport):
     t = Table(title=title, title_justify="left")
     if report.cgroup_baseline is not None:
         title += f", cgroup cap = budget + {report.cgroup_baseline / 1e6:.0f} MB baseline"
-    cols = ["artifact", "size MB", "load ms", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model RSS MB"]
+    cols = ["artifact", "size MB", "load ms", "TTFT ms", "open→1st token ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model RSS MB"]
     planned = any(r.get("plan_total_bytes") is not None for row in report.rows for r in row.runs)
     if planned:
         cols.append("plan MB")
@@ -420,10 +425,10 @@ def render_table(report: BenchReport):
         m = r.summary
         cells = [label, f"{r.file_bytes / 1e6:.1f}"]
         if m is None:
-            cells += ["-"] * 6
+            cells += ["-"] * 7
         else:
             cells += [
-                _pm(m["load_ms"]), _pm(m["ttft_ms"]), _pm(m["prefill_tok_s"]), _pm(m["decode_tok_s"]),
+                _pm(m["load_ms"]), _pm(m["ttft_ms"]), (_pm(m["first_token_ms"]) if m["first_token_ms"] else "-"), _pm(m["prefill_tok_s"]), _pm(m["decode_tok_s"]),
                 f"{m['peak_rss']['mean'] / 1e6:.0f}", f"{m['model_rss']['mean'] / 1e6:.0f}",
             ]
         if planned:

@@ -212,7 +212,7 @@ def measure(args) -> dict:
     from edgectl.tokenizer import Tokenizer  # noqa: F401  (imports `tokenizers`)
 
     options = json.loads(args.options)
-    if unknown := set(options) - {"budget", "mode"}:
+    if unknown := set(options) - {"budget", "mode", "precision"}:
         from edgectl.errors import EdgectlError
 
         raise EdgectlError(f"unsupported bench options for {args.artifact}: {sorted(unknown)}")
@@ -230,11 +230,16 @@ def measure(args) -> dict:
     before = read_status()
     trace = runtime.Trace()
     shard_set = os.path.isdir(args.artifact)
-    kw = {k: options[k] for k in ("budget", "mode") if k in options} if shard_set else {}
+    kw = {k: options[k] for k in ("budget", "mode", "precision") if k in options} if shard_set else {}
+    t_open = time.perf_counter()
     model = runtime.open_artifact(args.artifact, trace=trace, **kw)
     after_load = read_status()
     tok = tokenizer_for(model)
+    open_ms = (time.perf_counter() - t_open) * 1e3
     result = measure_gen(args, model, tok) if args.mode == "gen" else measure_ppl(args, model, tok)
+    result["open_ms"] = open_ms
+    if args.mode == "gen":  # wall time from opening the artifact to its first generated token
+        result["first_token_ms"] = open_ms + (result["warmup"] or result)["ttft_ms"]
     end = read_status()
     result.update(
         load_ms=trace.total("load") * 1e3,

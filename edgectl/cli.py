@@ -133,6 +133,8 @@ def run(
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: what the model may cost (weights, KV cache, activations, loader buffers), e.g. 150MB.")] = None,
     latency_target: Annotated[Optional[float], typer.Option("--latency-target", min=0.0, help="Shard sets: most expected ms per decoded token.")] = None,
     mode: Annotated[str, typer.Option("--mode", help="Shard sets: auto, resident, pipelined or on-demand.")] = "auto",
+    precision: Annotated[Optional[str], typer.Option("--precision", help="Shard sets: every shard at this precision "
+                                                     "(e.g. int8; the uniform baseline a plan is compared with).")] = None,
     show_plan: Annotated[bool, typer.Option("--plan", help="Shard sets: print the plan (table, or JSON with --json) and exit.")] = False,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
@@ -153,7 +155,7 @@ def run(
 
         budget = parse_bytes(memory_budget)
     if show_plan:
-        _show_plan(artifact, budget, mode, latency_target, json_out)
+        _show_plan(artifact, budget, mode, latency_target, json_out, precision)
         return
     if prompt is None:
         raise UsageError("--prompt is required (unless --plan)")
@@ -165,7 +167,7 @@ def run(
     res = run_prompt(
         artifact, prompt, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
         chat=chat, system=system, threads=threads, on_text=None if json_out else stream,
-        budget=budget, mode=mode, latency_target_ms=latency_target,
+        budget=budget, mode=mode, latency_target_ms=latency_target, precision=precision,
     )
     if json_out:
         ui.emit_json(res)
@@ -187,7 +189,8 @@ def _mb(budget: int) -> str:
     return "no budget" if budget >= 1 << 60 else f"{budget / 1e6:.1f} MB"
 
 
-def _show_plan(artifact: Path, budget: int | None, mode: str, latency_target: float | None, json_out: bool) -> None:
+def _show_plan(artifact: Path, budget: int | None, mode: str, latency_target: float | None, json_out: bool,
+               precision: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -195,7 +198,7 @@ def _show_plan(artifact: Path, budget: int | None, mode: str, latency_target: fl
     from edgectl.planner import render_rows
     from edgectl.run import plan_for
 
-    p = plan_for(artifact, budget, mode, latency_target)
+    p = plan_for(artifact, budget, mode, latency_target, precision)
     if json_out:
         ui.emit_json(p.to_dict())
         return
@@ -225,6 +228,8 @@ def bench(
     ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Also measure the artifact's perplexity on this text file.")] = None,
     ppl_tokens: Annotated[Optional[int], typer.Option(min=2, help="Score at most this many tokens of --ppl.")] = None,
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: plan under each budget (comma-separated, e.g. 150MB,75MB), one row each.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="Shard sets: also rows with every shard at each of these "
+                                                     "precisions (comma-separated; 'plan' = the planner's mix), e.g. plan,int8,8da4w.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="Shard sets: placement mode(s), comma-separated (auto, resident, pipelined, on-demand), one row each.")] = None,
     cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at budget + the measured interpreter baseline (root); OOM kills become a row status.")] = False,
     recipe: RecipeOpt = None,
@@ -246,7 +251,7 @@ def bench(
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {plot}: expected a .png path")
     settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup)
-    cases = bench_cases(artifacts, memory_budget, mode, cgroup)
+    cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision)
     with ui.stages("benchmarking") as step:
         report = run_bench(cases, settings, progress=step, warn=ui.warn)
     data = report.to_dict()
@@ -266,9 +271,11 @@ def bench(
         ui.info(f"wrote {plot_timeline(data['rows'], plot)}")
 
 
-def bench_cases(artifacts: list[Path], memory_budget: str | None, mode: str | None, cgroup: bool) -> list:
-    """One Case per artifact x budget x mode: a shard set gets every budget and mode; a
-    .pte gets every budget only under --cgroup (as a cap), and no mode."""
+def bench_cases(artifacts: list[Path], memory_budget: str | None, mode: str | None, cgroup: bool,
+                precision: str | None = None) -> list:
+    """One Case per artifact x budget x mode x precision: a shard set gets every budget, mode
+    and precision ('plan' = the planner's own mix); a .pte gets every budget only under
+    --cgroup (as a cap), and no mode or precision."""
     from edgectl.bench import Case
     from edgectl.planner import MODES, parse_bytes
 
@@ -279,14 +286,16 @@ def bench_cases(artifacts: list[Path], memory_budget: str | None, mode: str | No
             raise UsageError(f"--mode {m}: expected one of {', '.join(MODES)}")
     if mode and not memory_budget:
         raise UsageError("--mode needs --memory-budget")
+    precs = [None if p.strip() == "plan" else p.strip() for p in precision.split(",")] if precision else [None]
     cases = []
     for a in artifacts:
         a = a.resolve()
         if a.is_dir():
             for b in budgets:
                 for m in modes:
-                    opts = {k: v for k, v in (("budget", b), ("mode", m)) if v is not None}
-                    cases.append(Case(a, opts))
+                    for p in precs:
+                        opts = {k: v for k, v in (("budget", b), ("mode", m), ("precision", p)) if v is not None}
+                        cases.append(Case(a, opts))
         elif cgroup and memory_budget:
             cases += [Case(a, {"budget": b}) for b in budgets]
         else:

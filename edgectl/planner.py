@@ -226,8 +226,26 @@ def _tied_head(shards):
 # The planner
 
 
+def only_precision(manifest, precision: str):
+    """The manifest with every shard offered at `precision` only: the uniform-precision
+    baseline a plan is compared with (placement is still planned under the budget)."""
+    import dataclasses
+
+    if precision not in manifest.precisions:
+        raise UsageError(f"--precision {precision}: this shard set has {', '.join(manifest.precisions)}")
+    shards = []
+    for s in manifest.shards:
+        if precision not in s.variants:
+            raise UsageError(f"--precision {precision}: shard {s.name} has no {precision} variant")
+        shards.append(dataclasses.replace(s, variants={precision: s.variants[precision]}))
+    return dataclasses.replace(manifest, shards=shards, precisions=[precision])
+
+
 def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mode: str = "auto",
-         fixed_bytes: int = 0) -> Plan:
+         fixed_bytes: int = 0, precision: str | None = None) -> Plan:
+    """`precision`: every shard at that precision (see only_precision)."""
+    if precision is not None:
+        manifest = only_precision(manifest, precision)
     if mode not in MODES:
         raise UsageError(f"--mode {mode!r}", hint=f"choose one of: {', '.join(MODES)}")
     if budget_bytes <= 0:

@@ -32,13 +32,15 @@ def run_prompt(
     budget: int | None = None,
     mode: str = "auto",
     latency_target_ms: float | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Generate from `artifact`; `on_text` receives printable text increments as they come.
     `budget`/`mode`/`latency_target_ms` apply to a shard set (a directory with manifest.json)."""
     from edgectl.runtime import open_artifact, set_threads  # imports torch + executorch
 
     set_threads(threads)
-    model = open_artifact(artifact, budget=budget, mode=mode, latency_target_ms=latency_target_ms)
+    shard_kw = {"precision": precision} if precision else {}
+    model = open_artifact(artifact, budget=budget, mode=mode, latency_target_ms=latency_target_ms, **shard_kw)
     load_ms = model.trace.total("load") * 1e3
     tok = tokenizer_for(model)
     ids = tok.encode_chat(prompt, system) if chat else tok.encode(prompt)
@@ -67,7 +69,8 @@ def is_shard_set(artifact: str | Path) -> bool:
     return Path(artifact).is_dir() and (Path(artifact) / "manifest.json").exists()
 
 
-def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", latency_target_ms: float | None = None):
+def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", latency_target_ms: float | None = None,
+             precision: str | None = None):
     """The plan `run` would follow (no torch or runtime import)."""
     from edgectl.errors import UsageError
     from edgectl.manifest import Manifest
@@ -75,7 +78,8 @@ def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", laten
 
     if not is_shard_set(artifact):
         raise UsageError(f"{artifact}: --plan needs a shard set directory (from `edgectl shard`)")
-    p = plan(Manifest.load(Path(artifact)), budget or 1 << 62, latency_target_ms, mode if budget else "resident")
+    p = plan(Manifest.load(Path(artifact)), budget or 1 << 62, latency_target_ms, mode if budget else "resident",
+             precision=precision)
     if budget:
         p.notes.append("start-up costs (tokenizer, first-execute workspace, staging) are not measured here: "
                        "a run measures them first and plans with them, so it may choose lower precisions")

@@ -35,6 +35,26 @@ from edgectl.planner import Plan, plan as make_plan
 from edgectl.runtime import Trace, _load_runtime, malloc_trim, native_stderr_captured, tied_table
 
 
+def lazy_zero_caches(args, max_seq_len: int, n: int):
+    """KV caches as fresh anonymous mappings: zero pages cost nothing until written, so
+    opening a shard set does not spend tens of ms memsetting a cache the prompt has not
+    reached yet (torch.zeros writes every page). Same shapes as model.empty_caches."""
+    import mmap
+
+    import torch
+
+    from edgectl.model import cache_shapes
+
+    def zeros(shape):
+        n_el = 1
+        for d in shape:
+            n_el *= d
+        return torch.frombuffer(mmap.mmap(-1, n_el * 4), dtype=torch.float32).view(shape)
+
+    ks, vs = cache_shapes(args, max_seq_len)
+    return [zeros(ks) for _ in range(n)], [zeros(vs) for _ in range(n)]
+
+
 def anon_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
@@ -83,7 +103,7 @@ class ShardModel:
 
     def __init__(self, directory: str | Path, trace: Trace | None = None, *, budget: int | None = None,
                  mode: str = "auto", latency_target_ms: float | None = None, plan: Plan | None = None,
-                 engine: str = "auto"):
+                 engine: str = "auto", precision: str | None = None):
         self.dir = Path(directory)
         self.trace = trace or Trace()
         self.manifest = m = Manifest.load(self.dir)
@@ -96,14 +116,17 @@ class ShardModel:
             raise EdgectlError(f"{self.dir}: cannot read {m.tokenizer} ({e})") from e
         rt = _load_runtime()
         self.memory = {"baseline": rss_bytes()["rss"]}  # interpreter + torch + runtime, before any shard
-        self.tokenizer, self.startup = None, None
+        self.startup, self._tok = None, {}
         with native_stderr_captured():  # cpuinfo's probing chatter when the thread pool starts
             native = self._native(engine)
             if plan is None and budget:
                 self.startup = self._measure_startup(m, rt, native)
+            else:
+                self._start_tokenizer()
             if plan is None:
                 fixed = self.startup["total"] if self.startup else 0
-                plan = make_plan(m, budget, latency_target_ms, mode, fixed_bytes=fixed) if budget else _everything_resident(m)
+                plan = (make_plan(m, budget, latency_target_ms, mode, fixed_bytes=fixed, precision=precision) if budget
+                        else _everything_resident(m, precision))
             self.plan = plan
             self._open(m, plan, rt, native)
 
@@ -120,18 +143,47 @@ class ShardModel:
             raise EdgectlError(f"the native shim is unavailable ({_native.why_not()})")
         return native
 
+    def _start_tokenizer(self) -> None:
+        """Build the tokenizer on a thread: it runs while the main thread loads shards through
+        the native shim (GIL released), off the cold-start path. `self.tokenizer` waits for it."""
+        import threading
+
+        from edgectl.tokenizer import Tokenizer
+
+        m = self.manifest
+
+        def build():
+            try:
+                mm = m.model
+                self._tok["value"] = Tokenizer(self.tokenizer_json, m.tokenizer_config, mm["bos_token_id"],
+                                               tuple(mm["eos_token_ids"]))
+            except BaseException as e:  # raised where the tokenizer is asked for
+                self._tok["error"] = e
+
+        self._tok["thread"] = t = threading.Thread(target=build, name="edgectl-tokenizer", daemon=True)
+        t.start()
+
+    @property
+    def tokenizer(self):
+        if "thread" not in self._tok:
+            return None
+        self._tok["thread"].join()
+        if "error" in self._tok:
+            raise self._tok["error"]
+        return self._tok["value"]
+
     def _measure_startup(self, m, rt, native) -> dict:
-        """Measured start-up costs the planner counts as fixed bytes (see the module doc)."""
+        """Measured start-up costs the planner counts as fixed bytes (see the module doc).
+        The tokenizer builds on its thread while the probe runs: their memory is measured
+        together (anonymous RSS growth over both)."""
         import torch
 
         from edgectl import loader as ld
         from edgectl.model import ModelArgs, empty_caches
-        from edgectl.tokenizer import Tokenizer
 
         a0 = anon_bytes()
         mm = m.model
-        self.tokenizer = Tokenizer(self.tokenizer_json, m.tokenizer_config, mm["bos_token_id"], tuple(mm["eos_token_ids"]))
-        a1 = anon_bytes()
+        self._start_tokenizer()
         layers = [s for s in m.shards if s.kind == "layers"]
         probe = min(((s, v) for s in layers for v in s.variants.values()), key=lambda sv: sv[1].resident_bytes, default=None)
         if probe is not None:
@@ -151,12 +203,13 @@ class ShardModel:
             loaded.free()
             del loaded, eng, k, vc
             malloc_trim()
+        self.tokenizer  # noqa: B018  (waits for the build: its memory is part of what is measured)
         a2 = anon_bytes() + (max(run_growth, 0) if probe is not None else 0)
         # staging for outputs: h and 2 caches per layer of the widest shard, the head's logits (one row)
         widest = max((len(s.layers) for s in layers), default=1)
         staging = 4 * (m.max_seq_len * mm["dim"] + 2 * widest * mm["n_kv_heads"] * (mm.get("head_dim") or mm["dim"] // mm["n_heads"]) * m.max_seq_len
                        + mm["vocab_size"])
-        out = {"tokenizer": max(a1 - a0, 0), "first_execute": max(a2 - a1, 0), "staging": staging}
+        out = {"tokenizer_and_first_execute": max(a2 - a0, 0), "staging": staging}
         # A manifest without per-variant planned_bytes counts every shard's activation memory in
         # its resident_bytes, though all shards share one arena: read the programs' planned
         # sizes (headers only) into the in-memory manifest, so the planner counts the arena once.
@@ -172,30 +225,38 @@ class ShardModel:
         import torch
 
         from edgectl import loader as ld
-        from edgectl.model import ModelArgs, empty_caches
+        from edgectl.model import ModelArgs
 
         by_name = {s.name: s for s in m.shards}
         self.steps = []  # (name, kind, path, layers, placement) in forward order, embed excluded
-        self.embed = None
+        embed = None
         for c in plan.shards:
             s = by_name.get(c.name)
             if s is None or c.precision not in s.variants:
                 raise EdgectlError(f"the plan names {c.name} at {c.precision}, which {self.dir} does not have")
             v = s.variants[c.precision]
             if s.kind == "embed" and "table" in v.extra:
-                self.embed = _Embed(self.dir, v)
+                embed = v
                 continue
             self.steps.append((c.name, s.kind, self.dir / v.file, list(s.layers), c.placement))
-        if self.embed is None:
+        if embed is None:
             raise EdgectlError(f"{self.dir}: embed shards with their own program are not supported yet")
-        if native is not None:
-            arena = max(native.planned_size(p) for _, _, p, _, _ in self.steps)
+        # read every file of the plan ahead, first thing, in the order it is first needed: the
+        # resident shards (the preload buffer, loaded below), then the streamed ones in forward order
+        order = [path for _, _, path, _, placement in self.steps if placement == "resident"]
+        order += [path for _, _, path, _, placement in self.steps if placement != "resident"]
+        self.prefetcher = ld.prefetch(order, self.trace) if os.environ.get("EDGECTL_PREFETCH", "1") != "0" else None
+        self.embed = _Embed(self.dir, embed)
+        if native is not None:  # the manifest's planned_bytes, else read from each program's header
+            planned = {s.name: s.variants[c.precision].extra.get("planned_bytes") for c in plan.shards
+                       for s in [by_name[c.name]]}
+            arena = max(planned.get(n) or native.planned_size(p) for n, _, p, _, _ in self.steps)
             self.engine = ld.NativeEngine(native, arena)
         else:
             self.engine = ld.PyEngine(rt)
         args = ModelArgs.from_dict(m.model)
         self.args = args
-        self.k, self.v = empty_caches(args, self.max_seq_len, args.n_layers)
+        self.k, self.v = lazy_zero_caches(args, self.max_seq_len, args.n_layers)
         self.h_cap = self.max_seq_len * args.dim
         self.kv_cap = args.n_kv_heads * args.head_dim * self.max_seq_len
         self.resident = {}
@@ -322,9 +383,9 @@ class ShardModel:
                 "startup": self.startup}
 
 
-def _everything_resident(m: Manifest) -> Plan:
-    """No budget: every shard at its top precision, resident."""
-    return make_plan(m, 1 << 62, None, "resident")
+def _everything_resident(m: Manifest, precision: str | None = None) -> Plan:
+    """No budget: every shard at its top precision (or at `precision`), resident."""
+    return make_plan(m, 1 << 62, None, "resident", precision=precision)
 
 
 def open_shard_set(path: str | Path, trace: Trace | None = None, **kw) -> ShardModel:
