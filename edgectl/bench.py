@@ -92,6 +92,8 @@ class Case:
     @property
     def label(self) -> str:
         def fmt(k, v):
+            if k == "plan_file":
+                return f"plan={Path(v).name}"
             return f"{k}={v / 1e6:g}MB" if k == "budget" else f"{k}={v}"
 
         opts = " ".join(fmt(k, v) for k, v in sorted(self.options.items()))

@@ -212,7 +212,7 @@ def measure(args) -> dict:
     from edgectl.tokenizer import Tokenizer  # noqa: F401  (imports `tokenizers`)
 
     options = json.loads(args.options)
-    if unknown := set(options) - {"budget", "mode", "precision"}:
+    if unknown := set(options) - {"budget", "mode", "precision", "plan_file"}:
         from edgectl.errors import EdgectlError
 
         raise EdgectlError(f"unsupported bench options for {args.artifact}: {sorted(unknown)}")
@@ -231,6 +231,10 @@ def measure(args) -> dict:
     trace = runtime.Trace()
     shard_set = os.path.isdir(args.artifact)
     kw = {k: options[k] for k in ("budget", "mode", "precision") if k in options} if shard_set else {}
+    if shard_set and "plan_file" in options:
+        from edgectl.planner import Plan
+
+        kw["plan"] = Plan.load(options["plan_file"])
     t_open = time.perf_counter()
     model = runtime.open_artifact(args.artifact, trace=trace, **kw)
     after_load = read_status()

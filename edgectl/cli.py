@@ -135,6 +135,8 @@ def run(
     mode: Annotated[str, typer.Option("--mode", help="Shard sets: auto, resident, pipelined or on-demand.")] = "auto",
     precision: Annotated[Optional[str], typer.Option("--precision", help="Shard sets: every shard at this precision "
                                                      "(e.g. int8; the uniform baseline a plan is compared with).")] = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan-file", help="Shard sets: follow this plan (from `run "
+                                                      "--plan --json`) instead of planning; the one `export --plan` takes.")] = None,
     show_plan: Annotated[bool, typer.Option("--plan", help="Shard sets: print the plan (table, or JSON with --json) and exit.")] = False,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
@@ -167,7 +169,7 @@ def run(
     res = run_prompt(
         artifact, prompt, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
         chat=chat, system=system, threads=threads, on_text=None if json_out else stream,
-        budget=budget, mode=mode, latency_target_ms=latency_target, precision=precision,
+        budget=budget, mode=mode, latency_target_ms=latency_target, precision=precision, plan_file=plan_file,
     )
     if json_out:
         ui.emit_json(res)
@@ -230,6 +232,8 @@ def bench(
     memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: plan under each budget (comma-separated, e.g. 150MB,75MB), one row each.")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="Shard sets: also rows with every shard at each of these "
                                                      "precisions (comma-separated; 'plan' = the planner's mix), e.g. plan,int8,8da4w.")] = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan-file", help="Shard sets: one row following this plan "
+                                                      "(from `run --plan --json`), e.g. against `export --plan`'s .pte.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="Shard sets: placement mode(s), comma-separated (auto, resident, pipelined, on-demand), one row each.")] = None,
     cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at budget + the measured interpreter baseline (root); OOM kills become a row status.")] = False,
     recipe: RecipeOpt = None,
@@ -251,7 +255,7 @@ def bench(
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {plot}: expected a .png path")
     settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup)
-    cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision)
+    cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision, plan_file)
     with ui.stages("benchmarking") as step:
         report = run_bench(cases, settings, progress=step, warn=ui.warn)
     data = report.to_dict()
@@ -272,7 +276,7 @@ def bench(
 
 
 def bench_cases(artifacts: list[Path], memory_budget: str | None, mode: str | None, cgroup: bool,
-                precision: str | None = None) -> list:
+                precision: str | None = None, plan_file: Path | None = None) -> list:
     """One Case per artifact x budget x mode x precision: a shard set gets every budget, mode
     and precision ('plan' = the planner's own mix); a .pte gets every budget only under
     --cgroup (as a cap), and no mode or precision."""
@@ -286,11 +290,15 @@ def bench_cases(artifacts: list[Path], memory_budget: str | None, mode: str | No
             raise UsageError(f"--mode {m}: expected one of {', '.join(MODES)}")
     if mode and not memory_budget:
         raise UsageError("--mode needs --memory-budget")
+    if plan_file is not None and (memory_budget or mode or precision):
+        raise UsageError("--plan-file fixes the plan: drop --memory-budget, --mode and --precision")
     precs = [None if p.strip() == "plan" else p.strip() for p in precision.split(",")] if precision else [None]
     cases = []
     for a in artifacts:
         a = a.resolve()
-        if a.is_dir():
+        if a.is_dir() and plan_file is not None:
+            cases.append(Case(a, {"plan_file": str(plan_file.resolve())}))
+        elif a.is_dir():
             for b in budgets:
                 for m in modes:
                     for p in precs:

@@ -98,6 +98,16 @@ class Plan:
         except TypeError as e:
             raise EdgectlError(f"malformed plan ({e})") from e
 
+    @classmethod
+    def load(cls, path) -> "Plan":
+        from pathlib import Path
+
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise EdgectlError(f"{path}: cannot read the plan ({e})") from e
+        return cls.from_dict(d)
+
     @property
     def streamed(self) -> list[str]:
         return [s.name for s in self.shards if s.placement == "streamed"]

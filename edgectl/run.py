@@ -33,6 +33,7 @@ def run_prompt(
     mode: str = "auto",
     latency_target_ms: float | None = None,
     precision: str | None = None,
+    plan_file: str | Path | None = None,
 ) -> dict:
     """Generate from `artifact`; `on_text` receives printable text increments as they come.
     `budget`/`mode`/`latency_target_ms` apply to a shard set (a directory with manifest.json)."""
@@ -40,6 +41,10 @@ def run_prompt(
 
     set_threads(threads)
     shard_kw = {"precision": precision} if precision else {}
+    if plan_file is not None:
+        from edgectl.planner import Plan
+
+        shard_kw["plan"] = Plan.load(plan_file)
     model = open_artifact(artifact, budget=budget, mode=mode, latency_target_ms=latency_target_ms, **shard_kw)
     load_ms = model.trace.total("load") * 1e3
     tok = tokenizer_for(model)
