@@ -257,6 +257,12 @@ def test_shard_set_reproduces_the_monolithic_pte(stories_shards, stories_pte, en
         assert len(first) == steps and computes.count("head") == steps
         if engine == "native":
             assert set(first) == {"layers.0..layers.4" if mode == "resident" else "layers.0..layers.1"}
+        # every file of the plan was read ahead once, resident shards first, then streamed in forward order
+        sm.prefetcher.join(timeout=10)
+        reads = [s.name for s in sm.trace.spans if s.lane == "read"]
+        files = {c.name: f"{c.name}.fp32.pte" for c in plan.shards}
+        res = [files[c.name] for c in plan.shards if c.placement == "resident"]
+        assert reads == res + [files[c.name] for c in plan.shards if c.placement == "streamed"]
         if mode == "resident":
             assert sorted(loads) == sorted(["layers.0", "layers.1", "layers.2", "layers.3", "layers.4", "head"])
         else:  # streamed shards reloaded for every forward call (the loader may be one ahead)
@@ -294,3 +300,29 @@ def test_long_prompt_runs_in_chunks_of_max_tokens_per_call(stories_shards, tmp_p
     assert got.shape == whole.shape and (got - whole).abs().max().item() < 1e-4
     chunked.reset()
     assert (chunked.forward(PROMPT, 0)[-1] - whole[-1]).abs().max().item() < 1e-4
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_plan_file_and_uniform_precision(stories_shards, tmp_path, capsys):
+    import json
+
+    from edgectl.cli import main
+    from edgectl.errors import UsageError
+    from edgectl.manifest import Manifest
+    from edgectl.planner import plan
+
+    # a saved plan is followed as it is: same placements and precisions as printed
+    p = _streamed_plan(stories_shards, "pipelined", {"layers.3"})
+    f = tmp_path / "plan.json"
+    f.write_text(p.to_json())
+    capsys.readouterr()
+    assert main(["run", str(stories_shards), "--plan-file", str(f), "-p", "Once upon a time", "-n", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["mode"] == "pipelined"
+    assert {c["name"]: c["placement"] for c in out["plan"]["shards"]} == {c.name: c.placement for c in p.shards}
+    # --precision restricts every shard to one precision; an unknown one is a usage error
+    m = Manifest.load(stories_shards)
+    assert {c.precision for c in plan(m, 1 << 40, mode="resident", precision="fp32").shards} == {"fp32"}
+    with pytest.raises(UsageError):
+        plan(m, 1 << 40, precision="int3")
