@@ -96,9 +96,9 @@ def ppl_windows(ids: list[int], max_seq_len: int, bos_id: int | None) -> list[li
 SCORE_ROWS = 32  # positions scored at once: float64 log-probs of 32 x 49152 are 12.5 MB
 
 
-def log_prob_chunks(logits, rows: int = SCORE_ROWS):
+def log_prob_chunks(logits, rows: int = SCORE_ROWS, n: int | None = None):
     """(start, float64 log_softmax of logits[start:start + rows]) over the scored rows
-    logits[:-1], a chunk at a time: a whole window in float64 (513 x 49152 x 8 bytes, plus
+    logits[:n] (default logits[:-1]), a chunk at a time: a whole window in float64 (513 x 49152 x 8 bytes, plus
     copies) is what got a memory-capped worker killed. log_softmax is per row, so each
     row's values are those of the whole-window computation.
 
@@ -107,7 +107,7 @@ def log_prob_chunks(logits, rows: int = SCORE_ROWS):
     the next one, and the caller may overwrite it."""
     import torch
 
-    n = logits.shape[0] - 1
+    n = logits.shape[0] - 1 if n is None else n
     if n < 1:
         return
     src = torch.empty(min(rows, n), logits.shape[1], dtype=torch.float64)
@@ -121,13 +121,42 @@ def log_prob_chunks(logits, rows: int = SCORE_ROWS):
 
 def target_log_probs(logits, window: list[int]):
     """log p(window[t] | window[:t]) for t = 1..T-1 as float64 [T-1, 1], given logits [T, vocab]."""
+    return picked_log_probs(logits, window[1:])
+
+
+def picked_log_probs(logits, targets: list[int]):
+    """log_softmax(logits[i])[targets[i]] for i < len(targets), float64 [len(targets), 1]."""
     import torch
 
-    target = torch.tensor(window[1:]).unsqueeze(1)
-    out = torch.empty(len(window) - 1, 1, dtype=torch.float64)
-    for a, lp in log_prob_chunks(logits):
+    target = torch.tensor(targets).unsqueeze(1)
+    out = torch.empty(len(targets), 1, dtype=torch.float64)
+    for a, lp in log_prob_chunks(logits, n=len(targets)):
         out[a : a + len(lp)] = lp.gather(1, target[a : a + len(lp)])
     return out
+
+
+def model_chunk(model) -> int:
+    """Most tokens the artifact takes per program call (what its forward splits a long
+    input into): scoring a window in pieces of this size computes the same logits."""
+    manifest = getattr(model, "manifest", None)
+    return (manifest.max_tokens_per_call if manifest is not None else getattr(model, "chunk", None)) or model.max_seq_len
+
+
+def window_nll(model, window: list[int], piece: int) -> float:
+    """Sum of -log p(window[t] | window[:t]) for t = 1..T-1, feeding the window `piece`
+    tokens at a time and scoring each piece's logits at once: a whole window's logits
+    (2048 x 49152 fp32 = 403 MB) never exist, so a memory-capped run can score it. The
+    picked log-probs are summed in one reduction, as nll_sum does."""
+    import torch
+
+    picked = []
+    for a in range(0, len(window), piece):
+        part = window[a : a + piece]
+        logits = model.forward(part, a, all_logits=True)
+        targets = window[a + 1 : a + len(part) + 1]  # the last piece's last row predicts nothing
+        if targets:
+            picked.append(picked_log_probs(logits, targets))
+    return float(-torch.cat(picked).sum())
 
 
 def nll_sum(logits, window: list[int]) -> float:
@@ -186,10 +215,10 @@ def measure_ppl(args, model, tok) -> dict:
         raise EdgectlError(f"{args.ppl_file}: too little text to score")
     t0 = time.perf_counter()
     nll, n = 0.0, 0
+    piece = model_chunk(model)
     for w in wins:
         model.reset()
-        logits = model.forward(w, 0, all_logits=True)
-        nll += nll_sum(logits, w)
+        nll += window_nll(model, w, piece)
         n += len(w) - 1
     return {
         "file": os.path.abspath(args.ppl_file),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-LANE_ORDER = ("loader", "load", "compute")
+LANE_ORDER = ("read", "loader", "load", "compute")
 COLORS = {
     "load_program": "#4c72b0",
     "load_method": "#55a868",
@@ -26,7 +26,7 @@ def _lanes(spans: list[dict]) -> list[str]:
 
 
 def plot_timeline(rows: list[dict], out: str | Path) -> Path:
-    """Draw the last run of each report row (`BenchReport.to_dict()["rows"]`) to a PNG."""
+    """Draw the last run with a trace of each report row (`BenchReport.to_dict()["rows"]`) to a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,11 +34,14 @@ def plot_timeline(rows: list[dict], out: str | Path) -> Path:
     from matplotlib.patches import Patch
 
     out = Path(out)
-    n = len(rows)
+    # rows whose runs all failed (OOM-killed, no plan within the budget) have nothing to draw
+    picked = [(r, [x for x in r["runs"] if "trace" in x][-1]) for r in rows if any("trace" in x for x in r["runs"])]
+    if not picked:
+        raise ValueError("no run with a trace to draw")
+    n = len(picked)
     fig, axes = plt.subplots(n, 1, figsize=(12, 1.2 + 1.6 * n), squeeze=False)
     used: dict[str, str] = {}
-    for ax, row in zip(axes[:, 0], rows):
-        run = row["runs"][-1]
+    for ax, (row, run) in zip(axes[:, 0], picked):
         spans = run["trace"]
         lanes = _lanes(spans)
         y = {ln: i for i, ln in enumerate(reversed(lanes))}

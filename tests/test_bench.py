@@ -142,6 +142,7 @@ SCHEMA = {
             "cache_dropped": bool, "loadavg_1m": float, "load_ms": NUM, "rss_before_load": int, "rss_after_load": int,
             "rss_end": int, "rss_anon_end": int, "rss_file_end": int, "peak_rss": int, "model_rss": int,
             "max_seq_len": int, "warmup": GEN, "phases": {"warmup": list, "measured": list},
+            "open_ms": NUM, "first_token_ms": NUM,
             "trace": [{"lane": str, "name": str, "start": float, "end": float}],
         }],
         "summary": {k: STAT for k in bench.SUMMARY_KEYS},
@@ -212,3 +213,23 @@ def test_ppl_of_pte_matches_transformers(benched, stories_dir):
 def test_plot_writes_a_png(benched):
     data = benched["png"].read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+@pytest.mark.real_model
+def test_ppl_window_scored_in_pieces_matches_the_whole_window(s260_pte):
+    import random
+
+    from edgectl.bench_worker import model_chunk, nll_sum, window_nll
+    from edgectl.runtime import PteModel
+
+    m = PteModel(s260_pte)
+    rng = random.Random(0)
+    w = [rng.randrange(m.meta["model"]["vocab_size"]) for _ in range(min(300, m.max_seq_len))]
+    m.reset()
+    whole = nll_sum(m.forward(w, 0, all_logits=True), w)
+    # pieces of the program's own call size: the same logits, the same sum to the bit
+    m.reset()
+    assert window_nll(m, w, model_chunk(m)) == whole
+    m.reset()
+    # any other piece size: the same positions scored once each (float rounding only)
+    assert window_nll(m, w, 7) == pytest.approx(whole, rel=1e-5)
