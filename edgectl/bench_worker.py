@@ -205,9 +205,17 @@ def measure_gen(args, model, tok) -> dict:
 def measure_ppl(args, model, tok) -> dict:
     with open(args.ppl_file, encoding="utf-8") as f:
         text = f.read()
-    ids = tok.encode(text, bos=False)
-    if args.ppl_tokens:
+    if args.ppl_tokens:  # encode a prefix long enough (a whole corpus' encoding costs ~100 MB)
+        n_chars = 8 * args.ppl_tokens
+        while True:
+            ids = tok.encode(text[:n_chars], bos=False)
+            # two tokens to spare: only the last pre-token can differ from the full text's
+            if len(ids) >= args.ppl_tokens + 2 or n_chars >= len(text):
+                break
+            n_chars *= 2
         ids = ids[: args.ppl_tokens]
+    else:
+        ids = tok.encode(text, bos=False)
     wins = ppl_windows(ids, model.max_seq_len, tok.bos_id if tok.add_bos else None)
     if not wins:
         from edgectl.errors import EdgectlError

@@ -7,7 +7,8 @@ What counts against the budget (all from the manifest's measured figures):
 - the KV cache (owned by the runtime, never evicted), computed from the model shape;
 - the loader's slots for streamed shards: one (on-demand: load, run, evict) or two
   (pipelined: one running while the next one loads), each as large as the largest
-  streamed shard;
+  streamed shard plus `slot_extra_bytes` (a streamed shard's own XNNPACK workspace,
+  measured by the runtime);
 - one activation arena, the largest `extra["planned_bytes"]` among the chosen variants
   (shards run one at a time and share it; a variant's resident_bytes includes its own);
 - a tied embedding read from the head's file costs nothing extra (page cache rows).
@@ -164,7 +165,7 @@ def _weights(v) -> int:
     return max(v.resident_bytes - int(v.extra.get("planned_bytes", 0)), 0)
 
 
-def _memory(shards, st: _State, kv: int, slots: int) -> tuple[int, int, int]:
+def _memory(shards, st: _State, kv: int, slots: int, slot_extra: int = 0) -> tuple[int, int, int]:
     """(resident bytes, slot bytes + the shared activation arena, total)."""
     resident, biggest, arena = 0, 0, 0
     for s in shards:
@@ -178,7 +179,7 @@ def _memory(shards, st: _State, kv: int, slots: int) -> tuple[int, int, int]:
             biggest = max(biggest, b)
         else:
             resident += b
-    slot = biggest * slots + arena
+    slot = (biggest + slot_extra) * slots * (biggest > 0) + arena
     return resident, slot, resident + slot + kv
 
 
@@ -252,8 +253,10 @@ def only_precision(manifest, precision: str):
 
 
 def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mode: str = "auto",
-         fixed_bytes: int = 0, precision: str | None = None) -> Plan:
-    """`precision`: every shard at that precision (see only_precision)."""
+         fixed_bytes: int = 0, precision: str | None = None, slot_extra_bytes: int = 0) -> Plan:
+    """`precision`: every shard at that precision (see only_precision). `slot_extra_bytes`:
+    what each loader slot costs besides its shard's weights, measured by the runtime (a
+    streamed shard's own XNNPACK workspace)."""
     if precision is not None:
         manifest = only_precision(manifest, precision)
     if mode not in MODES:
@@ -264,11 +267,12 @@ def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mo
         last_err = None
         for m in ("resident", "pipelined", "on-demand"):
             try:
-                return _plan(manifest, budget_bytes, latency_target_ms, m, auto=True, fixed=fixed_bytes)
+                return _plan(manifest, budget_bytes, latency_target_ms, m, auto=True, fixed=fixed_bytes,
+                             slot_extra=slot_extra_bytes)
             except EdgectlError as e:
                 last_err = e
         raise last_err
-    return _plan(manifest, budget_bytes, latency_target_ms, mode, fixed=fixed_bytes)
+    return _plan(manifest, budget_bytes, latency_target_ms, mode, fixed=fixed_bytes, slot_extra=slot_extra_bytes)
 
 
 def _sync_embed(shards, st: _State) -> None:
@@ -279,7 +283,8 @@ def _sync_embed(shards, st: _State) -> None:
             st.prec[s.name] = st.prec[head]
 
 
-def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = False, fixed: int = 0) -> Plan:
+def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = False, fixed: int = 0,
+          slot_extra: int = 0) -> Plan:
     shards, precisions = manifest.shards, manifest.precisions
     kv = kv_cache_bytes(manifest)
     kvf = kv + fixed  # what every plan pays besides shards: KV cache and the measured start-up costs
@@ -290,7 +295,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
     _sync_embed(shards, small)
     if slots:
         small.streamed = {s.name for s in movable}
-    minimum = _memory(shards, small, kvf, slots)[2]
+    minimum = _memory(shards, small, kvf, slots, slot_extra)[2]
     if budget < minimum:
         what = {"resident": "all shards resident at their smallest precision",
                 "pipelined": "every shard streamed through two loader slots",
@@ -305,7 +310,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
 
     st = _State({s.name: [q for q in precisions if q in s.variants][0] for s in shards}, set())
     _sync_embed(shards, st)
-    mem = lambda: _memory(shards, st, kvf, slots)[2]  # noqa: E731
+    mem = lambda: _memory(shards, st, kvf, slots, slot_extra)[2]  # noqa: E731
     time_ms = lambda: _simulate(shards, st, slots)  # noqa: E731
     ok_time = lambda: target is None or time_ms() <= target  # noqa: E731
 
@@ -409,7 +414,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
             f"the best found takes {ms:.1f} ms",
             hint="raise --memory-budget or --latency-target",
         )
-    resident, slot, total = _memory(shards, st, kvf, slots)
+    resident, slot, total = _memory(shards, st, kvf, slots, slot_extra)
     actual_mode = mode if st.streamed or not auto else "resident"
     choices = []
     for s in shards:

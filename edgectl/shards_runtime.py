@@ -125,7 +125,8 @@ class ShardModel:
                 self._start_tokenizer()
             if plan is None:
                 fixed = self.startup["total"] if self.startup else 0
-                plan = (make_plan(m, budget, latency_target_ms, mode, fixed_bytes=fixed, precision=precision) if budget
+                plan = (make_plan(m, budget, latency_target_ms, mode, fixed_bytes=fixed, precision=precision,
+                                  slot_extra_bytes=getattr(self, "slot_workspace", 0)) if budget
                         else _everything_resident(m, precision))
             self.plan = plan
             self._open(m, plan, rt, native)
@@ -193,13 +194,15 @@ class ShardModel:
             args = ModelArgs.from_dict(mm)
             k, vc = empty_caches(args, m.max_seq_len, len(s.layers))
             with self.trace.span("load", "startup-probe"):
-                loaded = eng.load(path)
+                loaded = eng.load(path, streamed=True)  # its own workspace: what a streamed shard pays
             h_cap, kv_cap = m.max_seq_len * args.dim, args.n_kv_heads * args.head_dim * m.max_seq_len
             T = min(m.max_tokens_per_call or m.max_seq_len, m.max_seq_len)  # the widest call: its workspace
             before_run = anon_bytes()
             loaded.run([torch.zeros(1, T, args.dim), torch.arange(T), *[t for p in zip(k, vc) for t in p]],
                        [h_cap] + [kv_cap] * (2 * len(s.layers)))
-            run_growth = anon_bytes() - before_run  # execute-time workspace, paid again by the real shards
+            # execute-time workspace: paid once by the resident shards (they share XNNPACK's
+            # process-wide one) and once more by every loader slot (streamed shards get their own)
+            run_growth = anon_bytes() - before_run
             loaded.free()
             del loaded, eng, k, vc
             malloc_trim()
@@ -210,6 +213,7 @@ class ShardModel:
         staging = 4 * (m.max_seq_len * mm["dim"] + 2 * widest * mm["n_kv_heads"] * (mm.get("head_dim") or mm["dim"] // mm["n_heads"]) * m.max_seq_len
                        + mm["vocab_size"])
         out = {"tokenizer_and_first_execute": max(a2 - a0, 0), "staging": staging}
+        self.slot_workspace = max(run_growth, 0) if probe is not None else 0
         # A manifest without per-variant planned_bytes counts every shard's activation memory in
         # its resident_bytes, though all shards share one arena: read the programs' planned
         # sizes (headers only) into the in-memory manifest, so the planner counts the arena once.
@@ -219,6 +223,7 @@ class ShardModel:
                 if "planned_bytes" not in v.extra:
                     v.extra["planned_bytes"] = native.planned_size(self.dir / v.file)
         out["total"] = sum(out.values())
+        out["per_loader_slot_workspace"] = self.slot_workspace  # counted in the plan's slot bytes, not in total
         return out
 
     def _open(self, m, plan, rt, native) -> None:

@@ -208,3 +208,18 @@ def test_without_latency_target_streamed_shards_do_not_trade_speed_for_accuracy(
     assert {c.precision for c in slow.shards if c.placement == "streamed"} == {"fp32"}
     assert slow.kl_sum < fast.kl_sum and slow.ms_per_token == pytest.approx(3 * 40.0)
     assert fast.ms_per_token <= 3 * 5.0 * (1 + STREAM_SLACK)
+
+
+def test_slot_extra_bytes_count_per_loader_slot_only_when_streaming():
+    m = _manifest([_layer(i, (0, .1, .2)) for i in range(12)])
+    kv = kv_cache_bytes(m)
+    budget = int(2 * 1.5 * MB + 2 * 1.5 * MB + 0.5 * MB + kv)
+    base = plan(m, budget, mode="pipelined")
+    extra = plan(m, budget + 4 * MB, mode="pipelined", slot_extra_bytes=2 * MB)
+    assert base.streamed and extra.streamed
+    biggest = max(c.bytes for c in extra.shards if c.placement == "streamed")
+    assert extra.slot_bytes == 2 * (biggest + 2 * MB) and extra.total_bytes <= budget + 4 * MB
+    with pytest.raises(EdgectlError, match="feasible minimum"):  # the same budget no longer holds two slots
+        plan(m, base.minimum_bytes, mode="pipelined", slot_extra_bytes=2 * MB)
+    big = plan(m, 1000 * MB, slot_extra_bytes=2 * MB)  # all resident: no slot, no extra
+    assert big.streamed == [] and big.slot_bytes == 0
