@@ -62,6 +62,9 @@ def export(
     embedding: Annotated[str, typer.Option(help="With --scheme: embedding none, int8 or int4.")] = "none",
     embedding_group_size: Annotated[int, typer.Option(help="With --scheme: int4 embedding group size.")] = 32,
     mapping: Annotated[str, typer.Option(help="With --scheme: 4-bit weights: asymmetric (scale + offset per group; exact on a Q4_1 GGUF's grid) or symmetric (torchao's plain 8da4w).")] = "asymmetric",
+    smoothquant: Annotated[Optional[bool], typer.Option("--smoothquant/--no-smoothquant", help="With --scheme int8: per-channel scales move activation outliers into the weights, folded into the norms, v_proj and o_proj (no extra ops). Default on for int8.")] = None,
+    smooth_alpha: Annotated[float, typer.Option(help="SmoothQuant's migration strength alpha (0..1).")] = 0.6,
+    calibration: Annotated[Optional[Path], typer.Option(help="Text file SmoothQuant is calibrated on (default: a built-in paragraph).")] = None,
     plan: Annotated[Optional[Path], typer.Option("--plan", help="Per-layer precisions from a plan JSON (`edgectl run SHARDS --memory-budget X --plan --json`); one monolithic .pte of that mix.")] = None,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
@@ -81,9 +84,12 @@ def export(
     if scheme is not None:
         from edgectl.quantize import QuantScheme
 
-        qs = QuantScheme(scheme, group_size, embedding, embedding_group_size, mapping=mapping)
+        qs = QuantScheme(scheme, group_size, embedding, embedding_group_size, mapping=mapping,
+                         smoothquant=_smoothquant(scheme, smoothquant), smooth_alpha=smooth_alpha)
     elif (embedding, embedding_group_size, mapping) != ("none", 32, "asymmetric") or (group_size != 32 and plan is None):
         raise UsageError("--group-size/--embedding/--embedding-group-size/--mapping need --scheme (--group-size also goes with --plan)")
+    elif smoothquant or smooth_alpha != 0.6 or calibration is not None:
+        raise UsageError("--smoothquant/--smooth-alpha/--calibration need --scheme int8")
     the_plan = None
     if plan is not None:
         import json
@@ -101,13 +107,19 @@ def export(
     ckpt = resolve(model)
     with ui.stages(f"exporting {model}") as step:
         res = export_pte(ckpt, output, backend=backend, max_seq_len=max_seq_len, progress=step, scheme=qs,
-                         prefill_chunk=prefill_chunk, plan=the_plan, plan_group_size=group_size)
+                         prefill_chunk=prefill_chunk, plan=the_plan, plan_group_size=group_size, calibration=calibration)
     if verbose:
         _print_ops(res.ops)
     if json_out:
         ui.emit_json(res.to_dict())
     else:
         typer.echo(f"{res.path}  {res.bytes / 1e6:.1f} MB  {res.seconds:.1f}s ({res.cpu_seconds:.0f} CPU-s)")
+
+
+def _smoothquant(scheme: str, flag: bool | None) -> bool:
+    """--smoothquant/--no-smoothquant, default: on for int8 (8-bit per-token activations),
+    off for 4-bit schemes (whose asymmetric grid reproduces a Q4_1 source exactly)."""
+    return scheme == "int8" if flag is None else flag
 
 
 def _print_ops(ops: dict) -> None:
@@ -322,6 +334,10 @@ def quantize(
     embedding_group_size: Annotated[int, typer.Option(help="Group size of an int4 embedding.")] = 32,
     mapping: Annotated[str, typer.Option(help="4-bit weights: asymmetric (scale + offset per group; exact on a Q4_1 GGUF's grid) or symmetric (torchao's plain 8da4w).")] = "asymmetric",
     qparams: Annotated[str, typer.Option(help="How symmetric 4-bit scales are chosen: affine (torchao min-max), hqq (torchao), mse (clip search).")] = "affine",
+    smoothquant: Annotated[Optional[bool], typer.Option("--smoothquant/--no-smoothquant", help="SmoothQuant for int8 (default on with --scheme int8): per-channel scales move activation outliers into the weights, folded into the norms, v_proj and o_proj (no extra ops). Never for 4-bit schemes (their grid must stay the source's).")] = None,
+    smooth_alpha: Annotated[float, typer.Option(help="SmoothQuant's migration strength alpha (0..1).")] = 0.6,
+    calibration: Annotated[Optional[Path], typer.Option(help="Text file SmoothQuant is calibrated on (default: a built-in paragraph); not the --eval-file.")] = None,
+    calibration_tokens: Annotated[int, typer.Option(min=2, help="Tokens of --calibration to calibrate on.")] = 1024,
     eval_file: Annotated[Optional[Path], typer.Option(help="Text file to measure the accuracy cost on (eager).")] = None,
     eval_tokens: Annotated[int, typer.Option(min=2, help="Tokens of --eval-file to score.")] = 2048,
     json_out: JsonOpt = False,
@@ -335,10 +351,14 @@ def quantize(
     from edgectl.checkpoint import resolve
     from edgectl.quantize import QuantScheme, quantize_checkpoint
 
-    qs = QuantScheme(scheme, group_size, embedding, embedding_group_size, qparams, mapping)
+    qs = QuantScheme(scheme, group_size, embedding, embedding_group_size, qparams, mapping,
+                     smoothquant=_smoothquant(scheme, smoothquant), smooth_alpha=smooth_alpha)
+    if calibration is not None and not qs.smoothquant:
+        raise UsageError("--calibration calibrates SmoothQuant: it goes with --scheme int8 and --smoothquant")
     ckpt = resolve(model)
     with ui.stages(f"quantizing {model}") as step:
-        res = quantize_checkpoint(ckpt, output, qs, eval_file, eval_tokens, progress=step)
+        res = quantize_checkpoint(ckpt, output, qs, eval_file, eval_tokens, progress=step,
+                                  calibration=calibration, calibration_tokens=calibration_tokens)
     for line in res.summary:
         ui.info(f"  {line}")
     if json_out:

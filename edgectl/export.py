@@ -299,9 +299,11 @@ def quantize_by_plan(model, plan, group_size: int = 32) -> dict:
 
 def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | None = None,
                progress: Progress | None = None, scheme=None, prefill_chunk: int | None = None,
-               plan=None, plan_group_size: int = 32) -> ExportResult:
+               plan=None, plan_group_size: int = 32, calibration: Path | None = None,
+               calibration_tokens: int = 1024) -> ExportResult:
     """Export a checkpoint to one monolithic `.pte` at `out` (written atomically).
-    `scheme` (a quantize.QuantScheme) quantizes an unquantized checkpoint in memory first;
+    `scheme` (a quantize.QuantScheme) quantizes an unquantized checkpoint in memory first
+    (`calibration`: the text its smoothquant is calibrated on; None: built-in paragraph);
     `plan` (a planner.Plan) gives each layer and the head its own precision instead."""
     from edgectl.quantize import check_shared_embedding, load_for_export, shared_embedding
 
@@ -321,7 +323,7 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
         from edgectl.errors import UsageError
 
         raise UsageError("--plan takes an unquantized model and no --scheme", hint="the plan sets each layer's precision")
-    model, quant = load_for_export(ckpt, max_seq_len, scheme, backend, step)
+    model, quant = load_for_export(ckpt, max_seq_len, scheme, backend, step, calibration, calibration_tokens)
     if plan is not None:
         if backend != "xnnpack" and any(c.precision != "fp32" for c in plan.shards):
             raise EdgectlError(f"quantized precisions export with --backend xnnpack only, not {backend}")

@@ -76,6 +76,8 @@ class QuantScheme:
     embedding_group_size: int = 32
     qparams: str = "affine"  # 4-bit symmetric scales: affine (torchao min-max) | hqq (torchao, scale only) | mse (clip search)
     mapping: str = "asymmetric"  # 4-bit weights (8da4w linears, int4 embedding): asymmetric | symmetric
+    smoothquant: bool = False  # int8 only: SmoothQuant scales folded into the fp32 model first (smoothquant.py)
+    smooth_alpha: float = 0.6  # s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
 
     def __post_init__(self):
         if self.linear not in LINEAR_SCHEMES:
@@ -86,6 +88,11 @@ class QuantScheme:
             raise UsageError(f"unknown mapping {self.mapping!r}", hint=f"choose one of: {', '.join(MAPPINGS)}")
         if self.qparams not in QPARAMS:
             raise UsageError(f"unknown qparams algorithm {self.qparams!r}", hint=f"choose one of: {', '.join(QPARAMS)}")
+        if self.smoothquant and self.linear != "int8":
+            raise UsageError(f"--smoothquant applies to --scheme int8 only, not {self.linear}",
+                             hint="4-bit asymmetric weights reproduce a Q4_1 source grid exactly; rescaled columns would leave it")
+        if not 0 < self.smooth_alpha < 1:
+            raise UsageError(f"--smooth-alpha {self.smooth_alpha}: must be between 0 and 1")
         for flag, gs in (("--group-size", self.group_size), ("--embedding-group-size", self.embedding_group_size)):
             if gs <= 0 or gs % GROUP_MULTIPLE:
                 raise UsageError(f"{flag} {gs}: must be a positive multiple of {GROUP_MULTIPLE}",
@@ -276,16 +283,38 @@ def _embedding(weight, scheme: QuantScheme, tied: bool) -> tuple[dict, object, o
     return entry, emb, head, head_form
 
 
-def quantize_module(module, scheme: QuantScheme, progress: Callable[[int, int], None] | None = None) -> dict:
+def smooth_model(model, ckpt, scheme: QuantScheme, calibration: Path | None = None,
+                 calibration_tokens: int = 1024) -> dict | None:
+    """With `scheme.smoothquant`: fold SmoothQuant scales into the fp32 `model` (a whole
+    Transformer, in place; its fp32 outputs are unchanged up to rounding), calibrated on
+    `calibration` (a text file; None: edgectl's built-in paragraph). Returns what was done,
+    for quantize_module's record; None when the scheme does not smooth."""
+    if not scheme.smoothquant:
+        return None
+    from edgectl import smoothquant as sq
+
+    wins, what = sq.calibration_windows(ckpt, calibration, calibration_tokens, model.max_seq_len)
+    info = sq.smooth(model, sq.calibrate(model, wins), scheme.smooth_alpha, sq.DEFAULT_PAIRS)
+    return {"alpha": scheme.smooth_alpha, **info,
+            "calibration": {"text": what, "tokens": sum(len(w) for w in wins), "windows": len(wins)}}
+
+
+def quantize_module(module, scheme: QuantScheme, progress: Callable[[int, int], None] | None = None,
+                    smoothed: dict | None = None) -> dict:
     """Quantize `module`'s linears (and embedding) in place; return the record.
 
     `module` is a whole `Transformer` or any part of one (a `Block` for per-layer shards).
     Names in the record are relative to `module`. `progress(done, total)` after each weight.
+    A scheme with smoothquant needs `smoothed`: smooth_model's answer for `module`, recorded.
     """
     _quiet_torchao()
     from edgectl.model import Transformer
 
+    if scheme.smoothquant and smoothed is None:
+        raise ValueError("scheme.smoothquant: smooth the model first (smooth_model) and pass its answer as smoothed=")
     record = {"format": FORMAT, "scheme": scheme.to_dict(), "weights": {}, "runs_as": {}}
+    if smoothed is not None:
+        record["smoothquant"] = smoothed
     if scheme.is_identity:
         return record
     tied = isinstance(module, Transformer) and module.args.tie_embeddings
@@ -344,6 +373,14 @@ def summarize(record: dict) -> list[str]:
 
     counts = Counter((w["form"], w.get("group_size")) for w in record["weights"].values())
     lines = [f"{n:4d} x {form}" + (f" g{gs}" if gs else "") for (form, gs), n in sorted(counts.items(), key=str)]
+    sm = record.get("smoothquant")
+    if sm:
+        from edgectl.smoothquant import PAIR_NAMES
+
+        cal = sm["calibration"]
+        lines.append(f"smoothquant alpha {sm['alpha']} on {', '.join(PAIR_NAMES[p] for p in sm['pairs'])} "
+                     f"({sm['layers']} layers; scales {sm['min_scale']:.3g}..{sm['max_scale']:.3g}), folded into "
+                     f"the fp32 weights; calibrated on {cal['tokens']} tokens of {cal['text']}")
     lines += [f"{name}: {w['note']}" for name, w in record["weights"].items() if w.get("note") and "tied_to" not in w]
     return lines
 
@@ -562,8 +599,10 @@ class QuantizeResult:
 
 def quantize_checkpoint(ckpt, out_dir: Path, scheme: QuantScheme, eval_file: Path | None = None,
                         eval_tokens: int = 2048, progress: Progress | None = None,
-                        weight_progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
-    """Quantize `ckpt`, measure the cost on `eval_file` (eager), write `out_dir`."""
+                        weight_progress: Callable[[int, int], None] | None = None,
+                        calibration: Path | None = None, calibration_tokens: int = 1024) -> QuantizeResult:
+    """Quantize `ckpt`, measure the cost on `eval_file` (eager), write `out_dir`.
+    `calibration` (text file; None: built-in paragraph) calibrates scheme.smoothquant."""
     import copy
 
     from edgectl.checkpoint import load_model
@@ -583,8 +622,12 @@ def quantize_checkpoint(ckpt, out_dir: Path, scheme: QuantScheme, eval_file: Pat
     model = load_model(ckpt, window)
     src_bytes = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
     ref = copy.deepcopy(model) if eval_file is not None else None
+    smoothed = None
+    if scheme.smoothquant:
+        step("calibrating smoothquant")
+        smoothed = smooth_model(model, ckpt, scheme, calibration, calibration_tokens)
     step("quantizing")
-    record = quantize_module(model, scheme, weight_progress)
+    record = quantize_module(model, scheme, weight_progress, smoothed)
     accuracy = None
     if ref is not None:
         from edgectl.quant_eval import compare
@@ -602,9 +645,11 @@ def quantize_checkpoint(ckpt, out_dir: Path, scheme: QuantScheme, eval_file: Pat
 # Hooks for export
 
 
-def load_for_export(ckpt, max_seq_len: int, scheme: QuantScheme | None, backend: str, progress: Progress | None = None):
+def load_for_export(ckpt, max_seq_len: int, scheme: QuantScheme | None, backend: str, progress: Progress | None = None,
+                    calibration: Path | None = None, calibration_tokens: int = 1024):
     """(model, record or None): a quantized checkpoint rebuilt from its codes, or the fp32
-    model quantized in memory when `scheme` is given (the `export --scheme` shortcut)."""
+    model quantized in memory when `scheme` is given (the `export --scheme` shortcut;
+    `calibration` as in quantize_checkpoint)."""
     from edgectl.checkpoint import load_model
 
     step = progress or (lambda s: None)
@@ -619,8 +664,12 @@ def load_for_export(ckpt, max_seq_len: int, scheme: QuantScheme | None, backend:
     model = load_model(ckpt, max_seq_len)
     if not quantized:
         return model, None
+    smoothed = None
+    if scheme.smoothquant:
+        step("calibrating smoothquant")
+        smoothed = smooth_model(model, ckpt, scheme, calibration, calibration_tokens)
     step(f"quantizing ({scheme.linear})")
-    return model, quantize_module(model, scheme)
+    return model, quantize_module(model, scheme, smoothed=smoothed)
 
 
 def shared_embedding(model):

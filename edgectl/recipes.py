@@ -60,9 +60,14 @@ class QuantizeSection:
     embedding: str = "none"  # none | int8 | int4
     embedding_group_size: int = 32
     mapping: str = "asymmetric"  # 4-bit weights: asymmetric | symmetric
+    smoothquant: bool | None = None  # int8: SmoothQuant folded in (None: on for int8)
+    smooth_alpha: float = 0.6
+    calibration: str | None = None  # text SmoothQuant is calibrated on (None: built-in paragraph)
 
     def __post_init__(self):
         _one_of("quantize.scheme", self.scheme, ("int8", "8da4w", "4w"))
+        if not 0 < self.smooth_alpha < 1:
+            raise EdgectlError("quantize.smooth_alpha must be between 0 and 1")
         _one_of("quantize.mapping", self.mapping, ("asymmetric", "symmetric"))
         _one_of("quantize.embedding", self.embedding, ("none", "int8", "int4"))
         for name in ("group_size", "embedding_group_size"):
@@ -210,7 +215,8 @@ def command_defaults(recipe: Recipe, command: str) -> dict:
     m, q, e, s, r = recipe.model, recipe.quantize, recipe.export, recipe.shard, recipe.run
     model = {"model": m.id, "max_seq_len": m.max_seq_len}
     quant = {"scheme": q.scheme, "group_size": q.group_size, "embedding": q.embedding,
-             "embedding_group_size": q.embedding_group_size, "mapping": q.mapping}
+             "embedding_group_size": q.embedding_group_size, "mapping": q.mapping,
+             "smoothquant": q.smoothquant, "smooth_alpha": q.smooth_alpha, "calibration": q.calibration}
     budget = {"memory_budget": r.memory_budget, "latency_target": r.latency_target_ms, "mode": r.mode,
               "threads": r.threads}
     table = {

@@ -129,7 +129,8 @@ def quantized_dirs(tmp_path_factory, stories_dir, corpus_dir):
     root = tmp_path_factory.mktemp("q")
     out = {}
     schemes = {"8da4w": QuantScheme("8da4w", 32, "int4", 32), "4w": QuantScheme("4w", 32, "int8", 32),
-               "8da4w-sym": QuantScheme("8da4w", 32, "int4", 32, mapping="symmetric")}
+               "8da4w-sym": QuantScheme("8da4w", 32, "int4", 32, mapping="symmetric"),
+               "int8-sq": QuantScheme("int8", 32, "int8", 32, smoothquant=True)}  # calibrated on the built-in paragraph
     for name, scheme in schemes.items():
         res = quantize_checkpoint(resolve(str(stories_dir)), root / name, scheme,
                                   corpus_dir / "tinystories-valid-500.txt", 256)
@@ -168,7 +169,7 @@ def test_requantizing_is_refused(quantized_dirs):
         quantize_checkpoint(resolve(quantized_dirs["4w"].path), quantized_dirs["4w"].path, QuantScheme("int8"))
 
 
-@pytest.mark.parametrize("name", ["8da4w", "4w", "8da4w-sym"])
+@pytest.mark.parametrize("name", ["8da4w", "4w", "8da4w-sym", "int8-sq"])
 def test_export_parity_delegation_and_tied_matrix_once(quantized_dirs, name, tmp_path):
     from edgectl.checkpoint import resolve
     from edgectl.export import export_pte
@@ -229,6 +230,10 @@ def test_cli_errors(stories_dir, tmp_path):
     assert main(["quantize", str(stories_dir), "-o", str(tmp_path / "x"), "--scheme", "8da4w", "--group-size", "128"]) == 2
     assert not (tmp_path / "x").exists()
     assert main(["export", str(stories_dir), "-o", str(tmp_path / "x.pte"), "--embedding", "int8"]) == 2
+    assert main(["export", str(stories_dir), "-o", str(tmp_path / "x.pte"), "--calibration", str(tmp_path / "t.txt")]) == 2
+    assert main(["quantize", str(stories_dir), "-o", str(tmp_path / "x"), "--scheme", "8da4w", "--smoothquant"]) == 2
+    assert main(["quantize", str(stories_dir), "-o", str(tmp_path / "x"), "--scheme", "int8", "--smooth-alpha", "1"]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.pte").exists()
     r = CliRunner().invoke(__import__("edgectl.cli", fromlist=["app"]).app, ["quantize", "--help"])
     assert r.exit_code == 0 and "--scheme" in r.output
 
@@ -245,3 +250,115 @@ def test_4w_is_8da4w_asymmetric():
         la = a(toks, torch.arange(12), torch.arange(12), *a.empty_caches())[0]
         lb = b(toks, torch.arange(12), torch.arange(12), *b.empty_caches())[0]
     assert torch.equal(la, lb)
+
+
+# ---------------------------------------------------------------------------------------
+# SmoothQuant (int8)
+
+
+def _with_outliers(m):
+    """Norm weights with a few large channels, as trained models have (the case smoothing is for)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for blk in m.layers:
+            for norm in (blk.input_layernorm, blk.post_attention_layernorm):
+                norm.weight.copy_(1 + torch.rand(norm.weight.shape, generator=g))
+                norm.weight[::13] *= 20
+    return m
+
+
+def _prefill_then_decode(m, toks: list[int], split: int):
+    """Logits of a prefill of toks[:split] and then one decode step per remaining token,
+    through the external caches (so smoothed V entries are read back from the cache)."""
+    from edgectl.model import write_cache
+
+    ks, vs = m.empty_caches()
+    out = []
+    with torch.no_grad():
+        for a, b in [(0, split)] + [(i, i + 1) for i in range(split, len(toks))]:
+            pos = torch.arange(a, b)
+            logits, kn, vn = m(torch.tensor([toks[a:b]]), pos, torch.arange(b - a), ks, vs)
+            for k, v, k_new, v_new in zip(ks, vs, kn, vn):
+                write_cache(k, v, k_new, v_new, a)
+            out.append(logits[0])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_smoothquant_fold_preserves_fp32_outputs(tie):
+    import copy
+
+    from edgectl import smoothquant as sq
+
+    m = _with_outliers(_tiny(tie=tie))  # GQA: 4 query heads on 2 kv heads
+    windows = [torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(3)]
+    amax = sq.calibrate(m, windows)
+    assert set(amax) == {n for n, x in m.named_modules() if n.startswith("layers.") and isinstance(x, torch.nn.Linear)}
+    ref = copy.deepcopy(m)
+    info = sq.smooth(m, amax, 0.5, sq.PAIRS)
+    assert info["layers"] == 2 and info["max_scale"] / info["min_scale"] > 5  # really rescaled
+    for name in ("layers.0.input_layernorm.weight", "layers.1.self_attn.v_proj.weight", "layers.1.mlp.up_proj.weight",
+                 "layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight"):
+        assert not torch.equal(m.get_parameter(name), ref.get_parameter(name)), name
+    # the V scale is per kv-head channel, shared by the query heads reading that kv head
+    s = ref.layers[0].self_attn.v_proj.weight.abs().amax(1) / m.layers[0].self_attn.v_proj.weight.abs().amax(1)
+    assert s.std() > 0
+    toks = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(7)).tolist()
+    a, b = _prefill_then_decode(ref, toks, 12), _prefill_then_decode(m, toks, 12)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max(), float((a - b).abs().max())
+
+
+def test_smoothquant_lowers_int8_error_on_outliers():
+    import copy
+
+    from edgectl import smoothquant as sq
+
+    base = _with_outliers(_tiny())
+    windows = [torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(3)]
+    toks = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(9)).tolist()
+    want = _prefill_then_decode(base, toks, 20)
+    plain, smooth = copy.deepcopy(base), copy.deepcopy(base)
+    quantize_module(plain, QuantScheme("int8"))
+    info = sq.smooth(smooth, sq.calibrate(smooth, windows), 0.6)
+    quantize_module(smooth, QuantScheme("int8", smoothquant=True), smoothed=info)
+    err = lambda m: float((_prefill_then_decode(m, toks, 20) - want).pow(2).mean())  # noqa: E731
+    assert err(smooth) < err(plain)
+
+
+def test_smoothquant_scheme_rules():
+    from edgectl.cli import _smoothquant
+
+    with pytest.raises(UsageError, match="int8 only"):
+        QuantScheme("8da4w", smoothquant=True)  # the 4-bit grid must stay the source's
+    with pytest.raises(UsageError, match="between 0 and 1"):
+        QuantScheme("int8", smoothquant=True, smooth_alpha=1.5)
+    with pytest.raises(ValueError, match="smooth the model first"):
+        quantize_module(_tiny(), QuantScheme("int8", smoothquant=True))  # never recorded without being done
+    assert _smoothquant("int8", None) and not _smoothquant("int8", False)
+    assert not _smoothquant("8da4w", None) and not _smoothquant("4w", None)
+
+
+def test_smoothquant_checkpoint_records_and_folds(stories_dir, corpus_dir, tmp_path):
+    from edgectl.checkpoint import load_model, resolve
+    from edgectl.quantize import load_quantized_model, quantize_checkpoint
+
+    cal = corpus_dir / "tinystories-valid-500.txt"
+    res = quantize_checkpoint(resolve(str(stories_dir)), tmp_path / "sq", QuantScheme("int8", smoothquant=True, smooth_alpha=0.5),
+                              cal, 256, calibration=cal, calibration_tokens=300)
+    ck = resolve(res.path)
+    rec = ck.quantization
+    assert rec["scheme"]["smoothquant"] is True and rec["scheme"]["smooth_alpha"] == 0.5
+    sm = rec["smoothquant"]
+    assert sm["alpha"] == 0.5 and sm["pairs"] == ["qkv", "gate_up", "v_o"] and sm["layers"] == 5
+    assert sm["calibration"]["text"] == str(cal) and 0 < sm["calibration"]["tokens"] <= 301
+    assert any(line.startswith("smoothquant alpha 0.5") for line in res.summary)
+    assert {w["form"] for n, w in rec["weights"].items() if n.startswith("layers.")} == {"8da8w"}
+    # the folded norms are what is stored (the codes are of the smoothed weights)
+    model, _ = load_quantized_model(ck, 64)
+    ref = load_model(resolve(str(stories_dir)), 64)
+    assert not torch.equal(model.layers[0].input_layernorm.weight, ref.layers[0].input_layernorm.weight)
+    assert torch.equal(model.head.norm.weight, ref.head.norm.weight)  # the final norm feeds the fp32 head: not smoothed
+    toks = torch.randint(0, 512, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+    a, b = _prefill_then_decode(model, toks, 16), _prefill_then_decode(ref, toks, 16)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    assert res.accuracy["kl_mean"] < 0.05

@@ -304,6 +304,17 @@ def stories_8da4w(tmp_path_factory, stories_dir):
     return out
 
 
+@pytest.fixture(scope="session")
+def stories_int8_sq(tmp_path_factory, stories_dir):
+    """int8 with SmoothQuant folded in (norms and v_proj rows stored rescaled)."""
+    from edgectl.checkpoint import resolve
+    from edgectl.quantize import QuantScheme, quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("quant") / "stories-int8-sq"
+    quantize_checkpoint(resolve(str(stories_dir)), out, QuantScheme("int8", 32, "int8", 32, smoothquant=True))
+    return out
+
+
 @pytest.mark.real_model
 def test_quantized_model_refuses_other_precisions(capsys, tmp_path, stories_8da4w, monkeypatch):
     """fp32 (or int8) cannot come back from 8da4w codes, and 4w would re-quantize them:
@@ -324,7 +335,8 @@ def test_quantized_model_refuses_other_precisions(capsys, tmp_path, stories_8da4
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_quantized_model_shards_reproduce_its_monolithic_export(stories_8da4w, tmp_path, shard_cache, monkeypatch):
+@pytest.mark.parametrize("quantized", ["stories_8da4w", "stories_int8_sq"])
+def test_quantized_model_shards_reproduce_its_monolithic_export(quantized, request, tmp_path, shard_cache, monkeypatch):
     """A quantize output shards at its one stored precision (the codes exported as they
     are, never re-quantized), the manifest records where it came from, and the chain
     reproduces the monolithic export of the same checkpoint."""
@@ -338,21 +350,23 @@ def test_quantized_model_shards_reproduce_its_monolithic_export(stories_8da4w, t
     from edgectl.shard_chain import ShardChain
 
     monkeypatch.setenv("EDGECTL_CACHE", str(shard_cache))
-    ckpt = resolve(str(stories_8da4w))
-    record = json.loads((stories_8da4w / QUANT_FILE).read_text())
+    stored = request.getfixturevalue(quantized)
+    ckpt = resolve(str(stored))
+    record = json.loads((stored / QUANT_FILE).read_text())
+    prec = record["scheme"]["linear"]
     out = tmp_path / "set"
     res = shard_model(ckpt, out, ShardSettings(max_seq_len=STORIES_SEQ))  # precisions: the stored one
 
     m = Manifest.load(out)
-    assert m.precisions == ["8da4w"] and res.variants == 7
-    assert m.source["model"] == str(stories_8da4w) and m.source["sha256"] == ckpt.content_hash()
+    assert m.precisions == [prec] and res.variants == 7
+    assert m.source["model"] == str(stored) and m.source["sha256"] == ckpt.content_hash()
     assert m.source["quantization"] == record and m.calibration["group_size"] == 32
     for s in m.shards:
-        assert set(s.variants) == {"8da4w"}
-        v = s.variants["8da4w"]
+        assert set(s.variants) == {prec}
+        v = s.variants[prec]
         assert (out / v.file).exists() and file_sha256(out / v.file) == v.sha256 and v.importance is None
         if s.kind == "embed":  # the int8 embedding is read from the head's file
-            assert v.extra["table"]["file"] == "head.8da4w.pte" and v.extra["table"]["bits"] == 8
+            assert v.extra["table"]["file"] == f"head.{prec}.pte" and v.extra["table"]["bits"] == 8
             continue
         rec = v.extra["quantization"]
         assert rec["stored"] and rec["scheme"] == record["scheme"]
