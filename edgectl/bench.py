@@ -53,6 +53,8 @@ Sizes in bytes, times in ms, rates in tokens per second:
         decode_ratio: float             mean decode tok/s over the first row's
         ppl: {file: str, ppl, nll: float, tokens_scored, text_tokens, windows,
               window_tokens: int, bos_prefixed: bool, seconds, load_ms: float,
+              cgroup_scoring_allowance: int (with --cgroup: added to the cap of this run,
+              see scoring_allowance),
               peak_rss, model_rss: int, ...} | null
     }]
 """
@@ -305,15 +307,35 @@ def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool 
     return {"status": "ok", **out, **group}
 
 
-def _capped(case: Case, settings: BenchSettings, baseline: int | None):
-    """The memory cgroup a run of `case` goes in: budget + baseline, or uncapped (still
-    measured) when the case has no budget. None without --cgroup."""
+def _capped(case: Case, settings: BenchSettings, baseline: int | None, extra: int = 0):
+    """The memory cgroup a run of `case` goes in: budget + baseline (+ `extra`), or
+    uncapped (still measured) when the case has no budget. None without --cgroup."""
     if not settings.cgroup:
         return None
     from edgectl.memcap import MemCap
 
     budget = case.options.get("budget")
-    return MemCap(budget + baseline if budget is not None and baseline is not None else None)
+    return MemCap(budget + baseline + extra if budget is not None and baseline is not None else None)
+
+
+def scoring_allowance(artifact: Path) -> int:
+    """Memory the perplexity harness itself needs beyond a generation run: one program
+    call's logits for every position (staged and copied out, fp32) and the float64
+    log-softmax buffers of bench_worker.log_prob_chunks. Added to the cap of --ppl runs
+    under --cgroup, and reported: it is the scorer's cost, not the model's."""
+    from edgectl.bench_worker import SCORE_ROWS
+
+    if artifact.is_dir():
+        from edgectl.manifest import Manifest
+
+        m = Manifest.load(artifact)
+        vocab, piece = m.model["vocab_size"], m.max_tokens_per_call or m.max_seq_len
+    else:
+        from edgectl.ptefile import constant_bytes
+
+        meta = json.loads(constant_bytes(artifact, "edgectl_meta"))
+        vocab, piece = meta["model"]["vocab_size"], meta.get("prefill_chunk") or meta["max_seq_len"]
+    return 2 * piece * vocab * 4 + 2 * SCORE_ROWS * vocab * 8
 
 
 def cgroup_baseline(settings: BenchSettings) -> int:
@@ -382,12 +404,15 @@ def run_bench(
             if any(r.get("status") == "infeasible" for r in row.runs):
                 continue
             progress(f"{row.case.label}: perplexity on {settings.ppl_file.name}")
-            cap = _capped(row.case, settings, baseline)
+            allowance = scoring_allowance(row.case.artifact) if settings.cgroup else 0
+            cap = _capped(row.case, settings, baseline, allowance)
             try:
                 row.ppl = worker(row.case, settings, mode="ppl", cap=cap)
             finally:
                 if cap:
                     cap.close()
+            if settings.cgroup:
+                row.ppl["cgroup_scoring_allowance"] = allowance
             row.ppl.pop("trace", None)
     base = next((r.summary["decode_tok_s"]["mean"] for r in rows if r.summary), None)
     for row in rows:
