@@ -257,12 +257,10 @@ def test_shard_set_reproduces_the_monolithic_pte(stories_shards, stories_pte, en
         assert len(first) == steps and computes.count("head") == steps
         if engine == "native":
             assert set(first) == {"layers.0..layers.4" if mode == "resident" else "layers.0..layers.1"}
-        # every file of the plan was read ahead once, resident shards first, then streamed in forward order
+        # the preload buffer's files were read ahead once each, in forward order; streamed ones not
         sm.prefetcher.join(timeout=10)
         reads = [s.name for s in sm.trace.spans if s.lane == "read"]
-        files = {c.name: f"{c.name}.fp32.pte" for c in plan.shards}
-        res = [files[c.name] for c in plan.shards if c.placement == "resident"]
-        assert reads == res + [files[c.name] for c in plan.shards if c.placement == "streamed"]
+        assert reads == [f"{c.name}.fp32.pte" for c in plan.shards if c.placement == "resident"]
         if mode == "resident":
             assert sorted(loads) == sorted(["layers.0", "layers.1", "layers.2", "layers.3", "layers.4", "head"])
         else:  # streamed shards reloaded for every forward call (the loader may be one ahead)
