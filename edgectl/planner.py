@@ -267,12 +267,38 @@ def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mo
         last_err = None
         for m in ("resident", "pipelined", "on-demand"):
             try:
-                return _plan(manifest, budget_bytes, latency_target_ms, m, auto=True, fixed=fixed_bytes,
+                return _best(manifest, budget_bytes, latency_target_ms, m, auto=True, fixed=fixed_bytes,
                              slot_extra=slot_extra_bytes)
             except EdgectlError as e:
                 last_err = e
         raise last_err
-    return _plan(manifest, budget_bytes, latency_target_ms, mode, fixed=fixed_bytes, slot_extra=slot_extra_bytes)
+    return _best(manifest, budget_bytes, latency_target_ms, mode, fixed=fixed_bytes, slot_extra=slot_extra_bytes)
+
+
+def _best(manifest, budget: int, target: float | None, mode: str, **kw) -> Plan:
+    """The greedy plan, and the same with the head held at each higher precision (the
+    embedding follows a tied head): when shards must stream, the greedy first lowers
+    everything (the head too, the shard importance ranks first) and can only buy
+    precision back through loader slots, i.e. for streamed layers. Of the plans found,
+    the most accurate (lowest sum of KL) within the latency target, or without one within
+    STREAM_SLACK of the fastest, is kept."""
+    plans, err = [], None
+    head = _tied_head(manifest.shards)
+    floors = [None]
+    if head and SLOTS[mode]:
+        avail = [q for q in manifest.precisions if q in {s.name: s for s in manifest.shards}[head].variants]
+        floors += [{head: q} for q in avail[:-1]]
+    for f in floors:
+        try:
+            plans.append(_plan(manifest, budget, target, mode, floor=f, **kw))
+        except EdgectlError as e:
+            if f is None:
+                err = e
+    if not plans:
+        raise err
+    limit = target if target is not None else min(p.ms_per_token for p in plans) * (1 + STREAM_SLACK)
+    ok = [p for p in plans if p.ms_per_token <= limit + 1e-9] or plans[:1]
+    return min(ok, key=lambda p: p.kl_sum)
 
 
 def _sync_embed(shards, st: _State) -> None:
@@ -284,7 +310,7 @@ def _sync_embed(shards, st: _State) -> None:
 
 
 def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = False, fixed: int = 0,
-          slot_extra: int = 0) -> Plan:
+          slot_extra: int = 0, floor: dict | None = None) -> Plan:
     shards, precisions = manifest.shards, manifest.precisions
     kv = kv_cache_bytes(manifest)
     kvf = kv + fixed  # what every plan pays besides shards: KV cache and the measured start-up costs
@@ -319,7 +345,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
         best = None
         for s in movable:
             q = _lower(s, st.prec[s.name], precisions)
-            if q is None:
+            if q is None or (floor and s.name in floor and precisions.index(q) > precisions.index(floor[s.name])):
                 continue
             saved = _weights(_variant(s, st.prec[s.name])) - _weights(_variant(s, q))
             if saved <= 0:

@@ -223,3 +223,20 @@ def test_slot_extra_bytes_count_per_loader_slot_only_when_streaming():
         plan(m, base.minimum_bytes, mode="pipelined", slot_extra_bytes=2 * MB)
     big = plan(m, 1000 * MB, slot_extra_bytes=2 * MB)  # all resident: no slot, no extra
     assert big.streamed == [] and big.slot_bytes == 0
+
+
+def test_streaming_plan_keeps_the_important_head_up():
+    # Twelve cheap-to-lower layers, a head whose lowering costs much more accuracy. With
+    # streaming needed, the greedy alone lowers everything first and can buy precision back
+    # only through loader slots (streamed layers), leaving the head low; plan() also tries
+    # the head held higher and keeps the more accurate plan (here also no slower).
+    from edgectl.planner import _plan
+
+    m = _manifest([_layer(i, (0, .01, .02), compute=0.5) for i in range(12)])
+    budget = int(4 * 1.5 * MB + 2 * 1.5 * MB + 0.5 * MB + kv_cache_bytes(m))
+    greedy = _plan(m, budget, None, "pipelined")
+    best = plan(m, budget, mode="pipelined")
+    head = lambda p: next(c.precision for c in p.shards if c.kind == "head")  # noqa: E731
+    assert head(greedy) == "int8" and head(best) == "fp32"
+    assert best.kl_sum < greedy.kl_sum and best.total_bytes <= budget
+    assert best.ms_per_token <= greedy.ms_per_token
