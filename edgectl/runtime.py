@@ -142,7 +142,9 @@ def tied_table(path: Path, spec: dict):
     with warnings.catch_warnings():  # read-only buffer: the program only reads it
         warnings.simplefilter("ignore", UserWarning)
         t = torch.frombuffer(blob, dtype=getattr(torch, spec["dtype"]))
-    return t[: spec["shape"][0] * spec["shape"][1]].view(*spec["shape"])
+    t = t[: spec["shape"][0] * spec["shape"][1]].view(*spec["shape"])
+    t._edgectl_map = blob.obj  # the mmap behind it, for madvise (shards_runtime._Embed.release)
+    return t
 
 
 class PteModel:

@@ -92,10 +92,29 @@ class _Embed:
             torch.nn.Module.__init__(self.quant)
             self.quant.bits, self.quant.group_size, self.quant.dim = spec["bits"], spec["group_size"], spec["dim"]
             self.table = tuple(tied_table(path, t) for t in spec["tensors"])  # codes, scales[, offsets]
-            self.fn = lambda tokens: self.quant.forward(tokens, self.table)
+            lookup = lambda tokens: self.quant.forward(tokens, self.table)  # noqa: E731
         else:
             table = tied_table(path, spec)
-            self.fn = lambda tokens: table.index_select(0, tokens.view(-1)).unsqueeze(0)
+            self.table = (table,)
+            lookup = lambda tokens: table.index_select(0, tokens.view(-1)).unsqueeze(0)  # noqa: E731
+
+        def fn(tokens):
+            rows = lookup(tokens)  # a copy: the mapped pages are no longer needed
+            self.release()
+            return rows
+
+        self.fn = fn
+
+    def release(self) -> None:
+        """Unmap the table pages the lookup touched (they stay in the page cache, unmapped,
+        where the kernel reclaims them easily): mapped rows piling up over a long text are
+        page cache a memory cgroup charges and could not reclaim in time."""
+        import mmap
+
+        for t in self.table:
+            mm = getattr(t, "_edgectl_map", None)
+            if mm is not None:
+                mm.madvise(mmap.MADV_DONTNEED)
 
 
 class ShardModel:

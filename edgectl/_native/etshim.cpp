@@ -78,6 +78,13 @@ class MmapLoader final : public etr::DataLoader {
   }
   Result<size_t> size() const override { return size_; }
 
+  // Unmap the pages touched so far (they stay in the page cache, unmapped, where the kernel
+  // reclaims them easily); what is read again later faults back in from the file. Called
+  // once a method is loaded: XNNPACK has packed its weights into its own memory by then,
+  // and mapped file pages kept by every resident shard were what a memory cgroup could not
+  // reclaim in time.
+  void release_pages() const { madvise(base_, size_, MADV_DONTNEED); }
+
  private:
   MmapLoader(void* base, size_t size) : base_(base), size_(size) {}
   void* base_;
@@ -211,6 +218,7 @@ void* ets_load(const char* path, const char* method_name, void* arena, size_t ar
     return nullptr;
   }
   s->method = std::make_unique<etr::Method>(std::move(m.get()));
+  s->loader->release_pages();
   return s.release();
 }
 
