@@ -22,7 +22,8 @@ Sizes in bytes, times in ms, rates in tokens per second:
     machine: {platform, machine, cpu: str, cpu_count: int, mem_total_bytes: int | null}
     settings: {prompt_tokens, new_tokens, repeat: int, threads: int | null,
                cold_requested, cold, warmup: bool, ppl_file: str | null,
-               ppl_tokens: int | null}
+               ppl_tokens: int | null, cgroup: bool, cgroup_baseline: int | null,
+               ctx_size: int | null}
     notes: [str]                        e.g. why --cold fell back to warm, a busy machine
     rows: [{
         label: str                      file name plus options (#n for repeats), as in the table
@@ -42,7 +43,11 @@ Sizes in bytes, times in ms, rates in tokens per second:
             rss_after_load, rss_end, rss_anon_end, rss_file_end: int
             peak_rss: int               VmHWM at the end of the run
             model_rss: int              peak_rss - rss_before_load
-            max_seq_len: int
+            max_seq_len: int            the artifact's KV cache length
+            context: int                positions the run could use (--ctx-size; its KV
+                                        cache was planned and charged for these)
+            plan: {...} | null          a shard set's plan (planner.Plan.to_dict), also as
+                                        plan_mode, plan_total_bytes, plan_precisions, ...
             warmup: {prompt_tokens, new_tokens, ttft_ms, prefill_ms, decode_ms,
                      prefill_tok_s, decode_tok_s} | null
             phases: {warmup?: [start_s, end_s], measured: [start_s, end_s]}
@@ -55,18 +60,23 @@ Sizes in bytes, times in ms, rates in tokens per second:
               window_tokens: int, bos_prefixed: bool, seconds, load_ms: float,
               cgroup_scoring_allowance: int (with --cgroup: added to the cap of this run,
               see scoring_allowance),
+              followed_generation_plan: bool (a budget row with --ctx-size scores the
+              plan its first generation run made, see _same_plan),
               peak_rss, model_rss: int, ...} | null
     }]
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,6 +122,7 @@ class BenchSettings:
     ppl_file: Path | None = None
     ppl_tokens: int | None = None
     cgroup: bool = False
+    ctx_size: int | None = None  # positions per run (bench_worker --ctx-size)
 
 
 @dataclass
@@ -192,6 +203,7 @@ class BenchReport:
                 "ppl_tokens": s.ppl_tokens,
                 "cgroup": s.cgroup,
                 "cgroup_baseline": self.cgroup_baseline,
+                "ctx_size": s.ctx_size,
             },
             "notes": self.notes,
             "rows": [r.to_dict(label) for r, label in zip(self.rows, self.labels())],
@@ -276,6 +288,8 @@ def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool 
     ]
     if settings.threads:
         cmd += ["--threads", str(settings.threads)]
+    if settings.ctx_size:
+        cmd += ["--ctx-size", str(settings.ctx_size)]
     if warmup:
         cmd.append("--warmup")
     if mode == "ppl":
@@ -318,7 +332,7 @@ def _capped(case: Case, settings: BenchSettings, baseline: int | None, extra: in
     return MemCap(budget + baseline + extra if budget is not None and baseline is not None else None)
 
 
-def scoring_allowance(artifact: Path) -> int:
+def scoring_allowance(artifact: Path, ctx_size: int | None = None) -> int:
     """Memory the perplexity harness itself needs beyond a generation run: one program
     call's logits for every position (staged and copied out, fp32) and the float64
     log-softmax buffers of bench_worker.log_prob_chunks. Added to the cap of --ppl runs
@@ -335,6 +349,7 @@ def scoring_allowance(artifact: Path) -> int:
 
         meta = json.loads(constant_bytes(artifact, "edgectl_meta"))
         vocab, piece = meta["model"]["vocab_size"], meta.get("prefill_chunk") or meta["max_seq_len"]
+    piece = min(piece, ctx_size or piece)
     return 2 * piece * vocab * 4 + 2 * SCORE_ROWS * vocab * 8
 
 
@@ -346,6 +361,22 @@ def cgroup_baseline(settings: BenchSettings) -> int:
     with MemCap(None) as cap:
         out = worker(Case(Path(sys.executable)), settings, mode="baseline", cap=cap)
     return out["cgroup_peak"]
+
+
+@contextlib.contextmanager
+def _same_plan(row: Row, settings: BenchSettings):
+    """The case a row's perplexity run measures: with a budget and a fixed --ctx-size, the
+    plan its generation runs followed (a fresh process measures its own start-up costs,
+    which can tip the planner to another mix), so the row's speed and perplexity belong
+    to one plan. Otherwise the row's own case."""
+    plan = next((r["plan"] for r in row.ok_runs if r.get("plan")), None)
+    if plan is None or not settings.ctx_size or row.case.options.get("budget") is None:
+        yield row.case
+        return
+    with tempfile.TemporaryDirectory(prefix="edgectl-bench-") as d:
+        path = Path(d) / "plan.json"
+        path.write_text(json.dumps(plan))
+        yield dataclasses.replace(row.case, options={"plan_file": str(path)})
 
 
 def run_bench(
@@ -404,13 +435,15 @@ def run_bench(
             if any(r.get("status") == "infeasible" for r in row.runs):
                 continue
             progress(f"{row.case.label}: perplexity on {settings.ppl_file.name}")
-            allowance = scoring_allowance(row.case.artifact) if settings.cgroup else 0
+            allowance = scoring_allowance(row.case.artifact, settings.ctx_size) if settings.cgroup else 0
             cap = _capped(row.case, settings, baseline, allowance)
-            try:
-                row.ppl = worker(row.case, settings, mode="ppl", cap=cap)
-            finally:
-                if cap:
-                    cap.close()
+            with _same_plan(row, settings) as case:
+                try:
+                    row.ppl = worker(case, settings, mode="ppl", cap=cap)
+                finally:
+                    if cap:
+                        cap.close()
+            row.ppl["followed_generation_plan"] = case is not row.case
             if settings.cgroup:
                 row.ppl["cgroup_scoring_allowance"] = allowance
             row.ppl.pop("trace", None)

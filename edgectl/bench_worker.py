@@ -17,7 +17,10 @@ Modes:
 
 Options (--options, JSON): `budget` (bytes) and `mode` go to `runtime.open_artifact` for
 a shard set, which plans under them; a `.pte` ignores them here (bench caps its memory
-with a cgroup instead). The plan's figures are reported as plan_*.
+with a cgroup instead). The plan's figures are reported as plan_*. --ctx-size is the
+positions a run uses (its KV cache is planned and charged for those, and perplexity
+windows are that long): by default the prompt plus the new tokens for gen, the
+artifact's max_seq_len for ppl.
 
 Memory: the baseline is VmRSS read from /proc/self/status after torch, the ExecuTorch
 runtime, the tokenizer library and the thread pool are set up, but before the artifact is
@@ -272,6 +275,8 @@ def measure(args) -> dict:
         from edgectl.planner import Plan
 
         kw["plan"] = Plan.load(options["plan_file"])
+    # positions this run uses: the KV cache a shard set plans for, and the perplexity window
+    kw["context"] = args.ctx_size or (args.prompt_tokens + args.new_tokens if args.mode == "gen" else None)
     t_open = time.perf_counter()
     model = runtime.open_artifact(args.artifact, trace=trace, **kw)
     after_load = read_status()
@@ -291,7 +296,8 @@ def measure(args) -> dict:
         rss_file_end=end["RssFile"],
         peak_rss=end["VmHWM"],
         model_rss=end["VmHWM"] - before["VmRSS"],
-        max_seq_len=model.max_seq_len,
+        max_seq_len=getattr(model, "cache_len", model.max_seq_len),
+        context=model.max_seq_len,
         trace=trace.to_dict()["spans"],
     )
     plan = getattr(model, "plan", None)
@@ -299,6 +305,7 @@ def measure(args) -> dict:
         result.update(plan_mode=plan.mode, plan_total_bytes=plan.total_bytes, plan_budget_bytes=plan.budget_bytes,
                       plan_precisions={c.name: c.precision for c in plan.shards},
                       plan_placements={c.name: c.placement for c in plan.shards},
+                      plan=plan.to_dict(),
                       engine=model.engine_name)
     return result
 
@@ -314,6 +321,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--options", default="{}", help="the Case's options, as JSON")
     p.add_argument("--ppl-file")
     p.add_argument("--ppl-tokens", type=int, default=None)
+    p.add_argument("--ctx-size", type=int, default=None,
+                   help="positions the run uses (default: prompt + new tokens for gen, max_seq_len for ppl)")
     return p.parse_args(argv)
 
 

@@ -150,6 +150,7 @@ def run(
     plan_file: Annotated[Optional[Path], typer.Option("--plan-file", help="Shard sets: follow this plan (from `run "
                                                       "--plan --json`) instead of planning; the one `export --plan` takes.")] = None,
     show_plan: Annotated[bool, typer.Option("--plan", help="Shard sets: print the plan (table, or JSON with --json) and exit.")] = False,
+    ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions the run may use (prompt + generated). With --memory-budget the KV cache is planned and charged for these (default: the prompt's tokens + -n); otherwise the artifact's max_seq_len.")] = None,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
 ):
@@ -169,7 +170,8 @@ def run(
 
         budget = parse_bytes(memory_budget)
     if show_plan:
-        _show_plan(artifact, budget, mode, latency_target, json_out, precision)
+        _show_plan(artifact, budget, mode, latency_target, json_out, precision,
+                   _plan_context(artifact, ctx_size, prompt, n, chat, system) if budget else ctx_size)
         return
     if prompt is None:
         raise UsageError("--prompt is required (unless --plan)")
@@ -182,6 +184,7 @@ def run(
         artifact, prompt, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
         chat=chat, system=system, threads=threads, on_text=None if json_out else stream,
         budget=budget, mode=mode, latency_target_ms=latency_target, precision=precision, plan_file=plan_file,
+        context=ctx_size,
     )
     if json_out:
         ui.emit_json(res)
@@ -203,8 +206,21 @@ def _mb(budget: int) -> str:
     return "no budget" if budget >= 1 << 60 else f"{budget / 1e6:.1f} MB"
 
 
+def _plan_context(artifact: Path, ctx_size: int | None, prompt: str | None, n: int, chat: bool,
+                  system: str | None) -> int | None:
+    """The context `run` would plan for: --ctx-size, else the prompt's tokens + n (the
+    shard set's tokenizer), else (no prompt) the artifact's max_seq_len."""
+    if ctx_size is not None or prompt is None:
+        return ctx_size
+    from edgectl.run import is_shard_set, manifest_tokenizer, prompt_token_ids
+
+    if not is_shard_set(artifact):
+        return None
+    return len(prompt_token_ids(manifest_tokenizer(artifact), prompt, chat, system)) + n
+
+
 def _show_plan(artifact: Path, budget: int | None, mode: str, latency_target: float | None, json_out: bool,
-               precision: str | None = None) -> None:
+               precision: str | None = None, context: int | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -212,7 +228,7 @@ def _show_plan(artifact: Path, budget: int | None, mode: str, latency_target: fl
     from edgectl.planner import render_rows
     from edgectl.run import plan_for
 
-    p = plan_for(artifact, budget, mode, latency_target, precision)
+    p = plan_for(artifact, budget, mode, latency_target, precision, context)
     if json_out:
         ui.emit_json(p.to_dict())
         return
@@ -223,7 +239,7 @@ def _show_plan(artifact: Path, budget: int | None, mode: str, latency_target: fl
     for row in render_rows(p):
         t.add_row(*row)
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120).print(t)
-    typer.echo(f"KV cache {p.kv_bytes / 1e6:.1f} MB, loader slots + activations "
+    typer.echo(f"KV cache {p.kv_bytes / 1e6:.1f} MB for {p.context or 'max_seq_len'} positions, loader slots + activations "
                f"{p.slot_bytes / 1e6:.1f} MB, resident shards {p.resident_bytes / 1e6:.1f} MB; sum of KL {p.kl_sum:.4f}")
     for note in p.notes:
         ui.info(f"note: {note}")
@@ -248,6 +264,7 @@ def bench(
                                                       "(from `run --plan --json`), e.g. against `export --plan`'s .pte.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="Shard sets: placement mode(s), comma-separated (auto, resident, pipelined, on-demand), one row each.")] = None,
     cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at budget + the measured interpreter baseline (root); OOM kills become a row status.")] = False,
+    ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions each run uses: a shard set's KV cache is planned and charged for these, and --ppl scores windows this long (default: prompt + new tokens for generation, the artifact's max_seq_len for --ppl).")] = None,
     recipe: RecipeOpt = None,
 ):
     """Measure load time, TTFT, prefill/decode speed and memory of ARTIFACTS; a table on stdout.
@@ -266,7 +283,7 @@ def bench(
         raise UsageError("--ppl-tokens needs --ppl")
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {plot}: expected a .png path")
-    settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup)
+    settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup, ctx_size)
     cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision, plan_file)
     with ui.stages("benchmarking") as step:
         report = run_bench(cases, settings, progress=step, warn=ui.warn)

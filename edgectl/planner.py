@@ -4,11 +4,13 @@
 
 What counts against the budget (all from the manifest's measured figures):
 - every resident shard's `resident_bytes` at its chosen precision;
-- the KV cache (owned by the runtime, never evicted), computed from the model shape;
+- the KV cache (owned by the runtime, never evicted), computed from the model shape for
+  the positions the run will use (`context`: its prompt plus generated tokens, at most
+  max_seq_len): the runtime's cache pages cost memory only once written (kv_cache_bytes);
 - the loader's slots for streamed shards: one (on-demand: load, run, evict) or two
   (pipelined: one running while the next one loads), each as large as the largest
-  streamed shard plus `slot_extra_bytes` (a streamed shard's own XNNPACK workspace,
-  measured by the runtime);
+  streamed shard, plus, pipelined, `slot_extra_bytes` (a streamed shard's own XNNPACK
+  workspace, measured by the runtime; on-demand loads use the shared one);
 - one activation arena, the largest `extra["planned_bytes"]` among the chosen variants
   (shards run one at a time and share it; a variant's resident_bytes includes its own);
 - a tied embedding read from the head's file costs nothing extra (page cache rows).
@@ -82,6 +84,7 @@ class Plan:
     format: str = PLAN_FORMAT
     notes: list[str] = field(default_factory=list)
     fixed_bytes: int = 0  # measured start-up costs counted in total_bytes (see module doc)
+    context: int | None = None  # positions the KV cache is planned for (None: max_seq_len)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,10 +133,23 @@ def parse_bytes(text: str) -> int:
     return int(value * units[unit])
 
 
-def kv_cache_bytes(manifest) -> int:
+PAGE = 4096
+
+
+def kv_cache_bytes(manifest, context: int | None = None) -> int:
+    """Bytes of KV cache a run over the first `context` positions writes (default: all
+    max_seq_len). The runtime keeps each layer's K [KV, D, S] and V [KV, S, D] in fresh
+    anonymous pages (runtime.KVCache), which cost memory once written: V's positions are
+    contiguous per head; K's are contiguous along each of its KV * D rows of S floats,
+    so a row costs the pages holding its first `context` entries."""
     m = manifest.model
-    head_dim = m.get("head_dim") or m["dim"] // m["n_heads"]
-    return 2 * m["n_layers"] * m["n_kv_heads"] * head_dim * manifest.max_seq_len * 4
+    hd = m.get("head_dim") or m["dim"] // m["n_heads"]
+    S = manifest.max_seq_len
+    n = S if context is None else max(1, min(context, S))
+    pages = lambda b: -(-b // PAGE) * PAGE  # noqa: E731
+    k = m["n_kv_heads"] * hd * min(pages(4 * n), 4 * S)
+    v = m["n_kv_heads"] * min(pages(4 * n * hd), 4 * S * hd)
+    return m["n_layers"] * (k + v)
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,10 +269,14 @@ def only_precision(manifest, precision: str):
 
 
 def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mode: str = "auto",
-         fixed_bytes: int = 0, precision: str | None = None, slot_extra_bytes: int = 0) -> Plan:
+         fixed_bytes: int = 0, precision: str | None = None, slot_extra_bytes: int = 0,
+         context: int | None = None) -> Plan:
     """`precision`: every shard at that precision (see only_precision). `slot_extra_bytes`:
     what each loader slot costs besides its shard's weights, measured by the runtime (a
-    streamed shard's own XNNPACK workspace)."""
+    streamed shard's own XNNPACK workspace). `context`: positions the run uses (the KV
+    cache is charged for those; default max_seq_len)."""
+    if context is not None and context >= manifest.max_seq_len:
+        context = None
     if precision is not None:
         manifest = only_precision(manifest, precision)
     if mode not in MODES:
@@ -268,31 +288,34 @@ def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mo
         for m in ("resident", "pipelined", "on-demand"):
             try:
                 return _best(manifest, budget_bytes, latency_target_ms, m, auto=True, fixed=fixed_bytes,
-                             slot_extra=slot_extra_bytes)
+                             slot_extra=slot_extra_bytes, context=context)
             except EdgectlError as e:
                 last_err = e
         raise last_err
-    return _best(manifest, budget_bytes, latency_target_ms, mode, fixed=fixed_bytes, slot_extra=slot_extra_bytes)
+    return _best(manifest, budget_bytes, latency_target_ms, mode, fixed=fixed_bytes, slot_extra=slot_extra_bytes,
+                 context=context)
 
 
 def _best(manifest, budget: int, target: float | None, mode: str, **kw) -> Plan:
     """The greedy plan, and the same with the head held at each higher precision (the
-    embedding follows a tied head): when shards must stream, the greedy first lowers
-    everything (the head too, the shard importance ranks first) and can only buy
-    precision back through loader slots, i.e. for streamed layers. Of the plans found,
-    the most accurate (lowest sum of KL) within the latency target, or without one within
-    STREAM_SLACK of the fastest, is kept."""
+    embedding follows a tied head), each also with the head kept resident: when shards
+    must stream, the greedy first lowers everything (the head too, the shard importance
+    ranks first) and can only buy precision back through loader slots, i.e. for streamed
+    layers; and it streams the shard that frees the most bytes per ms first, which is the
+    head (the largest shard), though a streamed head then sizes every loader slot.
+    Of the plans found, the most accurate (lowest sum of KL) within the latency target, or
+    without one within STREAM_SLACK of the fastest, is kept."""
     plans, err = [], None
     head = _tied_head(manifest.shards)
-    floors = [None]
+    variants = [(None, None)]
     if head and SLOTS[mode]:
         avail = [q for q in manifest.precisions if q in {s.name: s for s in manifest.shards}[head].variants]
-        floors += [{head: q} for q in avail[:-1]]
-    for f in floors:
+        variants = [(f, pin) for f in [None] + [{head: q} for q in avail[:-1]] for pin in (None, {head})]
+    for f, pin in variants:
         try:
-            plans.append(_plan(manifest, budget, target, mode, floor=f, **kw))
+            plans.append(_plan(manifest, budget, target, mode, floor=f, pin=pin, **kw))
         except EdgectlError as e:
-            if f is None:
+            if f is None and pin is None:
                 err = e
     if not plans:
         raise err
@@ -310,9 +333,12 @@ def _sync_embed(shards, st: _State) -> None:
 
 
 def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = False, fixed: int = 0,
-          slot_extra: int = 0, floor: dict | None = None) -> Plan:
+          slot_extra: int = 0, floor: dict | None = None, context: int | None = None,
+          pin: set | None = None) -> Plan:
     shards, precisions = manifest.shards, manifest.precisions
-    kv = kv_cache_bytes(manifest)
+    kv = kv_cache_bytes(manifest, context)
+    if mode == "on-demand":  # the executor loads each shard itself, in the shared workspace
+        slot_extra = 0
     kvf = kv + fixed  # what every plan pays besides shards: KV cache and the measured start-up costs
     slots = SLOTS[mode]
     movable = [s for s in shards if not (s.kind == "embed" and all("table" in v.extra for v in s.variants.values()))]
@@ -328,10 +354,11 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
                 "on-demand": "every shard streamed through one loader slot"}[mode]
         raise EdgectlError(
             f"a budget of {budget / 1e6:.1f} MB is below the feasible minimum of {minimum / 1e6:.1f} MB "
-            f"for mode {mode} ({what}, KV cache {kv / 1e6:.1f} MB"
+            f"for mode {mode} ({what}, KV cache {kv / 1e6:.1f} MB for {context or manifest.max_seq_len} positions"
             + (f", measured start-up costs {fixed / 1e6:.1f} MB" if fixed else "") + ")",
             hint=f"give --memory-budget {int(-(-minimum // 10**5)) / 10:.1f}MB or more"
-            + ("" if mode == "on-demand" else ", or --mode on-demand"),
+            + ("" if mode == "on-demand" else ", or --mode on-demand")
+            + (", or a smaller --ctx-size" if (context or manifest.max_seq_len) > 64 else ""),
         )
 
     st = _State({s.name: [q for q in precisions if q in s.variants][0] for s in shards}, set())
@@ -364,7 +391,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
         best = None
         base_t = time_ms()
         for pos, s in enumerate(movable):
-            if s.name in st.streamed:
+            if s.name in st.streamed or (pin and s.name in pin):
                 continue
             # bytes the shard itself gives up (the first streamed shards may cost more
             # in loader slots than they free; the loop goes on until the set fits)
@@ -455,7 +482,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
         notes.append("compute time per shard not in the manifest (`edgectl shard DIR --remeasure` adds it): "
                      "expected ms/token counts loading only")
     return Plan(actual_mode, budget, target, choices, kv, slot, resident, total, minimum, ms,
-                sum(c.kl for c in choices), measured, notes=notes, fixed_bytes=fixed)
+                sum(c.kl for c in choices), measured, notes=notes, fixed_bytes=fixed, context=context)
 
 
 def render_rows(p: Plan) -> list[list[str]]:

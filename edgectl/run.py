@@ -18,6 +18,20 @@ def tokenizer_for(model):
     return Tokenizer(model.tokenizer_json, model.meta["tokenizer_config"], m["bos_token_id"], tuple(m["eos_token_ids"]))
 
 
+def manifest_tokenizer(directory: str | Path):
+    """The tokenizer of a shard set, from its manifest (no torch or runtime import)."""
+    from edgectl.manifest import Manifest
+    from edgectl.tokenizer import Tokenizer
+
+    m = Manifest.load(Path(directory))
+    return Tokenizer((Path(directory) / m.tokenizer).read_text(), m.tokenizer_config, m.model["bos_token_id"],
+                     tuple(m.model["eos_token_ids"]))
+
+
+def prompt_token_ids(tok, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+    return tok.encode_chat(prompt, system) if chat else tok.encode(prompt)
+
+
 def run_prompt(
     artifact: str | Path,
     prompt: str,
@@ -34,9 +48,12 @@ def run_prompt(
     latency_target_ms: float | None = None,
     precision: str | None = None,
     plan_file: str | Path | None = None,
+    context: int | None = None,
 ) -> dict:
     """Generate from `artifact`; `on_text` receives printable text increments as they come.
-    `budget`/`mode`/`latency_target_ms` apply to a shard set (a directory with manifest.json)."""
+    `budget`/`mode`/`latency_target_ms` apply to a shard set (a directory with manifest.json).
+    `context`: positions the run may use; with a budget, by default the prompt's tokens +
+    max_new_tokens (the shard set plans its KV cache for those)."""
     from edgectl.runtime import open_artifact, set_threads  # imports torch + executorch
 
     set_threads(threads)
@@ -45,10 +62,14 @@ def run_prompt(
         from edgectl.planner import Plan
 
         shard_kw["plan"] = Plan.load(plan_file)
+    if context is None and budget and plan_file is None and is_shard_set(artifact):
+        context = lambda tok: len(prompt_token_ids(tok, prompt, chat, system)) + max_new_tokens  # noqa: E731
+    if context is not None:
+        shard_kw["context"] = context
     model = open_artifact(artifact, budget=budget, mode=mode, latency_target_ms=latency_target_ms, **shard_kw)
     load_ms = model.trace.total("load") * 1e3
     tok = tokenizer_for(model)
-    ids = tok.encode_chat(prompt, system) if chat else tok.encode(prompt)
+    ids = prompt_token_ids(tok, prompt, chat, system)
     stream = tok.stream()
 
     def on_token(t: int) -> None:
@@ -75,7 +96,7 @@ def is_shard_set(artifact: str | Path) -> bool:
 
 
 def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", latency_target_ms: float | None = None,
-             precision: str | None = None):
+             precision: str | None = None, context: int | None = None):
     """The plan `run` would follow (no torch or runtime import)."""
     from edgectl.errors import UsageError
     from edgectl.manifest import Manifest
@@ -84,7 +105,7 @@ def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", laten
     if not is_shard_set(artifact):
         raise UsageError(f"{artifact}: --plan needs a shard set directory (from `edgectl shard`)")
     p = plan(Manifest.load(Path(artifact)), budget or 1 << 62, latency_target_ms, mode if budget else "resident",
-             precision=precision)
+             precision=precision, context=context)
     if budget:
         p.notes.append("start-up costs (tokenizer, first-execute workspace, staging) are not measured here: "
                        "a run measures them first and plans with them, so it may choose lower precisions")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from edgectl.errors import EdgectlError
-from edgectl.model import ModelArgs, empty_caches, write_cache
+from edgectl.model import ModelArgs, cache_shapes, write_cache
 from edgectl.ptefile import constant_bytes
 
 
@@ -130,6 +130,52 @@ def _load_runtime():
     return Runtime.get()
 
 
+class KVCache:
+    """The KV cache, per layer, in fresh anonymous mappings (shapes of model.cache_shapes).
+
+    A page of it costs memory only once written: a run that uses the first n positions
+    pays for those (the planner's kv_cache_bytes counts exactly these pages), not for
+    max_seq_len. `reset` hands the pages back (MADV_DONTNEED: they read as zeros again)
+    instead of writing zeros over the whole cache, which would charge all of it."""
+
+    def __init__(self, args: ModelArgs, max_seq_len: int, n_layers: int):
+        import mmap
+
+        import torch
+
+        self._maps = []
+
+        def zeros(shape):
+            n_el = 1
+            for d in shape:
+                n_el *= d
+            # private: MADV_DONTNEED then frees the pages and they read as zeros (a shared
+            # anonymous mapping, mmap's default, would keep them in shmem with their data)
+            mm = mmap.mmap(-1, n_el * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._maps.append(mm)
+            return torch.frombuffer(mm, dtype=torch.float32).view(shape)
+
+        ks, vs = cache_shapes(args, max_seq_len)
+        self.k = [zeros(ks) for _ in range(n_layers)]
+        self.v = [zeros(vs) for _ in range(n_layers)]
+
+    def reset(self) -> None:
+        import mmap
+
+        for mm in self._maps:
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
+def usable_context(context: int | None, max_seq_len: int) -> int:
+    """Positions a run may use: its `context` (a smaller KV footprint), at most the
+    artifact's max_seq_len."""
+    if context is None:
+        return max_seq_len
+    if context < 2:
+        raise EdgectlError(f"--ctx-size {context}: a run needs at least 2 positions")
+    return min(context, max_seq_len)
+
+
 def tied_table(path: Path, spec: dict):
     """The embedding table, mapped zero-copy from the output head's weight in the file."""
     import warnings
@@ -150,7 +196,7 @@ def tied_table(path: Path, spec: dict):
 class PteModel:
     """A monolithic edgectl `.pte`: forward(tokens, pos, idx, k*L, v*L) -> (logits, k_new*L, v_new*L)."""
 
-    def __init__(self, path: str | Path, trace: Trace | None = None):
+    def __init__(self, path: str | Path, trace: Trace | None = None, context: int | None = None):
         path = Path(path)
         if not path.is_file():
             raise EdgectlError(f"{path}: no such file")
@@ -174,13 +220,14 @@ class PteModel:
         emb = self.meta.get("embedding_input")  # fp32: one table; quantized: {"tensors": [codes, scales]}
         self.extra_inputs = [tied_table(path, t) for t in emb.get("tensors", [emb])] if emb else []
         args = ModelArgs.from_dict(self.meta["model"])
-        self.max_seq_len = self.meta["max_seq_len"]
-        self.chunk = self.meta.get("prefill_chunk", self.max_seq_len)
-        self.k, self.v = empty_caches(args, self.max_seq_len, args.n_layers)
+        self.cache_len = self.meta["max_seq_len"]  # the program's cache shape
+        self.max_seq_len = usable_context(context, self.cache_len)
+        self.chunk = self.meta.get("prefill_chunk", self.cache_len)
+        self.cache = KVCache(args, self.cache_len, args.n_layers)
+        self.k, self.v = self.cache.k, self.cache.v
 
     def reset(self) -> None:
-        for t in self.k + self.v:
-            t.zero_()
+        self.cache.reset()
 
     def forward(self, tokens: list[int], start: int, all_logits: bool = False):
         """Logits [N, vocab] for the last token (or every token with all_logits); a
@@ -232,6 +279,7 @@ def open_artifact(path: str | Path, trace: Trace | None = None, **shard_options)
         raise EdgectlError(f"{path}: no such file or directory")
     if p.is_dir():
         raise EdgectlError(f"{path}: a directory without manifest.json", hint="give a .pte or a shard set from `edgectl shard`")
+    context = shard_options.pop("context", None)
     if any(v is not None for k, v in shard_options.items() if k != "mode") or shard_options.get("mode", "auto") != "auto":
         raise UsageError("--memory-budget/--mode/--latency-target need a shard set directory (from `edgectl shard`)")
-    return PteModel(p, trace=trace)
+    return PteModel(p, trace=trace, context=context if isinstance(context, int) else None)

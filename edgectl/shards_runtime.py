@@ -32,27 +32,7 @@ from pathlib import Path
 from edgectl.errors import EdgectlError
 from edgectl.manifest import Manifest
 from edgectl.planner import Plan, plan as make_plan
-from edgectl.runtime import Trace, _load_runtime, malloc_trim, native_stderr_captured, tied_table
-
-
-def lazy_zero_caches(args, max_seq_len: int, n: int):
-    """KV caches as fresh anonymous mappings: zero pages cost nothing until written, so
-    opening a shard set does not spend tens of ms memsetting a cache the prompt has not
-    reached yet (torch.zeros writes every page). Same shapes as model.empty_caches."""
-    import mmap
-
-    import torch
-
-    from edgectl.model import cache_shapes
-
-    def zeros(shape):
-        n_el = 1
-        for d in shape:
-            n_el *= d
-        return torch.frombuffer(mmap.mmap(-1, n_el * 4), dtype=torch.float32).view(shape)
-
-    ks, vs = cache_shapes(args, max_seq_len)
-    return [zeros(ks) for _ in range(n)], [zeros(vs) for _ in range(n)]
+from edgectl.runtime import KVCache, Trace, _load_runtime, malloc_trim, native_stderr_captured, tied_table, usable_context
 
 
 def anon_bytes() -> int:
@@ -122,13 +102,18 @@ class ShardModel:
 
     def __init__(self, directory: str | Path, trace: Trace | None = None, *, budget: int | None = None,
                  mode: str = "auto", latency_target_ms: float | None = None, plan: Plan | None = None,
-                 engine: str = "auto", precision: str | None = None):
+                 engine: str = "auto", precision: str | None = None, context=None):
+        """`context`: positions this run may use (prompt + generated tokens; an int, or a
+        function of the tokenizer, called once it is built). The KV cache is planned and
+        charged for that many, not for the manifest's max_seq_len; None: max_seq_len, or
+        what a given `plan` was made for."""
         self.dir = Path(directory)
         self.trace = trace or Trace()
         self.manifest = m = Manifest.load(self.dir)
         self.meta = {"model": m.model, "max_seq_len": m.max_seq_len, "tokenizer_config": m.tokenizer_config,
                      "format": "edgectl-shards"}
-        self.max_seq_len = m.max_seq_len
+        self.cache_len = m.max_seq_len  # the programs' cache shape
+        self.max_seq_len = m.max_seq_len  # positions usable: the context, once known
         try:
             self.tokenizer_json = (self.dir / m.tokenizer).read_text()
         except OSError as e:
@@ -142,11 +127,18 @@ class ShardModel:
                 self.startup = self._measure_startup(m, rt, native)
             else:
                 self._start_tokenizer()
+            if callable(context):
+                context = context(self.tokenizer)
+            if plan is not None and context is None:
+                context = plan.context
+            self.max_seq_len = usable_context(context, m.max_seq_len)
+            if self.startup:  # staging is sized by the widest call, at most the context
+                self.startup = self._with_staging(self.startup, m)
             if plan is None:
                 fixed = self.startup["total"] if self.startup else 0
                 plan = (make_plan(m, budget, latency_target_ms, mode, fixed_bytes=fixed, precision=precision,
-                                  slot_extra_bytes=getattr(self, "slot_workspace", 0)) if budget
-                        else _everything_resident(m, precision))
+                                  slot_extra_bytes=getattr(self, "slot_workspace", 0), context=self.max_seq_len)
+                        if budget else _everything_resident(m, precision))
             self.plan = plan
             self._open(m, plan, rt, native)
 
@@ -227,11 +219,7 @@ class ShardModel:
             malloc_trim()
         self.tokenizer  # noqa: B018  (waits for the build: its memory is part of what is measured)
         a2 = anon_bytes() + (max(run_growth, 0) if probe is not None else 0)
-        # staging for outputs: h and 2 caches per layer of the widest shard, the head's logits (one row)
-        widest = max((len(s.layers) for s in layers), default=1)
-        staging = 4 * (m.max_seq_len * mm["dim"] + 2 * widest * mm["n_kv_heads"] * (mm.get("head_dim") or mm["dim"] // mm["n_heads"]) * m.max_seq_len
-                       + mm["vocab_size"])
-        out = {"tokenizer_and_first_execute": max(a2 - a0, 0), "staging": staging}
+        out = {"tokenizer_and_first_execute": max(a2 - a0, 0)}
         self.slot_workspace = max(run_growth, 0) if probe is not None else 0
         # A manifest without per-variant planned_bytes counts every shard's activation memory in
         # its resident_bytes, though all shards share one arena: read the programs' planned
@@ -241,8 +229,21 @@ class ShardModel:
             for v in variants:
                 if "planned_bytes" not in v.extra:
                     v.extra["planned_bytes"] = native.planned_size(self.dir / v.file)
-        out["total"] = sum(out.values())
         out["per_loader_slot_workspace"] = self.slot_workspace  # counted in the plan's slot bytes, not in total
+        return out
+
+    def _with_staging(self, startup: dict, m) -> dict:
+        """Add the output staging buffers (h and 2 caches per layer of the widest shard, the
+        head's logits row) for the widest call this run makes: at most a program call's
+        tokens, at most the context. They are written only that far (fresh pages)."""
+        mm = m.model
+        widest = max((len(s.layers) for s in m.shards if s.kind == "layers"), default=1)
+        T = min(m.max_tokens_per_call or m.max_seq_len, self.max_seq_len)
+        hd = mm.get("head_dim") or mm["dim"] // mm["n_heads"]
+        out = {k: v for k, v in startup.items() if k not in ("staging", "total", "per_loader_slot_workspace")}
+        out["staging"] = 4 * (T * mm["dim"] + 2 * widest * mm["n_kv_heads"] * hd * T + mm["vocab_size"])
+        out["total"] = sum(out.values())
+        out["per_loader_slot_workspace"] = startup["per_loader_slot_workspace"]
         return out
 
     def _open(self, m, plan, rt, native) -> None:
@@ -282,9 +283,10 @@ class ShardModel:
             self.engine = ld.PyEngine(rt)
         args = ModelArgs.from_dict(m.model)
         self.args = args
-        self.k, self.v = lazy_zero_caches(args, self.max_seq_len, args.n_layers)
-        self.h_cap = self.max_seq_len * args.dim
-        self.kv_cap = args.n_kv_heads * args.head_dim * self.max_seq_len
+        self.cache = KVCache(args, self.cache_len, args.n_layers)
+        self.k, self.v = self.cache.k, self.cache.v
+        self.h_cap = self.cache_len * args.dim
+        self.kv_cap = args.n_kv_heads * args.head_dim * self.cache_len
         self.resident = {}
         for name, kind, path, _, placement in self.steps:  # the preload buffer, in forward order
             if placement == "resident":
@@ -310,7 +312,7 @@ class ShardModel:
 
                 caches = [t for st in group for i in st[3] for t in (self.k[i], self.v[i])]
                 chain = Chain(native, [self.resident[st[0]].handle for st in group], [len(st[3]) for st in group], caches,
-                              args.n_kv_heads, args.head_dim, self.max_seq_len)
+                              args.n_kv_heads, args.head_dim, self.cache_len)
                 name = group[0][0] if len(group) == 1 else f"{group[0][0]}..{group[-1][0]}"
                 runs.append(("chain", name, chain))
                 group.clear()
@@ -330,16 +332,15 @@ class ShardModel:
         return self.engine.name
 
     def reset(self) -> None:
-        for t in self.k + self.v:
-            t.zero_()
+        self.cache.reset()
 
     def _get(self, name: str, path: Path, placement: str):
         if placement == "resident":
             return self.resident[name]
         if self.loader is not None:
             return self.loader.take(name)
-        with self.trace.span("load", name):
-            return self.engine.load(path, streamed=True)
+        with self.trace.span("load", name):  # on-demand: nothing else runs, the shared workspace serves
+            return self.engine.load(path, streamed=True, own_workspace=False)
 
     def _release(self, loaded, placement: str) -> None:
         if placement == "resident":
@@ -355,8 +356,9 @@ class ShardModel:
         torch = self._torch
         T = len(tokens)
         if start + T > self.max_seq_len:
-            raise EdgectlError(f"sequence of {start + T} tokens exceeds max_seq_len {self.max_seq_len}")
-        chunk = self.manifest.max_tokens_per_call or self.max_seq_len
+            what = "max_seq_len" if self.max_seq_len == self.cache_len else "the context this run planned for (--ctx-size)"
+            raise EdgectlError(f"sequence of {start + T} tokens exceeds {what} {self.max_seq_len}")
+        chunk = self.manifest.max_tokens_per_call or self.cache_len
         if T > chunk:  # programs take at most `chunk` tokens per call: feed a long prompt in pieces
             parts = [self.forward(tokens[i : i + chunk], start + i, all_logits) for i in range(0, T, chunk)]
             return torch.cat(parts) if all_logits else parts[-1]

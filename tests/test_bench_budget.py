@@ -71,3 +71,25 @@ def test_memcap_kills_a_child_over_its_cap():
         fig = cap.figures()
     assert p.returncode == 0 and fig["cgroup_peak"] > 200 * 1024 * 1024
     assert not cap.path.exists()
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_ctx_size_row_scores_the_plan_its_generation_made(stories_dir, tmp_path):
+    """With a budget and --ctx-size, a row's perplexity run follows its generation run's
+    plan, both plan the KV cache for ctx-size positions, and windows are ctx-size long."""
+    from edgectl.bench import BenchSettings, run_bench
+
+    from test_shards_runtime import build_shard_set
+
+    shards = build_shard_set(stories_dir, tmp_path / "s", 64, ("fp32",))
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. She liked to play outside. " * 20)
+    settings = BenchSettings(prompt_tokens=8, new_tokens=4, repeat=1, ppl_file=text, ppl_tokens=90, ctx_size=32)
+    row = run_bench([Case(shards, {"budget": 1 << 40, "mode": "pipelined"})], settings).rows[0]
+    gen, ppl = row.runs[0], row.ppl
+    assert gen["status"] == ppl["status"] == "ok" and ppl["followed_generation_plan"]
+    assert gen["context"] == ppl["context"] == ppl["window_tokens"] == 32 and gen["max_seq_len"] == 64
+    assert gen["plan"]["context"] == ppl["plan"]["context"] == 32
+    assert ppl["plan_precisions"] == gen["plan_precisions"] and ppl["plan_placements"] == gen["plan_placements"]
+    assert ppl["windows"] == 3  # 90 tokens, 31 scored per window after BOS

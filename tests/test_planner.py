@@ -43,6 +43,26 @@ def test_kv_cache_bytes_by_hand():
     assert kv_cache_bytes(m) == 2 * 4 * 4 * 8 * 128 * 4  # k+v, layers, kv heads, head_dim, seq, fp32
 
 
+def test_kv_cache_bytes_counts_the_pages_a_context_writes():
+    # 4 layers, 4 KV heads, head_dim 8. S=2048: a K row (one kv head, one dim) is 8192 bytes = 2 pages.
+    m = _manifest([_layer(i, (0, .1, .2)) for i in range(4)], max_seq_len=2048)
+    full = 2 * 4 * 4 * 8 * 2048 * 4
+    assert kv_cache_bytes(m) == kv_cache_bytes(m, 2048) == kv_cache_bytes(m, 10**6) == full
+    # 100 positions: every K row touches its first page; each head's V rows are 100 * 32 bytes -> 1 page
+    assert kv_cache_bytes(m, 100) == 4 * (4 * 8 * 4096 + 4 * 4096)
+    # 1025 positions: K rows need both pages (= all of K); V: 1025 * 32 bytes -> 9 pages per head
+    assert kv_cache_bytes(m, 1025) == 4 * (4 * 8 * 8192 + 4 * 9 * 4096)
+    # a plan for a shorter context charges less, and says what it was planned for
+    big, small = plan(m, 1000 * MB), plan(m, 1000 * MB, context=100)
+    assert small.kv_bytes == kv_cache_bytes(m, 100) and small.context == 100 and big.context is None
+    assert big.total_bytes - small.total_bytes == full - kv_cache_bytes(m, 100)
+    # a budget infeasible at max_seq_len becomes feasible with a short context
+    least = plan(m, 1000 * MB, mode="on-demand", context=100).minimum_bytes
+    with pytest.raises(EdgectlError, match="2048 positions"):
+        plan(m, least + 1000, mode="on-demand")
+    assert plan(m, least + 1000, mode="on-demand", context=100).total_bytes <= least + 1000
+
+
 def test_everything_fits_stays_top_precision_resident():
     m = _manifest([_layer(i, (0, .1, .2)) for i in range(4)])
     p = plan(m, 1000 * MB)

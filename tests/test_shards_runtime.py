@@ -324,3 +324,43 @@ def test_plan_file_and_uniform_precision(stories_shards, tmp_path, capsys):
     assert {c.precision for c in plan(m, 1 << 40, mode="resident", precision="fp32").shards} == {"fp32"}
     with pytest.raises(UsageError):
         plan(m, 1 << 40, precision="int3")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_context_plans_a_smaller_kv_cache_and_is_enforced(stories_shards):
+    from edgectl.errors import EdgectlError
+    from edgectl.planner import kv_cache_bytes
+    from edgectl.shards_runtime import ShardModel
+
+    full = ShardModel(stories_shards, budget=1 << 40)
+    n = len(PROMPT) + 2
+    short = ShardModel(stories_shards, budget=1 << 40, context=lambda tok: n)  # a function of the tokenizer, as `run` gives
+    assert short.max_seq_len == n and short.plan.context == n and full.plan.context is None
+    assert short.plan.kv_bytes == kv_cache_bytes(short.manifest, n) < full.plan.kv_bytes
+    # the same logits: the context changes what is planned and allowed, not the computation
+    assert (short.forward(PROMPT, 0, all_logits=True) - full.forward(PROMPT, 0, all_logits=True)).abs().max().item() == 0
+    short.forward([1, 2], len(PROMPT))  # up to the context: fine
+    with pytest.raises(EdgectlError, match="--ctx-size"):
+        short.forward([3], n)
+
+
+def test_kv_cache_reset_gives_pages_back_and_reads_zeros():
+    from edgectl.model import ModelArgs
+    from edgectl.runtime import KVCache
+
+    def anon():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+
+    args = ModelArgs("llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=128, vocab_size=32)
+    a0 = anon()
+    c = KVCache(args, 1 << 15, 2)  # 4 tensors of 4 * 16 * 32768 fp32 = 8 MiB each
+    assert anon() - a0 < 4 << 20  # mapped, not yet written
+    for t in c.k + c.v:
+        t.fill_(1.0)
+    assert anon() - a0 >= 30 << 20
+    c.reset()
+    assert anon() - a0 < 4 << 20
+    assert all(t.abs().sum().item() == 0 for t in c.k + c.v)

@@ -81,7 +81,7 @@ class Native:
         lib.ets_planned_bytes.restype = ctypes.c_size_t
         lib.ets_run.argtypes = [vp, ctypes.c_int, ctypes.POINTER(vp), i32p, i32p, ctypes.c_int, ctypes.POINTER(vp), i64p,
                                 i32p, i32p, ctypes.c_char_p, ctypes.c_size_t]
-        lib.ets_free.argtypes = [vp]
+        lib.ets_free.argtypes = [vp, ctypes.c_int]
         lib.ets_run_layers.argtypes = [ctypes.c_int, ctypes.POINTER(vp), i32p, vp, ctypes.c_int, ctypes.c_int, vp,
                                        ctypes.POINTER(vp), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                        ctypes.c_char_p, ctypes.c_size_t]
@@ -104,8 +104,10 @@ class Native:
             raise EdgectlError(f"{path}: cannot load {method} ({err.value.decode(errors='replace')})")
         return h
 
-    def free(self, handle: int) -> None:
-        self.lib.ets_free(handle)
+    def free(self, handle: int, trim: bool = True) -> None:
+        """Free a loaded method. `trim`: return the freed heap pages to the OS (malloc_trim);
+        without, the next load reuses them (no fresh page faults)."""
+        self.lib.ets_free(handle, int(trim))
 
     def call(self, handle: int) -> "Call":
         return Call(self, handle)

@@ -364,14 +364,17 @@ int ets_run_layers(int n, void* const* handles, const int32_t* n_layers, float* 
   return 0;
 }
 
-void ets_free(void* h) {
+// trim: hand the freed heap pages back to the OS (malloc_trim). A streamed shard is freed
+// without: the next shard loads into the same pages at once (packed weights, XNNPACK
+// workspace), instead of faulting in fresh ones.
+void ets_free(void* h, int trim) {
   Shard* s = static_cast<Shard*>(h);
   if (!s) return;
   // Method before Program before the mapping (members destroy in reverse order anyway).
   s->method.reset();
   s->program.reset();
   delete s;
-  malloc_trim(0);
+  if (trim) malloc_trim(0);
 }
 
 }  // extern "C"
