@@ -275,7 +275,8 @@ def drop_page_cache() -> str | None:
     return None
 
 
-def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool = False, cap=None) -> dict:
+def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool = False, cap=None,
+           ppl_ids: Path | None = None) -> dict:
     """Run one measurement in a fresh `python -m edgectl.bench_worker` and return its figures.
 
     With `cap` (a memcap.MemCap) the worker runs in that memory cgroup; its figures gain
@@ -296,6 +297,8 @@ def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool 
         cmd += ["--ppl-file", str(settings.ppl_file)]
         if settings.ppl_tokens:
             cmd += ["--ppl-tokens", str(settings.ppl_tokens)]
+        if ppl_ids is not None:
+            cmd += ["--ppl-ids", str(ppl_ids)]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -361,6 +364,23 @@ def cgroup_baseline(settings: BenchSettings) -> int:
     with MemCap(None) as cap:
         out = worker(Case(Path(sys.executable)), settings, mode="baseline", cap=cap)
     return out["cgroup_peak"]
+
+
+def _ppl_ids(artifact: Path, settings: BenchSettings, tmp: Path, encoded: dict) -> Path:
+    """The --ppl text encoded here, once per tokenizer, for the workers to read: the
+    tokenizer's working memory (tens of MB for 160k characters) stays out of the
+    measured, possibly capped, process."""
+    import hashlib
+
+    from edgectl.bench_worker import encode_for_ppl, write_ids
+    from edgectl.run import artifact_tokenizer
+
+    tok = artifact_tokenizer(artifact)
+    key = hashlib.sha256(tok.tokenizer_json.encode()).hexdigest()[:16]
+    if key not in encoded:
+        encoded[key] = tmp / f"{key}.ids"
+        write_ids(encode_for_ppl(tok, str(settings.ppl_file), settings.ppl_tokens), encoded[key])
+    return encoded[key]
 
 
 @contextlib.contextmanager
@@ -431,15 +451,18 @@ def run_bench(
         notes.append(f"1-minute load average up to {busiest:.1f} on {os.cpu_count()} CPUs: other work shared the CPUs, expect noise")
         warn(notes[-1])
     if settings.ppl_file is not None:
+        encoded: dict[str, Path] = {}
+        tmp = tempfile.TemporaryDirectory(prefix="edgectl-ppl-")
         for row in rows:
             if any(r.get("status") == "infeasible" for r in row.runs):
                 continue
             progress(f"{row.case.label}: perplexity on {settings.ppl_file.name}")
             allowance = scoring_allowance(row.case.artifact, settings.ctx_size) if settings.cgroup else 0
             cap = _capped(row.case, settings, baseline, allowance)
+            ids = _ppl_ids(row.case.artifact, settings, Path(tmp.name), encoded)
             with _same_plan(row, settings) as case:
                 try:
-                    row.ppl = worker(case, settings, mode="ppl", cap=cap)
+                    row.ppl = worker(case, settings, mode="ppl", cap=cap, ppl_ids=ids)
                 finally:
                     if cap:
                         cap.close()
@@ -447,6 +470,7 @@ def run_bench(
             if settings.cgroup:
                 row.ppl["cgroup_scoring_allowance"] = allowance
             row.ppl.pop("trace", None)
+        tmp.cleanup()
     base = next((r.summary["decode_tok_s"]["mean"] for r in rows if r.summary), None)
     for row in rows:
         row.decode_ratio = row.summary["decode_tok_s"]["mean"] / base if base and row.summary else float("nan")

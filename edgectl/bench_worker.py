@@ -205,20 +205,48 @@ def measure_gen(args, model, tok) -> dict:
     return {**_gen_figures(stats), "warmup": warm, "phases": phases}
 
 
-def measure_ppl(args, model, tok) -> dict:
-    with open(args.ppl_file, encoding="utf-8") as f:
+def encode_for_ppl(tok, path: str, n_tokens: int | None) -> list[int]:
+    """The token ids perplexity scores: the first `n_tokens` of the file's text (all of it
+    when None), encoded without BOS. Only a long enough prefix is encoded (a whole
+    corpus' encoding costs ~100 MB)."""
+    with open(path, encoding="utf-8") as f:
         text = f.read()
-    if args.ppl_tokens:  # encode a prefix long enough (a whole corpus' encoding costs ~100 MB)
-        n_chars = 8 * args.ppl_tokens
-        while True:
-            ids = tok.encode(text[:n_chars], bos=False)
-            # two tokens to spare: only the last pre-token can differ from the full text's
-            if len(ids) >= args.ppl_tokens + 2 or n_chars >= len(text):
-                break
-            n_chars *= 2
-        ids = ids[: args.ppl_tokens]
+    if not n_tokens:
+        return tok.encode(text, bos=False)
+    n_chars = 8 * n_tokens
+    while True:
+        ids = tok.encode(text[:n_chars], bos=False)
+        # two tokens to spare: only the last pre-token can differ from the full text's
+        if len(ids) >= n_tokens + 2 or n_chars >= len(text):
+            return ids[:n_tokens]
+        n_chars *= 2
+
+
+def write_ids(ids: list[int], path) -> None:
+    import array
+
+    with open(path, "wb") as f:
+        array.array("i", ids).tofile(f)
+
+
+def read_ids(path) -> list[int]:
+    import array
+    import os
+
+    a = array.array("i")
+    with open(path, "rb") as f:
+        a.fromfile(f, os.path.getsize(path) // a.itemsize)
+    return a.tolist()
+
+
+def measure_ppl(args, model, tok) -> dict:
+    if args.ppl_ids:  # encoded by `edgectl bench` itself, outside this (possibly capped) process
+        ids = read_ids(args.ppl_ids)
     else:
-        ids = tok.encode(text, bos=False)
+        ids = encode_for_ppl(tok, args.ppl_file, args.ppl_tokens)
+        from edgectl.runtime import malloc_trim
+
+        malloc_trim()  # the tokenizer's working memory: measured +32 MB of heap kept after a 160k-char encode
     wins = ppl_windows(ids, model.max_seq_len, tok.bos_id if tok.add_bos else None)
     if not wins:
         from edgectl.errors import EdgectlError
@@ -321,6 +349,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--options", default="{}", help="the Case's options, as JSON")
     p.add_argument("--ppl-file")
     p.add_argument("--ppl-tokens", type=int, default=None)
+    p.add_argument("--ppl-ids", help="the --ppl-file's token ids, already encoded (int32, as write_ids writes)")
     p.add_argument("--ctx-size", type=int, default=None,
                    help="positions the run uses (default: prompt + new tokens for gen, max_seq_len for ppl)")
     return p.parse_args(argv)

@@ -8,24 +8,37 @@ from pathlib import Path
 from edgectl.generate import SamplingConfig, generate
 
 
-def tokenizer_for(model):
-    """The Tokenizer that travels with an artifact's metadata."""
+def _tokenizer(tokenizer_json: str, tokenizer_config: dict, model: dict):
     from edgectl.tokenizer import Tokenizer
 
+    return Tokenizer(tokenizer_json, tokenizer_config, model["bos_token_id"], tuple(model["eos_token_ids"]))
+
+
+def tokenizer_for(model):
+    """The Tokenizer that travels with an artifact's metadata."""
     if getattr(model, "tokenizer", None) is not None:  # a shard set built it while measuring start-up costs
         return model.tokenizer
-    m = model.meta["model"]
-    return Tokenizer(model.tokenizer_json, model.meta["tokenizer_config"], m["bos_token_id"], tuple(m["eos_token_ids"]))
+    return _tokenizer(model.tokenizer_json, model.meta["tokenizer_config"], model.meta["model"])
 
 
 def manifest_tokenizer(directory: str | Path):
     """The tokenizer of a shard set, from its manifest (no torch or runtime import)."""
     from edgectl.manifest import Manifest
-    from edgectl.tokenizer import Tokenizer
 
     m = Manifest.load(Path(directory))
-    return Tokenizer((Path(directory) / m.tokenizer).read_text(), m.tokenizer_config, m.model["bos_token_id"],
-                     tuple(m.model["eos_token_ids"]))
+    return _tokenizer((Path(directory) / m.tokenizer).read_text(), m.tokenizer_config, m.model)
+
+
+def artifact_tokenizer(artifact: str | Path):
+    """The tokenizer of a shard set or a `.pte`, read from its files without loading the model."""
+    import json
+
+    from edgectl.ptefile import constant_bytes
+
+    if is_shard_set(artifact):
+        return manifest_tokenizer(artifact)
+    meta = json.loads(constant_bytes(Path(artifact), "edgectl_meta"))
+    return _tokenizer(constant_bytes(Path(artifact), "edgectl_tokenizer").decode(), meta["tokenizer_config"], meta["model"])
 
 
 def prompt_token_ids(tok, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
