@@ -1,6 +1,9 @@
 """Faster ExecuTorch lowering for the graphs edgectl exports, with the same result.
 
-1. `fast_passes()`: skip XNNPACK preprocess passes that cannot match anything in a partition.
+1. `fast_passes()`: skip XNNPACK preprocess passes that cannot match anything in a partition;
+   decompose once, not three times, when every preserved node passes XNNPACK's filter
+   (`_edge_manager`); skip aten-to-edge passes with nothing to rewrite; and make the
+   partitioner's bookkeeping linear (signature maps built once, cycle test as a set op).
 2. `infer_view_dims`: views with one symbolic size get -1, so XNNPACK delegates them.
 3. `shape_kernels()`: shape-only (Meta) kernels for torchao's quantize/dequantize/choose_qparams ops.
 
@@ -16,8 +19,10 @@ for every quantized linear) the whole Python implementation runs op by op on fak
 a third of an 8da4w export. `shape_kernels()` gives them Meta kernels that compute only the
 output shapes and dtypes, following torchao 0.18's own code.
 
-Both are checked, not assumed: tests/test_export_run.py exports with and without them and
-requires byte-identical programs. `EDGECTL_SLOW_EXPORT=1` turns them off.
+All are checked, not assumed: tests/test_export_run.py exports with and without them and
+requires byte-identical programs once debug handles are held equal (the single
+decomposition renumbers those profiling ids; nothing else changes). `EDGECTL_SLOW_EXPORT=1`
+turns them off.
 """
 
 from __future__ import annotations
@@ -53,6 +58,114 @@ def needed(passes: list, ep) -> list:
     return [p for p in passes if p.__name__ not in ANCHORS or any(a in ops for a in ANCHORS[p.__name__])]
 
 
+def _is_view(node) -> bool:
+    return getattr(node.target, "is_view", False) is True
+
+
+# aten-to-edge passes that rewrite only nodes matching their anchor; each otherwise
+# re-traces the whole graph with fake tensors to change nothing.
+EDGE_ANCHORS = {
+    "NormalizeTransposePass": lambda n: str(n.target) == "aten.t.default",
+    "ReplaceBrokenOpsWithFunctionalOpsPass": _is_view,
+}
+
+
+class _Anchored:
+    def __init__(self, p, anchor):
+        self.p, self.anchor = p, anchor
+
+    def __call__(self, gm):
+        from torch.fx.passes.infra.pass_base import PassResult
+
+        if not any(self.anchor(n) for n in gm.graph.nodes if n.op == "call_function"):
+            return PassResult(gm, False)
+        return self.p(gm)
+
+
+def _skip_idle(pre: list, post: list) -> tuple[list, list]:
+    return [_Anchored(p, EDGE_ANCHORS[type(p).__name__]) if type(p).__name__ in EDGE_ANCHORS else p for p in pre], post
+
+
+def _edge_manager(original, partitioner, aten_programs, config, constant_methods, generate_etrecord=False):
+    """executorch's `_gen_edge_manager_for_partitioners` for one program and one partitioner
+    with a node filter (XNNPACK), in one decomposition instead of three. The original first
+    functionalizes ({} table), then decomposes everything but the partitioner's preserved
+    ops, then marks the preserved nodes that pass the partitioner's filter and decomposes
+    again so that those failing it are decomposed too. Decomposing directly functionalizes
+    as well; and when every preserved node passes the filter, the third pass has nothing
+    left to decompose, so it is skipped. Any other case runs the original."""
+    from executorch.exir.program import _program as P
+
+    (name, program), = aten_programs.items()
+    parts = (partitioner or {}).get(name, [])
+    if generate_etrecord or len(parts) != 1:
+        return original(partitioner, aten_programs, config, constant_methods, generate_etrecord)
+    ops, check = parts[0].ops_to_not_decompose(program)
+    if check is None:
+        return original(partitioner, aten_programs, config, constant_methods, generate_etrecord)
+    ops = P._remove_invalid_ops_for_not_decompose(ops)
+    table = P._default_decomposition_table()
+    for op in ops:
+        table.pop(op, None)
+    decomposed = program.run_decompositions(table)
+    _, check = parts[0].ops_to_not_decompose(decomposed)
+    kept = [n for n in decomposed.graph.nodes if n.op == "call_function" and n.target in ops]
+    if P.get_control_flow_submodules(decomposed.graph_module) or not all(check(n) for n in kept):
+        return original(partitioner, aten_programs, config, constant_methods, generate_etrecord)
+    preserved = list({n.target for n in kept})
+    aten_to_edge = P._get_aten_to_edge_passes
+    P._get_aten_to_edge_passes = lambda c: _skip_idle(*aten_to_edge(c))
+    try:
+        edge = P._generate_edge_program(config, decomposed, preserve_ops=preserved)
+    finally:
+        P._get_aten_to_edge_passes = aten_to_edge
+    config._core_aten_ops_exception_list = list(set(config._core_aten_ops_exception_list) | set(preserved))
+    return P.EdgeProgramManager({name: edge}, constant_methods, config, preserved)
+
+
+SIGNATURE_MAPS = ("inputs_to_parameters", "inputs_to_buffers", "inputs_to_lifted_tensor_constants")
+
+
+@contextlib.contextmanager
+def _signature_maps_cached():
+    """The partitioner asks, for every node, whether it is a parameter, buffer or constant;
+    each question rebuilds the graph signature's name maps from all its inputs (quadratic
+    in the model size). While partitioning, which changes no signature, build each once."""
+    from torch.export.graph_signature import ExportGraphSignature
+
+    originals = {name: getattr(ExportGraphSignature, name) for name in SIGNATURE_MAPS}
+    cache: dict = {}
+
+    def cached(name, prop):
+        def get(self):
+            key = (name, id(self), id(self.input_specs), len(self.input_specs))
+            if key not in cache:
+                cache[key] = (self, prop.fget(self))  # holds self: its id stays unique
+            return cache[key][1]
+        return property(get)
+
+    for name, prop in originals.items():
+        setattr(ExportGraphSignature, name, cached(name, prop))
+    try:
+        yield
+    finally:
+        for name, prop in originals.items():
+            setattr(ExportGraphSignature, name, prop)
+
+
+def _can_merge_partitions(self, p1, p2, partitions_by_id):
+    """executorch 1.4.1's GroupBasedPartitioner._can_merge_partitions with its cycle test
+    as one set operation: `any(n in combined for n in downstreams)` walks, in Python, the
+    whole transitive downstream set of every external user, for every pair of partitions."""
+    from torch.fx.passes.utils.fuser_utils import validate_partition
+
+    combined = set(partitions_by_id[p1].nodes.keys()) | set(partitions_by_id[p2].nodes.keys())
+    users = [user for node in combined for user in node.users if user not in combined]
+    if any(not combined.isdisjoint(self.dependency_viewer.downstreams_of(u)) for u in users):
+        return False
+    return validate_partition(list(combined))
+
+
 @contextlib.contextmanager
 def fast_passes():
     if os.environ.get("EDGECTL_SLOW_EXPORT") == "1":
@@ -66,11 +179,28 @@ def fast_passes():
         self.passes = needed(self.passes, self.exported_program)
         return original(self)
 
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir.program import _program as P
+
+    def partition(self, ep):
+        with _signature_maps_cached():
+            return partition_original(self, ep)
+
+    from executorch.exir.backend.canonical_partitioners.group_partitioner import GroupBasedPartitioner
+
+    gen, partition_original = P._gen_edge_manager_for_partitioners, XnnpackPartitioner.partition
+    can_merge = GroupBasedPartitioner._can_merge_partitions
+    GroupBasedPartitioner._can_merge_partitions = _can_merge_partitions
     XNNPACKPassManager.transform = transform
+    XnnpackPartitioner.partition = partition
+    P._gen_edge_manager_for_partitioners = lambda *a, **k: _edge_manager(gen, *a, **k)
     try:
         yield
     finally:
         XNNPACKPassManager.transform = original
+        P._gen_edge_manager_for_partitioners = gen
+        XnnpackPartitioner.partition = partition_original
+        GroupBasedPartitioner._can_merge_partitions = can_merge
 
 
 def infer_view_dims(gm):
