@@ -8,9 +8,7 @@ checkpoint written by `edgectl quantize` is the artifact that runs:
   one scale per output channel) or qd8-f32-qb4w (4-bit, one scale per group, zero point 8).
 - `Asym4Linear`: 4-bit codes u in 0..15 with a scale s and an offset per group,
   w = s * (u - 8) + c (c = min + 8 s: the llama.cpp Q4_1 grid). Runs as a qb4w linear on
-  (u - 8, s) plus a small linear over the input's per-group sums carrying c: qd8-f32-qc8w
-  with c as int8 codes and one scale per output channel (a quarter of fp32's bytes), or
-  fp32 (checkpoints written before int8 offsets).
+  (u - 8, s) plus a small fp32 linear over the input's per-group sums carrying c.
 - `QuantEmbedding`: gather + dequantize of the T looked-up rows only, in core ATen ops
   (XNNPACK has no gather). For a tied matrix the codes come in as program inputs mapped
   from the output head's own XNNPACK blobs, so the matrix is stored once.
@@ -103,26 +101,15 @@ class Asym4Linear(nn.Module):
     weights per call) and stays inside XNNPACK."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None = None, offset_scales: torch.Tensor | None = None):
-        """`offsets` [N, G]: fp32, or with `offset_scales` [N, 1] int8 codes (c = codes * scale)."""
+                 bias: torch.Tensor | None = None):
         super().__init__()
         n, g = scales.shape
         self.group_size, self.groups = group_size, g
         codes = unpack4(packed).to(torch.int8) - 8
         self.main = dynamic_linear(codes, scales, 4, group_size, bias)
         self.register_buffer("ones", _ones(group_size), persistent=False)
-        if offset_scales is not None:
-            self.offset = dynamic_linear(offsets.to(torch.int8), offset_scales.reshape(n, 1), 8, g)
-        else:
-            self.offset = nn.Linear(g, n, bias=False)
-            self.offset.weight = nn.Parameter(offsets.to(torch.float32).contiguous(), requires_grad=False)
-
-    def offset_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(offsets, offset scales or None), as stored: int8 codes and [N, 1] scales, or fp32 and None."""
-        w = self.offset.weight
-        if type(w).__name__ == "IntxUnpackedToInt8Tensor":
-            return w.qdata, w.scale.reshape(-1, 1)
-        return w.detach(), None
+        self.offset = nn.Linear(g, n, bias=False)
+        self.offset.weight = nn.Parameter(offsets.to(torch.float32).contiguous(), requires_grad=False)
 
     def forward(self, x):
         sums = F.linear(x.reshape(-1, self.group_size), self.ones).reshape(*x.shape[:-1], self.groups)
@@ -132,34 +119,23 @@ class Asym4Linear(nn.Module):
 class QuantEmbedding(nn.Module):
     """Embedding from int8 (one scale per row) or packed int4 (one scale per group) codes.
 
-    forward(tokens [1,T], table=None): `table`, when given, is (codes, scales[, offsets[,
-    offset scales]]) as program inputs (the tied head's XNNPACK blobs); otherwise the
-    module's own buffers.
+    forward(tokens [1,T], table=None): `table`, when given, is the (codes, scales) pair as
+    program inputs (the tied head's XNNPACK blobs); otherwise the module's own buffers.
     """
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, dim: int,
-                 offsets: torch.Tensor | None = None, offset_scales: torch.Tensor | None = None):
+                 offsets: torch.Tensor | None = None):
         super().__init__()
         self.bits, self.group_size, self.dim = bits, group_size, dim
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", scales.to(torch.float32).contiguous())
-        # 4-bit asymmetric (Asym4Linear's grid): w = scales * (u - 8) + offsets, per group;
-        # offsets fp32, or int8 codes with one fp32 scale per row (offset_scales [N, 1])
-        if offsets is not None and offset_scales is None:
-            offsets = offsets.to(torch.float32)
-        self.register_buffer("offsets", None if offsets is None else offsets.contiguous())
-        self.register_buffer("offset_scales", None if offset_scales is None
-                             else offset_scales.to(torch.float32).reshape(-1, 1).contiguous())
-
-    def stored_table(self) -> tuple:
-        return tuple(t for t in (self.codes, self.scales, self.offsets, self.offset_scales) if t is not None)
+        # 4-bit asymmetric (Asym4Linear's grid): w = scales * (u - 8) + offsets, per group
+        self.register_buffer("offsets", None if offsets is None else offsets.to(torch.float32).contiguous())
 
     def forward(self, tokens, table=None):
-        codes, scales, *rest = table if table is not None else self.stored_table()
+        codes, scales, *rest = table if table is not None else (self.codes, self.scales, self.offsets)
+        offsets = rest[0] if rest else None
         idx = tokens.reshape(-1)
-        offsets = rest[0].index_select(0, idx) if rest else None
-        if len(rest) == 2:
-            offsets = offsets.to(torch.float32) * rest[1].reshape(-1, 1).index_select(0, idx)
         rows = codes.index_select(0, idx)
         s = scales.index_select(0, idx).to(torch.float32)
         if self.bits == 4:
@@ -169,7 +145,7 @@ class QuantEmbedding(nn.Module):
             q = torch.stack([r - hi * 16, hi], dim=-1).to(torch.float32) - 8.0  # [T, D/2, 2]
             e = q.reshape(-1, self.dim // self.group_size, self.group_size) * s.unsqueeze(-1)
             if offsets is not None:
-                e = e + offsets.unsqueeze(-1)
+                e = e + offsets.index_select(0, idx).unsqueeze(-1)
         else:
             e = rows.to(torch.float32) * s
         return e.reshape(1, -1, self.dim)
@@ -179,28 +155,22 @@ class QuantEmbedding(nn.Module):
             q = unpack4(self.codes).to(torch.float32) - 8.0
             e = q.view(q.shape[0], -1, self.group_size) * self.scales.unsqueeze(-1)
             if self.offsets is not None:
-                off = self.offsets.to(torch.float32)
-                if self.offset_scales is not None:
-                    off = off * self.offset_scales
-                e = e + off.unsqueeze(-1)
+                e = e + self.offsets.unsqueeze(-1)
             return e.view(q.shape[0], -1)
         return self.codes.to(torch.float32) * self.scales
 
 
-def xnnpack_blobs(codes: torch.Tensor, scales: torch.Tensor, bits: int, offsets: torch.Tensor | None = None,
-                  offset_scales: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
+def xnnpack_blobs(codes: torch.Tensor, scales: torch.Tensor, bits: int,
+                  offsets: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
     """The (named-data key, tensor) pairs XNNPACK writes for a quantized linear weight
     with these codes (int8 [N,K] signed, or packed uint8 [N,K/2] for 4 bits) and scales;
-    with `offsets`, also those of Asym4Linear's offset linear: its int8 codes and fp32
-    per-channel scales (with `offset_scales`), or its fp32 weight (stored unchanged)."""
-    def pair(c, s, b):
-        s = s.to(torch.bfloat16 if b == 4 else torch.float32).contiguous()
-        return [(sha256_hex(c), c.contiguous()), ("scale_" + sha256_hex(s), s)]
-
-    out = pair(codes, scales, bits)
-    if offsets is not None and offset_scales is not None:
-        out += pair(offsets.to(torch.int8), offset_scales.reshape(-1, 1), 8)
-    elif offsets is not None:
+    with `offsets`, also the fp32 weight of Asym4Linear's offset linear (stored unchanged)."""
+    if bits == 4:
+        sc = scales.to(torch.bfloat16).contiguous()
+    else:
+        sc = scales.to(torch.float32).contiguous()
+    out = [(sha256_hex(codes), codes.contiguous()), ("scale_" + sha256_hex(sc), sc)]
+    if offsets is not None:
         off = offsets.to(torch.float32).contiguous()
         out.append((sha256_hex(off), off))
     return out

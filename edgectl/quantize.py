@@ -15,9 +15,7 @@ What each scheme name runs as (see quant_modules.py for the forms):
     8da4w  -> int8 dynamic activations x 4-bit groupwise weights, with --mapping:
               asymmetric (default) -> "a4w": scale + offset per group (torchao's
               MappingType.ASYMMETRIC; the llama.cpp Q4_1 grid), run as qb4w on the centred
-              codes plus a linear over per-group input sums carrying the offsets, which
-              are int8 with one scale per output channel (qd8-f32-qc8w; scheme.offsets,
-              "fp32" keeps them fp32 at four times the bytes read per token);
+              codes plus an fp32 linear over per-group input sums carrying the offsets;
               symmetric -> "8da4w": torchao's symmetric int4 (plain qd8-f32-qb4w).
     4w     -> "a4w" as well: XNNPACK has no fp32 x 4-bit groupwise kernel, so 4-bit
               "weight-only" runs with int8 dynamic activations like 8da4w asymmetric.
@@ -49,7 +47,6 @@ from edgectl.errors import EdgectlError, UsageError
 LINEAR_SCHEMES = ("fp32", "int8", "8da4w", "4w")
 EMBEDDING_SCHEMES = ("none", "int8", "int4")
 QPARAMS = ("affine", "hqq", "mse")
-OFFSETS = ("int8", "fp32")
 MAPPINGS = ("asymmetric", "symmetric")
 FORMAT = "edgectl-quant/1"
 QUANT_FILE = "edgectl_quant.json"
@@ -60,9 +57,7 @@ RUNS_AS = {
     "8da8w": "XNNPACK qd8-f32-qc8w: int8 per-token dynamic activations x int8 weights, one fp32 scale per output channel",
     "8da4w": "XNNPACK qd8-f32-qb4w: int8 per-token dynamic activations x int4 weights, one bf16 scale per group",
     "a4w": "4-bit asymmetric groupwise weights (scale + offset per group): XNNPACK qd8-f32-qb4w on the "
-           "centred codes plus a linear over per-group input sums carrying the offsets (XNNPACK "
-           "qd8-f32-qc8w with int8 offsets, one scale per output channel; f32 gemm where the record "
-           "says offsets fp32)",
+           "centred codes plus an fp32 linear over per-group input sums carrying the offsets",
     "emb_int8": "int8 rows, one scale per row: gather + dequantize of the looked-up rows (portable ops)",
     "emb_int4": "int4 groupwise rows, packed two per byte: gather + dequantize of the looked-up rows (portable ops)",
     "emb_a4": "4-bit asymmetric groupwise rows (scale + offset per group), packed two per byte: gather + "
@@ -81,7 +76,6 @@ class QuantScheme:
     embedding_group_size: int = 32
     qparams: str = "affine"  # 4-bit symmetric scales: affine (torchao min-max) | hqq (torchao, scale only) | mse (clip search)
     mapping: str = "asymmetric"  # 4-bit weights (8da4w linears, int4 embedding): asymmetric | symmetric
-    offsets: str = "int8"  # asymmetric 4-bit offsets: int8 (one scale per output channel) | fp32
     smoothquant: bool = False  # int8 only: SmoothQuant scales folded into the fp32 model first (smoothquant.py)
     smooth_alpha: float = 0.6  # s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
 
@@ -92,8 +86,6 @@ class QuantScheme:
             raise UsageError(f"unknown embedding scheme {self.embedding!r}", hint=f"choose one of: {', '.join(EMBEDDING_SCHEMES)}")
         if self.mapping not in MAPPINGS:
             raise UsageError(f"unknown mapping {self.mapping!r}", hint=f"choose one of: {', '.join(MAPPINGS)}")
-        if self.offsets not in OFFSETS:
-            raise UsageError(f"unknown offsets precision {self.offsets!r}", hint=f"choose one of: {', '.join(OFFSETS)}")
         if self.qparams not in QPARAMS:
             raise UsageError(f"unknown qparams algorithm {self.qparams!r}", hint=f"choose one of: {', '.join(QPARAMS)}")
         if self.smoothquant and self.linear != "int8":
@@ -218,14 +210,6 @@ def codes_asym4(w, group_size: int):
     return pack4(u.view(n, k).to(torch.uint8)), s.view(n, -1), c.view(n, -1)
 
 
-def asym4_offsets(c, precision: str):
-    """codes_asym4's offsets [N,G] as stored: (int8 codes, fp32 scales [N,1]: one per output
-    channel, symmetric) for "int8"; (fp32, None) for "fp32"."""
-    if precision == "fp32":
-        return c, None
-    return codes_int8(c)
-
-
 # ---------------------------------------------------------------------------------------
 # Quantizing a module in place
 
@@ -261,9 +245,7 @@ def _quantize_linear(lin, scheme: QuantScheme) -> tuple[object, dict]:
         new, entry = dynamic_linear(codes, scales, 4, gs, bias), {"bits": 4, "group_size": gs}
     else:
         packed, scales, offsets = codes_asym4(w, gs)
-        offsets, offset_scales = asym4_offsets(offsets, scheme.offsets)
-        new = Asym4Linear(packed, scales, offsets, gs, bias, offset_scales)
-        entry = {"bits": 4, "group_size": gs, "offsets": scheme.offsets}
+        new, entry = Asym4Linear(packed, scales, offsets, gs, bias), {"bits": 4, "group_size": gs}
     return new, {"form": form, **entry, "shape": list(w.shape), "note": note}
 
 
@@ -287,10 +269,9 @@ def _embedding(weight, scheme: QuantScheme, tied: bool) -> tuple[dict, object, o
             head, head_form = dynamic_linear(codes, scales, 8, weight.shape[1]), "8da8w"
     elif scheme.asymmetric4:
         packed, scales, offsets = codes_asym4(weight, gs)
-        offsets, offset_scales = asym4_offsets(offsets, scheme.offsets)
-        emb, form = QuantEmbedding(packed, scales, 4, gs, weight.shape[1], offsets, offset_scales), "emb_a4"
+        emb, form = QuantEmbedding(packed, scales, 4, gs, weight.shape[1], offsets), "emb_a4"
         if tied:
-            head, head_form = Asym4Linear(packed, scales, offsets, gs, None, offset_scales), "a4w"
+            head, head_form = Asym4Linear(packed, scales, offsets, gs), "a4w"
     else:
         codes, scales = codes_int4(weight, gs, scheme.qparams)
         packed = pack4((codes.to(torch.int16) + 8).to(torch.uint8))
@@ -299,8 +280,6 @@ def _embedding(weight, scheme: QuantScheme, tied: bool) -> tuple[dict, object, o
             head, head_form = dynamic_linear(codes, scales, 4, gs), "8da4w"
     entry = {"form": form, "bits": bits, "group_size": gs if bits == 4 else None,
              "shape": list(weight.shape), "note": note}
-    if form == "emb_a4":
-        entry["offsets"] = scheme.offsets
     return entry, emb, head, head_form
 
 
@@ -378,7 +357,6 @@ def quantize_module(module, scheme: QuantScheme, progress: Callable[[int, int], 
                 module.head.lm_head = head
                 weights["head.lm_head"] = {
                     "form": head_form, "bits": entry["bits"], "group_size": entry["group_size"],
-                    **({"offsets": entry["offsets"]} if "offsets" in entry else {}),
                     "shape": entry["shape"], "tied_to": "embed.embed_tokens",
                     "note": "tied to the embedding: same codes, stored once",
                 }
@@ -442,8 +420,6 @@ def quantized_state(model, record: dict) -> dict:
             out[base + ".qweight"], out[base + ".scales"] = mod.codes, mod.scales
             if mod.offsets is not None:
                 out[base + ".offsets"] = mod.offsets
-            if mod.offset_scales is not None:
-                out[base + ".offset_scales"] = mod.offset_scales
             continue
         lin = mod.main if isinstance(mod, Asym4Linear) else mod
         codes, scales = lin.weight.qdata, lin.weight.scale
@@ -453,10 +429,7 @@ def quantized_state(model, record: dict) -> dict:
             codes = pack4((codes.to(torch.int16) + 8).to(torch.uint8))
         out[base + ".qweight"], out[base + ".scales"] = codes, scales
         if isinstance(mod, Asym4Linear):
-            offsets, offset_scales = mod.offset_tensors()
-            out[base + ".offsets"] = offsets
-            if offset_scales is not None:
-                out[base + ".offset_scales"] = offset_scales
+            out[base + ".offsets"] = mod.offset.weight.detach()
         if lin.bias is not None:
             out[base + ".bias"] = lin.bias.detach()
     seen = set()
@@ -548,17 +521,15 @@ def apply_recorded_quantization(model, ckpt) -> dict | None:
             continue
         base = ours_to_hf(name)
         codes, scales = take(base + ".qweight"), take(base + ".scales")
-        # records from before int8 offsets have no "offsets" key: fp32
-        offsets = take(base + ".offsets") if form in ("emb_a4", "a4w") else None
-        offset_scales = take(base + ".offset_scales") if offsets is not None and w.get("offsets") == "int8" else None
         if form.startswith("emb_"):
             gs = w["group_size"] or w["shape"][1]
-            model.embed = QuantEmbedding(codes, scales, w["bits"], gs, w["shape"][1], offsets, offset_scales)
-            built[name] = (codes, scales, w["bits"], gs, offsets, offset_scales)
+            offsets = take(base + ".offsets") if form == "emb_a4" else None
+            model.embed = QuantEmbedding(codes, scales, w["bits"], gs, w["shape"][1], offsets)
+            built[name] = (codes, scales, w["bits"], gs, offsets)
             continue
         bias = tensors.pop(base + ".bias", None)
         if form == "a4w":
-            new = Asym4Linear(codes, scales, offsets, w["group_size"], bias, offset_scales)
+            new = Asym4Linear(codes, scales, take(base + ".offsets"), w["group_size"], bias)
         elif form in ("8da4w", "8da8w"):
             new = dynamic_linear(signed(codes, w["bits"]), scales, w["bits"], w["group_size"] or w["shape"][1], bias)
         else:
@@ -566,9 +537,9 @@ def apply_recorded_quantization(model, ckpt) -> dict | None:
         _set(model, name, new)
     for name, w in rec["weights"].items():
         if "tied_to" in w and w["form"] != "fp32":
-            codes, scales, bits, gs, offsets, offset_scales = built[w["tied_to"]]
+            codes, scales, bits, gs, offsets = built[w["tied_to"]]
             if offsets is not None:
-                _set(model, name, Asym4Linear(codes, scales, offsets, gs, None, offset_scales))
+                _set(model, name, Asym4Linear(codes, scales, offsets, gs))
             else:
                 _set(model, name, dynamic_linear(signed(codes, bits), scales, bits, gs))
     params = dict(model.named_parameters())
@@ -711,11 +682,12 @@ def shared_embedding(model):
     emb = model.embed
     if not (model.args.tie_embeddings and isinstance(emb, QuantEmbedding)):
         return None
-    blobs = xnnpack_blobs(emb.codes, emb.scales, emb.bits, emb.offsets, emb.offset_scales)
+    blobs = xnnpack_blobs(emb.codes, emb.scales, emb.bits, emb.offsets)
     spec = {"tensors": [{"key": k, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in blobs]}
     # The program reads the inputs; its own copy would still be stored as an unused constant.
-    for buf in ("codes", "scales", "offsets", "offset_scales"):
-        emb.register_buffer(buf, None)
+    emb.register_buffer("codes", None)
+    emb.register_buffer("scales", None)
+    emb.register_buffer("offsets", None)
     # Clones: an example input aliasing a parameter breaks the head's delegation.
     return tuple(t.clone() for _, t in blobs), spec
 

@@ -28,7 +28,7 @@ def embed_rows(tensors: list, spec: dict, tokens):
     """Rows for `tokens` [1,T] from the mapped table: fp32 rows as they are; int8 rows
     times their row scale; int4 rows (two codes a byte, low nibble = even column, code - 8)
     times their group's bfloat16 scale, plus the group's offset when the table has a third
-    tensor (4-bit asymmetric, as QuantEmbedding; int8 offsets have their row scales fourth). Returns [1, T, dim] fp32."""
+    tensor (4-bit asymmetric, as QuantEmbedding). Returns [1, T, dim] fp32."""
     import torch
 
     idx = tokens.reshape(-1)
@@ -42,11 +42,8 @@ def embed_rows(tensors: list, spec: dict, tokens):
     q = torch.stack([r & 15, r >> 4], dim=-1).to(torch.float32) - 8.0  # [T, D/2, 2]
     gs = spec["group_size"]
     e = q.reshape(len(idx), -1, gs) * s.unsqueeze(-1)
-    if offsets:  # fp32, or int8 codes and their [rows, 1] scales
-        off = offsets[0].index_select(0, idx).to(torch.float32)
-        if len(offsets) == 2:
-            off = off * offsets[1].reshape(-1, 1).index_select(0, idx)
-        e = e + off.unsqueeze(-1)
+    if offsets:
+        e = e + offsets[0].index_select(0, idx).unsqueeze(-1)
     return e.reshape(1, len(idx), -1)
 
 

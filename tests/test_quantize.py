@@ -60,34 +60,6 @@ def test_asym4_is_exact_on_a_q4_1_grid():
     assert (sym - w).abs().max() > 10 * (back - w).abs().max()  # symmetric int4 cannot represent it
 
 
-def test_int8_offsets():
-    # Asym4Linear with int8 offsets (one scale per output channel) against x @ w.T in fp32,
-    # w rebuilt by hand from its codes: the offset linear quantizes its input (the group sums)
-    # per token, so close, not exact; and the int8 offsets cost little against fp32 offsets.
-    from edgectl.quant_modules import Asym4Linear
-    from edgectl.quantize import asym4_offsets
-
-    torch.manual_seed(0)
-    w = torch.randn(48, 128) * 0.05 + torch.randn(48, 4, 1).repeat(1, 1, 32).view(48, 128) * 0.05
-    packed, s, c = codes_asym4(w, 32)
-    oc, osc = asym4_offsets(c, "int8")
-    assert oc.dtype == torch.int8 and osc.shape == (48, 1)
-    c8 = oc.float() * osc
-    assert (c8 - c).abs().max() <= osc.max() / 2 + 1e-7
-    u = unpack4(packed).float().view(48, 4, 32)
-    w8 = (s.unsqueeze(-1) * (u - 8) + c8.unsqueeze(-1)).view(48, 128)
-    w32 = (s.unsqueeze(-1) * (u - 8) + c.unsqueeze(-1)).view(48, 128)
-    x = torch.randn(5, 128)
-    with torch.no_grad():
-        y8 = Asym4Linear(packed, s, oc, 32, None, osc)(x)
-        y32 = Asym4Linear(packed, s, c, 32)(x)
-    ref8, ref = x @ w8.T, x @ w.T
-    assert (y8 - ref8).abs().max() < 0.02 * ref8.abs().max()
-    assert (y8 - ref).norm() < 1.2 * (y32 - ref).norm()  # int8 offsets: within 20% of fp32 offsets' error
-    with pytest.raises(UsageError, match="offsets"):
-        QuantScheme("8da4w", offsets="int4")
-
-
 def test_scheme_validation():
     with pytest.raises(UsageError, match="unknown scheme"):
         QuantScheme("int3")
@@ -156,8 +128,7 @@ def quantized_dirs(tmp_path_factory, stories_dir, corpus_dir):
 
     root = tmp_path_factory.mktemp("q")
     out = {}
-    schemes = {"8da4w": QuantScheme("8da4w", 32, "int4", 32),  # int8 offsets (the default)
-               "4w": QuantScheme("4w", 32, "int4", 32, offsets="fp32"),  # fp32 offsets, as older checkpoints
+    schemes = {"8da4w": QuantScheme("8da4w", 32, "int4", 32), "4w": QuantScheme("4w", 32, "int8", 32),
                "8da4w-sym": QuantScheme("8da4w", 32, "int4", 32, mapping="symmetric"),
                "int8-sq": QuantScheme("int8", 32, "int8", 32, smoothquant=True)}  # calibrated on the built-in paragraph
     for name, scheme in schemes.items():
@@ -212,10 +183,8 @@ def test_export_parity_delegation_and_tied_matrix_once(quantized_dirs, name, tmp
     assert not [op for op in left if any(s in op for s in ("linear", "mm", "addmm", "quantize", "choose_qparams"))], left
     pte = PteModel(res.path)
     spec = pte.meta["embedding_input"]
-    emb = ck.quantization["weights"]["embed.embed_tokens"]
-    # codes, scales[, offsets[, offset scales]]
-    n_tensors = {"int8": 4, "fp32": 3}[emb["offsets"]] if emb["form"] == "emb_a4" else 2
-    assert spec is not None and len(spec["tensors"]) == n_tensors
+    emb_form = ck.quantization["weights"]["embed.embed_tokens"]["form"]
+    assert spec is not None and len(spec["tensors"]) == (3 if emb_form == "emb_a4" else 2)  # codes, scales[, offsets]
     blobs = named_data(res.path)
     # the tied matrix's codes exist once, as the head's XNNPACK blob the embedding reads
     v, d = ck.args.vocab_size, ck.args.dim
