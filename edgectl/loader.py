@@ -36,7 +36,7 @@ class _NativeLoaded:
     def __init__(self, engine: "NativeEngine", path: Path, streamed: bool, own_workspace: bool | None = None):
         self.engine, self.path = engine, path
         own = streamed if own_workspace is None else own_workspace
-        self.handle = engine.native.load(path, arena=engine.arena, own_workspace=own)
+        self.handle = engine.load_handle(path, own)
         self.streamed = streamed
         self.call = engine.native.call(self.handle)
         self.outs: dict[int, object] = {}
@@ -75,12 +75,30 @@ def _numel(shape) -> int:
 class NativeEngine:
     name = "native"
 
-    def __init__(self, native, arena_bytes: int):
+    def __init__(self, native, arena_bytes: int, packed=None, keys: dict | None = None):
+        """`packed`: a packed_cache.PackedCache (None: packed_cache.default()); `keys`: each
+        program's sha256 by path (the manifest's), which names its cache file. A program
+        without one loads uncached."""
         import torch
+
+        from edgectl import packed_cache
 
         self.native = native
         self.arena = torch.zeros(max(arena_bytes, 64), dtype=torch.uint8)  # touched now: it is part of the cost
         self._staging: dict[int, object] = {}
+        if packed is None:
+            packed = packed_cache.default()
+        # without the log filter, every cached load would print three lines on stderr
+        if packed is not None and not (native.log_filtered or os.environ.get("EDGECTL_DEBUG") == "1"):
+            packed = None
+        self.packed = packed
+        self.keys = {str(k): v for k, v in (keys or {}).items()}
+
+    def load_handle(self, path: Path, own_workspace: bool) -> int:
+        kw = {"arena": self.arena, "own_workspace": own_workspace}
+        if self.packed is None:
+            return self.native.load(path, **kw)
+        return self.packed.load(self.native, path, self.keys.get(str(path)), **kw)
 
     def planned_size(self, path: Path) -> int:
         return self.native.planned_size(path)

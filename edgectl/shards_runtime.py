@@ -201,7 +201,8 @@ class ShardModel:
         if probe is not None:
             s, v = probe
             path = self.dir / v.file
-            eng = ld.NativeEngine(native, native.planned_size(path)) if native is not None else ld.PyEngine(rt)
+            eng = (ld.NativeEngine(native, native.planned_size(path), keys={path: v.sha256}) if native is not None
+                   else ld.PyEngine(rt))
             args = ModelArgs.from_dict(mm)
             k, vc = empty_caches(args, m.max_seq_len, len(s.layers))
             with self.trace.span("load", "startup-probe"):
@@ -278,7 +279,9 @@ class ShardModel:
             planned = {s.name: s.variants[c.precision].extra.get("planned_bytes") for c in plan.shards
                        for s in [by_name[c.name]]}
             arena = max(planned.get(n) or native.planned_size(p) for n, _, p, _, _ in self.steps)
-            self.engine = ld.NativeEngine(native, arena)
+            keys = {self.dir / s.variants[c.precision].file: s.variants[c.precision].sha256 for c in plan.shards
+                    for s in [by_name[c.name]]}
+            self.engine = ld.NativeEngine(native, arena, keys=keys)
         else:
             self.engine = ld.PyEngine(rt)
         args = ModelArgs.from_dict(m.model)

@@ -345,6 +345,114 @@ def test_context_plans_a_smaller_kv_cache_and_is_enforced(stories_shards):
         short.forward([3], n)
 
 
+def _files(d: Path) -> dict:
+    """Cache files by name: (size, mtime_ns, inode); temporary files included."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino) for p in d.iterdir()} if d.exists() else {}
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["on-demand", "pipelined"])
+def test_packed_weight_cache_same_outputs_and_reused(stories_shards, tmp_path, monkeypatch, capfd, mode):
+    from edgectl import packed_cache
+    from edgectl.shards_runtime import ShardModel
+
+    streamed = {"layers.2", "layers.3", "layers.4", "head"}
+    mapped = []  # cache files mapped in this process while each model was open
+
+    def greedy():
+        sm = ShardModel(stories_shards, plan=_streamed_plan(stories_shards, mode, streamed), engine="native")
+        try:
+            out = _greedy(sm)
+            mapped.append({ln.split()[-1] for ln in open("/proc/self/maps") if ln.rstrip().endswith(".xpwc")})
+            return out, dict(sm.engine.packed.stats) if sm.engine.packed else None
+        finally:
+            sm.close()
+
+    monkeypatch.setenv("EDGECTL_PACKED_CACHE", "0")
+    (ref_toks, ref_logits), stats = greedy()
+    assert stats is None
+    root = tmp_path / "packed"
+    monkeypatch.setenv("EDGECTL_PACKED_CACHE", str(root))
+    capfd.readouterr()
+    (toks, logits), first = greedy()
+    assert toks == ref_toks and all(torch_equal(a, b) for a, b in zip(logits, ref_logits))
+    d = packed_cache.default().root
+    files = _files(d)
+    # one complete file per program (5 layer shards and the head), none left half-written
+    assert len(files) == 6 and all(n.endswith(".xpwc") and not n.startswith(".") for n in files), files
+    assert all(packed_cache.trailer_ok(d / n) for n in files)
+    assert first["writes"] == 6 and first["hits"] > 0  # streamed ones reloaded from their file at every call
+    (toks2, logits2), second = greedy()
+    assert toks2 == ref_toks and all(torch_equal(a, b) for a, b in zip(logits2, ref_logits))
+    second = {k: second[k] - first[k] for k in first}  # the process's cache: counts accumulate
+    assert second["writes"] == 0 and second["uncached"] == 0 and second["hits"] >= 6, second
+    assert _files(d) == files  # mapped, never rewritten
+    # the resident shards' packed weights are the files' pages: the backend really used them
+    # (other tests' models may still map files of the default directory)
+    mine = [{Path(p).name for p in m if Path(p).parent == d} for m in mapped]
+    assert mine[0] == set() and len(mine[2]) >= 2 and mine[2] <= set(files), mine
+    err = capfd.readouterr().err
+    assert "flock" not in err and "XNNWeightsCache" not in err and "packed weight" not in err, err
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_packed_weight_cache_unwritable_dir_runs_uncached_with_one_warning(stories_shards, tmp_path, monkeypatch, capfd):
+    from edgectl.shards_runtime import ShardModel
+
+    plan = lambda: _streamed_plan(stories_shards, "pipelined", {"layers.3", "head"})  # noqa: E731
+    monkeypatch.setenv("EDGECTL_PACKED_CACHE", "0")
+    ref = _greedy(ShardModel(stories_shards, plan=plan(), engine="native"))
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("EDGECTL_PACKED_CACHE", str(blocker / "packed"))  # cannot be created
+    capfd.readouterr()
+    sm = ShardModel(stories_shards, plan=plan(), engine="native")
+    toks, logits = _greedy(sm)
+    assert toks == ref[0] and all(torch_equal(a, b) for a, b in zip(logits, ref[1]))
+    assert sm.engine.packed.stats["hits"] == sm.engine.packed.stats["writes"] == 0 < sm.engine.packed.stats["uncached"]
+    sm.close()
+    err = capfd.readouterr().err
+    assert err.count("packed-weight cache off") == 1, err
+    assert blocker.is_file()
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_packed_weight_cache_broken_or_leftover_files(stories_shards, tmp_path, monkeypatch):
+    from edgectl import packed_cache
+    from edgectl.manifest import Manifest
+    from edgectl.shards_runtime import ShardModel
+
+    monkeypatch.setenv("EDGECTL_PACKED_CACHE", str(tmp_path / "packed"))
+    pc = packed_cache.default()
+    pc.root.mkdir(parents=True)
+    sha = next(s.variants["fp32"].sha256 for s in Manifest.load(stories_shards).shards if s.name == "layers.3")
+    broken = pc.path(sha)
+    broken.write_bytes(b"\0" * 4096)  # a crash mid-write, or a foreign file: no trailer
+    leftover = broken.with_name(f".{broken.name}.tmp-999999999-1")  # a dead writer's temporary file
+    leftover.write_bytes(b"x")
+    packed_cache._default.clear()
+    plan = _streamed_plan(stories_shards, "on-demand", {"layers.3"})
+    monkeypatch.setenv("EDGECTL_PACKED_CACHE", "0")
+    ref = _greedy(ShardModel(stories_shards, plan=plan, engine="native"))
+    monkeypatch.setenv("EDGECTL_PACKED_CACHE", str(tmp_path / "packed"))
+    sm = ShardModel(stories_shards, plan=plan, engine="native")
+    toks, logits = _greedy(sm)
+    assert toks == ref[0] and all(torch_equal(a, b) for a, b in zip(logits, ref[1]))
+    assert not leftover.exists()
+    assert packed_cache.trailer_ok(broken) and broken.stat().st_size > 4096  # rewritten whole, then reused
+    assert sm.engine.packed.stats["writes"] == 6
+    sm.close()
+
+
 def test_kv_cache_reset_gives_pages_back_and_reads_zeros():
     from edgectl.model import ModelArgs
     from edgectl.runtime import KVCache

@@ -72,7 +72,8 @@ class Native:
     def __init__(self, so: Path):
         lib = ctypes.CDLL(str(so))
         vp, i32p, i64p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64)
-        lib.ets_load.argtypes = [ctypes.c_char_p, ctypes.c_char_p, vp, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+        lib.ets_load.argtypes = [ctypes.c_char_p, ctypes.c_char_p, vp, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p,
+                                 ctypes.c_char_p, ctypes.c_size_t]
         lib.ets_planned_size.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
         lib.ets_planned_size.restype = ctypes.c_int64
         lib.ets_load.restype = vp
@@ -82,10 +83,30 @@ class Native:
         lib.ets_run.argtypes = [vp, ctypes.c_int, ctypes.POINTER(vp), i32p, i32p, ctypes.c_int, ctypes.POINTER(vp), i64p,
                                 i32p, i32p, ctypes.c_char_p, ctypes.c_size_t]
         lib.ets_free.argtypes = [vp, ctypes.c_int]
+        lib.ets_weight_cache_log_dropped.restype = lib.ets_weight_cache_errors.restype = ctypes.c_long
         lib.ets_run_layers.argtypes = [ctypes.c_int, ctypes.POINTER(vp), i32p, vp, ctypes.c_int, ctypes.c_int, vp,
                                        ctypes.POINTER(vp), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                        ctypes.c_char_p, ctypes.c_size_t]
         self.lib, self.so = lib, so
+        # the packed-weight cache's per-load log lines (see etshim.cpp) never reach the
+        # terminal: the shim filters ExecuTorch's log hook, process-wide, by source file, so
+        # nothing else written to fd 2 is touched (the loader thread loads while the main
+        # thread may print). EDGECTL_DEBUG=1 keeps them.
+        self.log_filtered = False
+        if os.environ.get("EDGECTL_DEBUG") != "1":
+            from edgectl.runtime import native_stderr_captured
+
+            with native_stderr_captured():  # the runtime logs that the hook is replaced
+                self.log_filtered = bool(lib.ets_quiet_weight_cache_log())
+
+    def cache_log_dropped(self) -> int:
+        """Packed-weight cache log messages dropped by the filter so far."""
+        return self.lib.ets_weight_cache_log_dropped()
+
+    def cache_errors(self) -> int:
+        """Error messages from the packed-weight cache so far (not counting its harmless
+        flock ones): a load during which this grew may have left its file incomplete."""
+        return self.lib.ets_weight_cache_errors() if self.log_filtered else 0
 
     def planned_size(self, path: str | Path, method: str = "forward") -> int:
         n = self.lib.ets_planned_size(str(path).encode(), method.encode())
@@ -93,13 +114,17 @@ class Native:
             raise EdgectlError(f"{path}: not a loadable ExecuTorch program with a {method} method")
         return n
 
-    def load(self, path: str | Path, method: str = "forward", arena=None, own_workspace: bool = False) -> int:
+    def load(self, path: str | Path, method: str = "forward", arena=None, own_workspace: bool = False,
+             cache_path: str | Path | None = None) -> int:
         """Load a method; `arena` (a uint8 torch tensor) holds its planned memory if given.
         `own_workspace`: its XNNPACK delegates get their own workspace, so loading it does
-        not wait for (or stall) methods executing in the shared one."""
+        not wait for (or stall) methods executing in the shared one. `cache_path`: XNNPACK's
+        packed-weight cache file for this program (written by a first load, mapped by later
+        ones; None: no cache)."""
         err = ctypes.create_string_buffer(512)
         ptr, size = (arena.data_ptr(), arena.numel()) if arena is not None else (None, 0)
-        h = self.lib.ets_load(str(path).encode(), method.encode(), ptr, size, int(own_workspace), err, 512)
+        cp = str(cache_path).encode() if cache_path else None
+        h = self.lib.ets_load(str(path).encode(), method.encode(), ptr, size, int(own_workspace), cp, err, 512)
         if not h:
             raise EdgectlError(f"{path}: cannot load {method} ({err.value.decode(errors='replace')})")
         return h

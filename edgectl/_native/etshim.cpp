@@ -15,6 +15,7 @@
 
 #include <executorch/runtime/backend/backend_options_map.h>
 #include <executorch/runtime/backend/options.h>
+#include <executorch/runtime/platform/platform.h>
 #include <executorch/runtime/core/data_loader.h>
 #include <executorch/runtime/core/hierarchical_allocator.h>
 #include <executorch/runtime/core/memory_allocator.h>
@@ -29,6 +30,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -135,6 +137,28 @@ size_t element_size(etr::etensor::ScalarType t) {
   }
 }
 
+// ExecuTorch's log hook (the PAL's emit_log_message), filtered: the packed-weight cache
+// logs two "flock(...) failed (errno=11)" errors and an info line on every cached load
+// (~90 lines per token), harmless (its exclusive lock, wanted for appending, is refused
+// while the file is mapped under a shared one; the load is served from the file all the
+// same) and written straight to fd 2 from whichever thread loads. The hook is
+// process-wide and keyed on the source file only: nothing else written to fd 2 is
+// touched, whichever thread writes it. Everything else goes to the previous hook.
+pal_emit_log_message_method g_prev_emit = nullptr;
+std::atomic<long> g_dropped{0};
+std::atomic<long> g_errors{0};  // error-level cache messages other than the flock ones
+
+void filtered_emit(et_timestamp_t ts, et_pal_log_level_t level, const char* filename, const char* function, size_t line,
+                   const char* message, size_t length) {
+  if (filename && strstr(filename, "XNNWeightsCache")) {
+    g_dropped.fetch_add(1, std::memory_order_relaxed);
+    if ((level == kError || level == kFatal) && !(message && strncmp(message, "flock(", 6) == 0))
+      g_errors.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  if (g_prev_emit) g_prev_emit(ts, level, filename, function, line, message, length);
+}
+
 }  // namespace
 
 #pragma GCC visibility push(default)
@@ -164,8 +188,15 @@ int64_t ets_planned_size(const char* path, const char* method_name) {
 // lock for the whole of a delegate's init (weight packing) and of each execute, so a
 // shard loading into the shared workspace stalls every resident shard's compute; a
 // streamed shard loads into its own and the two really run at once.
+//
+// With a non-empty `cache_path`, XNNPACK's packed-weight cache is enabled for this load
+// (runtime options weight_cache_enabled and packed_cache_path, next to the sharing mode):
+// a first load packs the weights into that file (the backend msyncs it and writes its
+// index before load_method returns), later loads map it and skip the packing. One file
+// per program: the backend keeps one cache object (and one lock) per path. Null or ""
+// means no cache. The caller decides when a file is complete (see edgectl/packed_cache.py).
 void* ets_load(const char* path, const char* method_name, void* arena, size_t arena_size, int own_workspace,
-               char* err, size_t errlen) {
+               const char* cache_path, char* err, size_t errlen) {
   auto s = std::make_unique<Shard>();
   s->loader.reset(MmapLoader::open(path, err, errlen));
   if (!s->loader) return nullptr;
@@ -205,14 +236,26 @@ void* ets_load(const char* path, const char* method_name, void* arena, size_t ar
   s->planned_alloc = std::make_unique<etr::HierarchicalAllocator>(
       etr::Span<etr::Span<uint8_t>>(s->spans.data(), s->spans.size()));
   s->memory = std::make_unique<etr::MemoryManager>(&s->method_alloc, s->planned_alloc.get(), &s->temp_alloc);
-  etr::BackendOptions<1> xnn_opts;
+  etr::BackendOptions<3> xnn_opts;
   etr::LoadBackendOptionsMap opts_map;
+  bool cached = cache_path && cache_path[0];
+  if (cached && strlen(cache_path) >= 255) {  // an option value holds at most 255 characters
+    snprintf(err, errlen, "packed-weight cache path too long (%zu characters)", strlen(cache_path));
+    return nullptr;
+  }
   if (own_workspace) {
     static const char kSharingMode[] = "workspace_sharing_mode";  // executorch::backends::xnnpack
     xnn_opts.set_option(kSharingMode, 1);                          // WorkspaceSharingMode::PerModel
-    opts_map.set_options("XnnpackBackend", xnn_opts.view());
   }
-  auto m = s->program->load_method(method_name, s->memory.get(), nullptr, nullptr, own_workspace ? &opts_map : nullptr);
+  if (cached) {
+    static const char kWeightCache[] = "weight_cache_enabled";  // xnnpack::weight_cache_option_key
+    static const char kCachePath[] = "packed_cache_path";       // xnnpack::packed_cache_path_option_key
+    xnn_opts.set_option(kWeightCache, true);
+    xnn_opts.set_option(kCachePath, cache_path);  // copied into the option
+  }
+  bool any = own_workspace || cached;
+  if (any) opts_map.set_options("XnnpackBackend", xnn_opts.view());
+  auto m = s->program->load_method(method_name, s->memory.get(), nullptr, nullptr, any ? &opts_map : nullptr);
   if (!m.ok()) {
     snprintf(err, errlen, "load_method(%s) failed (error 0x%x)", method_name, static_cast<unsigned>(m.error()));
     return nullptr;
@@ -221,6 +264,20 @@ void* ets_load(const char* path, const char* method_name, void* arena, size_t ar
   s->loader->release_pages();
   return s.release();
 }
+
+// Install the filtered log hook (once; later calls do nothing). Returns 1 if installed.
+int ets_quiet_weight_cache_log() {
+  if (g_prev_emit) return 1;
+  const etr::PalImpl* cur = etr::get_pal_impl();
+  if (!cur || !cur->emit_log_message) return 0;
+  g_prev_emit = cur->emit_log_message;
+  return etr::register_pal(etr::PalImpl::create(filtered_emit, __FILE__)) ? 1 : 0;
+}
+
+// How many packed-weight cache log messages the filter has dropped, and how many of them
+// were errors other than the harmless flock ones (a write that failed: disk full, ...).
+long ets_weight_cache_log_dropped() { return g_dropped.load(std::memory_order_relaxed); }
+long ets_weight_cache_errors() { return g_errors.load(std::memory_order_relaxed); }
 
 int ets_num_inputs(void* h) { return static_cast<int>(static_cast<Shard*>(h)->method->inputs_size()); }
 int ets_num_outputs(void* h) { return static_cast<int>(static_cast<Shard*>(h)->method->outputs_size()); }
