@@ -96,7 +96,7 @@ def ppl_windows(ids: list[int], max_seq_len: int, bos_id: int | None) -> list[li
     return wins
 
 
-SCORE_ROWS = 32  # positions scored at once: float64 log-probs of 32 x 49152 are 12.5 MB
+SCORE_ROWS = 8  # positions scored at once: float64 log-probs of 8 x 49152 are 3.1 MB
 
 
 def log_prob_chunks(logits, rows: int = SCORE_ROWS, n: int | None = None):
@@ -148,15 +148,24 @@ def model_chunk(model) -> int:
 def window_nll(model, window: list[int], piece: int) -> float:
     """Sum of -log p(window[t] | window[:t]) for t = 1..T-1, feeding the window `piece`
     tokens at a time and scoring each piece's logits at once: a whole window's logits
-    (2048 x 49152 fp32 = 403 MB) never exist, so a memory-capped run can score it. The
+    (2048 x 49152 fp32 = 403 MB) never exist, so a memory-capped run can score it (a shard
+    set hands them over SINK_ROWS rows at a time, see ShardModel.forward). The
     picked log-probs are summed in one reduction, as nll_sum does."""
     import torch
 
     picked = []
+    sinks = getattr(model, "SINK_ROWS", None) is not None  # a shard set hands over a few rows at a time
     for a in range(0, len(window), piece):
         part = window[a : a + piece]
-        logits = model.forward(part, a, all_logits=True)
         targets = window[a + 1 : a + len(part) + 1]  # the last piece's last row predicts nothing
+        if sinks:
+            def sink(r, logits, targets=targets):
+                if r < len(targets):
+                    picked.append(picked_log_probs(logits, targets[r : r + len(logits)]))
+
+            model.forward(part, a, all_logits=True, sink=sink)
+            continue
+        logits = model.forward(part, a, all_logits=True)
         if targets:
             picked.append(picked_log_probs(logits, targets))
     return float(-torch.cat(picked).sum())
@@ -323,6 +332,8 @@ def measure(args) -> dict:
     result.update(
         load_ms=trace.total("load") * 1e3,
         rss_before_load=before["VmRSS"],
+        rss_anon_before_load=before["RssAnon"],
+        rss_anon_after_load=after_load["RssAnon"],
         rss_after_load=after_load["VmRSS"],
         rss_end=end["VmRSS"],
         rss_anon_end=end["RssAnon"],

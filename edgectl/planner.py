@@ -9,8 +9,9 @@ What counts against the budget (all from the manifest's measured figures):
   max_seq_len): the runtime's cache pages cost memory only once written (kv_cache_bytes);
 - the loader's slots for streamed shards: one (on-demand: load, run, evict) or two
   (pipelined: one running while the next one loads), each as large as the largest
-  streamed shard, plus, pipelined, `slot_extra_bytes` (a streamed shard's own XNNPACK
-  workspace, measured by the runtime; on-demand loads use the shared one);
+  streamed shard, plus `stream_extra_bytes` (what loading one keeps on the heap besides
+  its weights) and, pipelined, `slot_extra_bytes` (a streamed shard's own XNNPACK
+  workspace; on-demand loads use the shared one), both measured by the runtime;
 - one activation arena, the largest `extra["planned_bytes"]` among the chosen variants
   (shards run one at a time and share it; a variant's resident_bytes includes its own);
 - a tied embedding read from the head's file costs nothing extra (page cache rows).
@@ -270,11 +271,14 @@ def only_precision(manifest, precision: str):
 
 def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mode: str = "auto",
          fixed_bytes: int = 0, precision: str | None = None, slot_extra_bytes: int = 0,
-         context: int | None = None) -> Plan:
+         context: int | None = None, stream_extra_bytes: int = 0) -> Plan:
     """`precision`: every shard at that precision (see only_precision). `slot_extra_bytes`:
-    what each loader slot costs besides its shard's weights, measured by the runtime (a
-    streamed shard's own XNNPACK workspace). `context`: positions the run uses (the KV
-    cache is charged for those; default max_seq_len)."""
+    what each pipelined loader slot costs besides its shard's weights, measured by the
+    runtime (a streamed shard's own XNNPACK workspace). `stream_extra_bytes`: what loading
+    a streamed shard costs besides its weights in every streaming mode, measured by the
+    runtime (heap its loading touches and keeps, e.g. the freed raw constants, which the
+    next streamed shard reuses). `context`: positions the run uses (the KV cache is charged
+    for those; default max_seq_len)."""
     if context is not None and context >= manifest.max_seq_len:
         context = None
     if precision is not None:
@@ -288,12 +292,12 @@ def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mo
         for m in ("resident", "pipelined", "on-demand"):
             try:
                 return _best(manifest, budget_bytes, latency_target_ms, m, auto=True, fixed=fixed_bytes,
-                             slot_extra=slot_extra_bytes, context=context)
+                             slot_extra=slot_extra_bytes, stream_extra=stream_extra_bytes, context=context)
             except EdgectlError as e:
                 last_err = e
         raise last_err
     return _best(manifest, budget_bytes, latency_target_ms, mode, fixed=fixed_bytes, slot_extra=slot_extra_bytes,
-                 context=context)
+                 stream_extra=stream_extra_bytes, context=context)
 
 
 def _best(manifest, budget: int, target: float | None, mode: str, **kw) -> Plan:
@@ -333,12 +337,13 @@ def _sync_embed(shards, st: _State) -> None:
 
 
 def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = False, fixed: int = 0,
-          slot_extra: int = 0, floor: dict | None = None, context: int | None = None,
+          slot_extra: int = 0, stream_extra: int = 0, floor: dict | None = None, context: int | None = None,
           pin: set | None = None) -> Plan:
     shards, precisions = manifest.shards, manifest.precisions
     kv = kv_cache_bytes(manifest, context)
     if mode == "on-demand":  # the executor loads each shard itself, in the shared workspace
         slot_extra = 0
+    slot_extra += stream_extra
     kvf = kv + fixed  # what every plan pays besides shards: KV cache and the measured start-up costs
     slots = SLOTS[mode]
     movable = [s for s in shards if not (s.kind == "embed" and all("table" in v.extra for v in s.variants.values()))]

@@ -113,8 +113,31 @@ def native_stderr_captured():
             os.close(saved)
 
 
+# glibc raises its mmap threshold to the size of every large block freed (up to 32 MB), so
+# after the first logits or shard load, multi-MB blocks come from the main heap, whose
+# holes it keeps: a budgeted perplexity run's [heap] crept from 151 to 189 MB over eight
+# windows, streaming 8da4w shards, and peaked 50 MB above its steady state. A fixed
+# threshold keeps large blocks in their own mappings, returned when freed (measured: heap
+# flat at 131 MB, peak anonymous memory 431 -> 379 MB, decode speed unchanged).
+MMAP_THRESHOLD = 256 << 10
+
+
+def fixed_mmap_threshold(size: int = MMAP_THRESHOLD) -> None:
+    """mallopt(M_MMAP_THRESHOLD, size): blocks of `size` bytes and more are mapped on
+    their own (this also stops glibc's dynamic threshold). EDGECTL_MMAP_THRESHOLD=0 skips it."""
+    env = os.environ.get("EDGECTL_MMAP_THRESHOLD")
+    if env == "0":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(env) if env else size)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 def _load_runtime():
     import logging
+
+    fixed_mmap_threshold()
 
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

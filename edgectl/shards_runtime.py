@@ -42,6 +42,15 @@ def anon_bytes() -> int:
     return 0
 
 
+def touched_bytes() -> int:
+    """Resident anonymous plus file-backed pages of this process (RssAnon + RssFile)."""
+    out = 0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("RssAnon:", "RssFile:")):
+            out += int(line.split()[1]) * 1024
+    return out
+
+
 def rss_bytes() -> dict:
     """Current and peak resident set size of this process (bytes)."""
     out = {}
@@ -137,7 +146,8 @@ class ShardModel:
             if plan is None:
                 fixed = self.startup["total"] if self.startup else 0
                 plan = (make_plan(m, budget, latency_target_ms, mode, fixed_bytes=fixed, precision=precision,
-                                  slot_extra_bytes=getattr(self, "slot_workspace", 0), context=self.max_seq_len)
+                                  slot_extra_bytes=getattr(self, "slot_workspace", 0),
+                                  stream_extra_bytes=getattr(self, "stream_extra", 0), context=self.max_seq_len)
                         if budget else _everything_resident(m, precision))
             self.plan = plan
             self._open(m, plan, rt, native)
@@ -187,17 +197,21 @@ class ShardModel:
     def _measure_startup(self, m, rt, native) -> dict:
         """Measured start-up costs the planner counts as fixed bytes (see the module doc).
         The tokenizer builds on its thread while the probe runs: their memory is measured
-        together (anonymous RSS growth over both)."""
+        together. Memory here is resident anonymous plus file-backed pages (`touched_bytes`):
+        the first execute maps kernel code and the tokenizer reads its files, and a memory
+        cgroup charges those pages too (measured: 10 MB of file pages, uncounted before)."""
         import torch
 
         from edgectl import loader as ld
         from edgectl.model import ModelArgs, empty_caches
+        from edgectl.planner import _weights
 
-        a0 = anon_bytes()
+        a0 = touched_bytes()
         mm = m.model
         self._start_tokenizer()
         layers = [s for s in m.shards if s.kind == "layers"]
         probe = min(((s, v) for s in layers for v in s.variants.values()), key=lambda sv: sv[1].resident_bytes, default=None)
+        run_growth = stream_extra = 0
         if probe is not None:
             s, v = probe
             path = self.dir / v.file
@@ -205,23 +219,29 @@ class ShardModel:
                    else ld.PyEngine(rt))
             args = ModelArgs.from_dict(mm)
             k, vc = empty_caches(args, m.max_seq_len, len(s.layers))
+            # the tokenizer's build allocates on its thread: wait for it, or its growth
+            # lands in the probe's figures (measured: 3.4 MB or 45.6 MB, run to run)
+            self.tokenizer  # noqa: B018
+            before_load = touched_bytes()
             with self.trace.span("load", "startup-probe"):
                 loaded = eng.load(path, streamed=True)  # its own workspace: what a streamed shard pays
-            h_cap, kv_cap = m.max_seq_len * args.dim, args.n_kv_heads * args.head_dim * m.max_seq_len
             T = min(m.max_tokens_per_call or m.max_seq_len, m.max_seq_len)  # the widest call: its workspace
             before_run = anon_bytes()
             loaded.run([torch.zeros(1, T, args.dim), torch.arange(T), *[t for p in zip(k, vc) for t in p]],
-                       [h_cap] + [kv_cap] * (2 * len(s.layers)))
+                       [m.max_seq_len * args.dim] + [args.n_kv_heads * args.head_dim * m.max_seq_len] * (2 * len(s.layers)))
             # execute-time workspace: paid once by the resident shards (they share XNNPACK's
-            # process-wide one) and once more by every loader slot (streamed shards get their own)
-            run_growth = anon_bytes() - before_run
+            # process-wide one) and once more by every pipelined loader slot (streamed shards get their own)
+            run_growth = max(anon_bytes() - before_run, 0)
+            # what holding a streamed shard costs besides its weights and workspace: the heap
+            # its load touched (program structures, the raw constants XNNPACK packs or finds
+            # packed, freed but kept for the next streamed shard), measured, not modelled
+            stream_extra = max(touched_bytes() - before_load - run_growth - _weights(v), 0)
             loaded.free()
             del loaded, eng, k, vc
             malloc_trim()
         self.tokenizer  # noqa: B018  (waits for the build: its memory is part of what is measured)
-        a2 = anon_bytes() + (max(run_growth, 0) if probe is not None else 0)
-        out = {"tokenizer_and_first_execute": max(a2 - a0, 0)}
-        self.slot_workspace = max(run_growth, 0) if probe is not None else 0
+        out = {"tokenizer_and_first_execute": max(touched_bytes() - a0, 0) + run_growth}
+        self.slot_workspace, self.stream_extra = run_growth, stream_extra
         # A manifest without per-variant planned_bytes counts every shard's activation memory in
         # its resident_bytes, though all shards share one arena: read the programs' planned
         # sizes (headers only) into the in-memory manifest, so the planner counts the arena once.
@@ -230,7 +250,9 @@ class ShardModel:
             for v in variants:
                 if "planned_bytes" not in v.extra:
                     v.extra["planned_bytes"] = native.planned_size(self.dir / v.file)
-        out["per_loader_slot_workspace"] = self.slot_workspace  # counted in the plan's slot bytes, not in total
+        # counted in the plan's slot bytes, not in total
+        out["per_loader_slot_workspace"] = self.slot_workspace
+        out["per_streamed_shard_load"] = self.stream_extra
         return out
 
     def _with_staging(self, startup: dict, m) -> dict:
@@ -241,10 +263,11 @@ class ShardModel:
         widest = max((len(s.layers) for s in m.shards if s.kind == "layers"), default=1)
         T = min(m.max_tokens_per_call or m.max_seq_len, self.max_seq_len)
         hd = mm.get("head_dim") or mm["dim"] // mm["n_heads"]
-        out = {k: v for k, v in startup.items() if k not in ("staging", "total", "per_loader_slot_workspace")}
+        per_slot = ("per_loader_slot_workspace", "per_streamed_shard_load")
+        out = {k: v for k, v in startup.items() if k not in ("staging", "total", *per_slot)}
         out["staging"] = 4 * (T * mm["dim"] + 2 * widest * mm["n_kv_heads"] * hd * T + mm["vocab_size"])
         out["total"] = sum(out.values())
-        out["per_loader_slot_workspace"] = startup["per_loader_slot_workspace"]
+        out.update({k: startup[k] for k in per_slot})
         return out
 
     def _open(self, m, plan, rt, native) -> None:
@@ -353,7 +376,16 @@ class ShardModel:
         else:
             loaded.free()
 
-    def forward(self, tokens: list[int], start: int, all_logits: bool = False):
+    # rows of logits the head computes per call when forward() hands them to a `sink`
+    SINK_ROWS = 16
+
+    def forward(self, tokens: list[int], start: int, all_logits: bool = False, sink=None):
+        """Logits [N, vocab] of the last token (or of every token with all_logits).
+
+        With `sink` (and all_logits), nothing is returned: the head runs SINK_ROWS rows at
+        a time and calls sink(row, logits) with each group, a view of the staging buffer
+        valid only during the call. A scorer then never holds a whole call's logits
+        (64 x 49152 fp32 = 12.6 MB for SmolLM2, plus its copy) under a memory budget."""
         from edgectl.model import write_cache
 
         torch = self._torch
@@ -363,6 +395,10 @@ class ShardModel:
             raise EdgectlError(f"sequence of {start + T} tokens exceeds {what} {self.max_seq_len}")
         chunk = self.manifest.max_tokens_per_call or self.cache_len
         if T > chunk:  # programs take at most `chunk` tokens per call: feed a long prompt in pieces
+            if sink is not None and all_logits:
+                for i in range(0, T, chunk):
+                    self.forward(tokens[i : i + chunk], start + i, True, lambda r, x, i=i: sink(i + r, x))
+                return None
             parts = [self.forward(tokens[i : i + chunk], start + i, all_logits) for i in range(0, T, chunk)]
             return torch.cat(parts) if all_logits else parts[-1]
         pos = torch.arange(start, start + T)
@@ -385,6 +421,12 @@ class ShardModel:
                         for j, i in enumerate(layers):
                             write_cache(self.k[i], self.v[i], out[1 + 2 * j], out[2 + 2 * j], start)
                         h = out[0]
+                    elif kind == "head" and sink is not None and all_logits:
+                        h = h.clone()  # h may be a view of the staging buffer the head writes its logits to
+                        for r in range(0, T, self.SINK_ROWS):
+                            rows = idx[r : r + self.SINK_ROWS]
+                            sink(r, loaded.run([h, rows], [rows.numel() * self.args.vocab_size])[0][0])
+                        logits = ()
                     elif kind == "head":
                         out = loaded.run([h, idx], [idx.numel() * self.args.vocab_size])
                         logits = out[0][0].clone()
@@ -394,7 +436,7 @@ class ShardModel:
                 self._release(loaded, placement)
         if logits is None:
             raise EdgectlError(f"{self.dir}: the shard set has no head shard")
-        return logits  # [N, vocab]
+        return None if sink is not None and all_logits else logits  # [N, vocab]
 
     def close(self) -> None:
         if self.loader is not None:

@@ -245,6 +245,21 @@ def test_slot_extra_bytes_count_per_loader_slot_only_when_streaming():
     assert big.streamed == [] and big.slot_bytes == 0
 
 
+def test_stream_extra_bytes_count_per_slot_in_every_streaming_mode():
+    m = _manifest([_layer(i, (0, .1, .2)) for i in range(12)])
+    for mode, slots in (("on-demand", 1), ("pipelined", 2)):
+        base = plan(m, 1000 * MB, mode=mode)
+        # on-demand loads share the process's workspace: only the load's own heap counts
+        per_slot = 3 * MB + (2 * MB if mode == "pipelined" else 0)
+        budget = base.minimum_bytes + slots * per_slot + MB
+        more = plan(m, budget, mode=mode, stream_extra_bytes=3 * MB, slot_extra_bytes=2 * MB)
+        assert more.streamed and more.total_bytes <= budget
+        biggest = max(c.bytes for c in more.shards if c.placement == "streamed")
+        assert more.slot_bytes == slots * (biggest + per_slot)
+        assert more.minimum_bytes == base.minimum_bytes + slots * per_slot
+    assert plan(m, 1000 * MB, stream_extra_bytes=3 * MB).slot_bytes == 0  # all resident: nothing streamed
+
+
 def test_streaming_plan_keeps_the_important_head_up():
     # Twelve cheap-to-lower layers, a head whose lowering costs much more accuracy. With
     # streaming needed, the greedy alone lowers everything first and can buy precision back

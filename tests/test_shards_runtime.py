@@ -302,6 +302,28 @@ def test_long_prompt_runs_in_chunks_of_max_tokens_per_call(stories_shards, tmp_p
 
 @pytest.mark.real_model
 @pytest.mark.slow
+def test_logits_sink_hands_over_every_row_once_and_scores_as_the_whole(stories_shards):
+    import torch
+
+    from edgectl.bench_worker import model_chunk, nll_sum, window_nll
+    from edgectl.shards_runtime import ShardModel
+
+    m = ShardModel(stories_shards)
+    w = (PROMPT * 8)[: min(60, m.max_seq_len)]
+    assert len(w) > 2 * ShardModel.SINK_ROWS  # several head calls per program call
+    whole = m.forward(w, 0, all_logits=True)
+    m.reset()
+    rows = []
+    assert m.forward(w, 0, all_logits=True, sink=lambda r, x: rows.append((r, x.clone()))) is None
+    assert [r for r, _ in rows] == list(range(0, len(w), ShardModel.SINK_ROWS))
+    got = torch.cat([x for _, x in rows])
+    assert got.shape == whole.shape and (got - whole).abs().max().item() < 1e-5
+    m.reset()
+    assert window_nll(m, w, model_chunk(m)) == pytest.approx(nll_sum(whole, w), rel=1e-6)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
 def test_plan_file_and_uniform_precision(stories_shards, tmp_path, capsys):
     import json
 
