@@ -198,7 +198,9 @@ def run(
     )
     if "memory" in res:
         mem = res["memory"]
-        ui.info(f"[dim]{mem['mode']} ({mem['engine']}) | model peak {mem['model_peak_bytes'] / 1e6:.1f} MB of budget "
+        ctx = res["plan"].get("context")
+        ui.info(f"[dim]{mem['mode']} ({mem['engine']}) | KV cache for {f'{ctx} positions' if ctx else 'max_seq_len'} "
+                f"(--ctx-size) | model peak {mem['model_peak_bytes'] / 1e6:.1f} MB of budget "
                 f"{_mb(res['plan']['budget_bytes'])} | interpreter baseline {mem['baseline_bytes'] / 1e6:.0f} MB[/dim]")
 
 

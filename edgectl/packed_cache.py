@@ -112,6 +112,13 @@ class PackedCache:
     def path(self, sha256: str) -> Path:
         return self.root / f"{sha256}{SUFFIX}"
 
+    def existing(self, sha256: str | None) -> Path | None:
+        """The complete cache file a load of the program `sha256` will map, or None."""
+        if not sha256:
+            return None
+        p = self.path(sha256)
+        return p if p.exists() and trailer_ok(p) else None
+
     def load(self, native, pte: Path, sha256: str | None, **kw) -> int:
         """native.load(pte, **kw) with the cache file for `sha256` (no cache without one)."""
         if not sha256 or not self._usable():
@@ -121,7 +128,9 @@ class PackedCache:
         if final.exists():
             if trailer_ok(final):
                 self.stats["hits"] += 1
-                return native.load(pte, cache_path=final, **kw)
+                # the packed weights come from the cache file: reading the raw ones ahead doubled
+                # a cold start's reads (the prefetcher reads the cache file instead, see `existing`)
+                return native.load(pte, cache_path=final, readahead=False, **kw)
             final.unlink(missing_ok=True)  # broken (never written by us in place): rewrite it below
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         errors = native.cache_errors()

@@ -295,16 +295,24 @@ class ShardModel:
         # cap, reading the whole set into the page cache at once got runs OOM-killed (measured:
         # 190 MB budget, 8da4w, 2 of 2 killed with it, 0 of 2 without); the loader maps each
         # streamed file one slot ahead with WILLNEED instead.
-        order = [path for _, _, path, _, placement in self.steps if placement == "resident"]
+        # A shard whose packed weights are in the packed-weight cache reads that file, not its
+        # .pte (whose raw constants it then never touches): prefetch what the load will read.
+        packed = None
+        if native is not None:
+            from edgectl import packed_cache
+
+            packed = packed_cache.default()
+        sha = {self.dir / s.variants[c.precision].file: s.variants[c.precision].sha256
+               for c in plan.shards for s in [by_name[c.name]]}
+        order = [(packed.existing(sha.get(path)) if packed is not None else None) or path
+                 for _, _, path, _, placement in self.steps if placement == "resident"]
         self.prefetcher = ld.prefetch(order, self.trace) if os.environ.get("EDGECTL_PREFETCH", "1") != "0" else None
         self.embed = _Embed(self.dir, embed)
         if native is not None:  # the manifest's planned_bytes, else read from each program's header
             planned = {s.name: s.variants[c.precision].extra.get("planned_bytes") for c in plan.shards
                        for s in [by_name[c.name]]}
             arena = max(planned.get(n) or native.planned_size(p) for n, _, p, _, _ in self.steps)
-            keys = {self.dir / s.variants[c.precision].file: s.variants[c.precision].sha256 for c in plan.shards
-                    for s in [by_name[c.name]]}
-            self.engine = ld.NativeEngine(native, arena, keys=keys)
+            self.engine = ld.NativeEngine(native, arena, keys=sha)
         else:
             self.engine = ld.PyEngine(rt)
         args = ModelArgs.from_dict(m.model)

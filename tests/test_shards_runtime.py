@@ -242,6 +242,14 @@ def test_shard_set_reproduces_the_monolithic_pte(stories_shards, stories_pte, en
     mono = PteModel(stories_pte)
     ref_toks, ref_logits = _greedy(mono)
     plan = _streamed_plan(stories_shards, mode, set() if mode == "resident" else {"layers.2", "layers.3", "layers.4", "head"})
+    # what the preload buffer reads: a shard's packed-weight cache file once one exists, else its .pte
+    from edgectl import packed_cache
+    from edgectl.manifest import Manifest
+
+    pc = packed_cache.default() if engine == "native" else None
+    by_name = {s.name: s for s in Manifest.load(stories_shards).shards}
+    expect_reads = [(pc.existing(by_name[c.name].variants["fp32"].sha256) if pc else None) or Path(f"{c.name}.fp32.pte")
+                    for c in plan.shards if c.placement == "resident"]
     sm = ShardModel(stories_shards, plan=plan, engine=engine)
     try:
         assert sm.engine_name == engine
@@ -260,7 +268,7 @@ def test_shard_set_reproduces_the_monolithic_pte(stories_shards, stories_pte, en
         # the preload buffer's files were read ahead once each, in forward order; streamed ones not
         sm.prefetcher.join(timeout=10)
         reads = [s.name for s in sm.trace.spans if s.lane == "read"]
-        assert reads == [f"{c.name}.fp32.pte" for c in plan.shards if c.placement == "resident"]
+        assert reads == [p.name for p in expect_reads]
         if mode == "resident":
             assert sorted(loads) == sorted(["layers.0", "layers.1", "layers.2", "layers.3", "layers.4", "head"])
         else:  # streamed shards reloaded for every forward call (the loader may be one ahead)
@@ -381,11 +389,14 @@ def test_packed_weight_cache_same_outputs_and_reused(stories_shards, tmp_path, m
 
     streamed = {"layers.2", "layers.3", "layers.4", "head"}
     mapped = []  # cache files mapped in this process while each model was open
+    read = []  # files the prefetcher read for the preload buffer
 
     def greedy():
         sm = ShardModel(stories_shards, plan=_streamed_plan(stories_shards, mode, streamed), engine="native")
         try:
             out = _greedy(sm)
+            sm.prefetcher.join()
+            read.append({Path(s.name).suffix for s in sm.trace.spans if s.lane == "read"})
             mapped.append({ln.split()[-1] for ln in open("/proc/self/maps") if ln.rstrip().endswith(".xpwc")})
             return out, dict(sm.engine.packed.stats) if sm.engine.packed else None
         finally:
@@ -414,6 +425,8 @@ def test_packed_weight_cache_same_outputs_and_reused(stories_shards, tmp_path, m
     # (other tests' models may still map files of the default directory)
     mine = [{Path(p).name for p in m if Path(p).parent == d} for m in mapped]
     assert mine[0] == set() and len(mine[2]) >= 2 and mine[2] <= set(files), mine
+    # with the packed weights cached, the preload buffer's reads are the cache files, not the .pte files
+    assert read[1] == {".pte"} and read[2] == {".xpwc"}, read
     err = capfd.readouterr().err
     assert "flock" not in err and "XNNWeightsCache" not in err and "packed weight" not in err, err
 

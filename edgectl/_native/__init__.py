@@ -115,16 +115,17 @@ class Native:
         return n
 
     def load(self, path: str | Path, method: str = "forward", arena=None, own_workspace: bool = False,
-             cache_path: str | Path | None = None) -> int:
+             cache_path: str | Path | None = None, readahead: bool = True) -> int:
         """Load a method; `arena` (a uint8 torch tensor) holds its planned memory if given.
         `own_workspace`: its XNNPACK delegates get their own workspace, so loading it does
         not wait for (or stall) methods executing in the shared one. `cache_path`: XNNPACK's
         packed-weight cache file for this program (written by a first load, mapped by later
-        ones; None: no cache)."""
+        ones; None: no cache). `readahead`: read the whole file ahead; False when the cache
+        holds the packed weights, so the raw constants are never read."""
         err = ctypes.create_string_buffer(512)
         ptr, size = (arena.data_ptr(), arena.numel()) if arena is not None else (None, 0)
         cp = str(cache_path).encode() if cache_path else None
-        h = self.lib.ets_load(str(path).encode(), method.encode(), ptr, size, int(own_workspace), cp, err, 512)
+        h = self.lib.ets_load(str(path).encode(), method.encode(), ptr, size, int(own_workspace) | (0 if readahead else 2), cp, err, 512)
         if not h:
             raise EdgectlError(f"{path}: cannot load {method} ({err.value.decode(errors='replace')})")
         return h

@@ -51,7 +51,7 @@ namespace {
 // Whole file mapped read-only; segments are views into it (page cache backed).
 class MmapLoader final : public etr::DataLoader {
  public:
-  static MmapLoader* open(const char* path, char* err, size_t errlen) {
+  static MmapLoader* open(const char* path, bool readahead, char* err, size_t errlen) {
     int fd = ::open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
       snprintf(err, errlen, "cannot open %s", path);
@@ -69,7 +69,7 @@ class MmapLoader final : public etr::DataLoader {
       snprintf(err, errlen, "cannot map %s", path);
       return nullptr;
     }
-    madvise(p, st.st_size, MADV_WILLNEED);  // start readahead for the whole file at once
+    if (readahead) madvise(p, st.st_size, MADV_WILLNEED);  // start readahead for the whole file at once
     return new MmapLoader(p, st.st_size);
   }
   ~MmapLoader() override { munmap(base_, size_); }
@@ -167,7 +167,7 @@ extern "C" {
 // Total planned (activation) memory of a method, or -1; maps the file, loads nothing.
 int64_t ets_planned_size(const char* path, const char* method_name) {
   char err[256];
-  std::unique_ptr<MmapLoader> loader(MmapLoader::open(path, err, sizeof err));
+  std::unique_ptr<MmapLoader> loader(MmapLoader::open(path, false, err, sizeof err));
   if (!loader) return -1;
   auto prog = etr::Program::load(loader.get(), etr::Program::Verification::Minimal);
   if (!prog.ok()) return -1;
@@ -195,10 +195,14 @@ int64_t ets_planned_size(const char* path, const char* method_name) {
 // index before load_method returns), later loads map it and skip the packing. One file
 // per program: the backend keeps one cache object (and one lock) per path. Null or ""
 // means no cache. The caller decides when a file is complete (see edgectl/packed_cache.py).
-void* ets_load(const char* path, const char* method_name, void* arena, size_t arena_size, int own_workspace,
+// flags: bit 0 own XNNPACK workspace; bit 1 no readahead of the whole file (when a packed
+// cache holds this program's weights its raw constants are never read: only the pages its
+// metadata sits on fault in).
+void* ets_load(const char* path, const char* method_name, void* arena, size_t arena_size, int flags,
                const char* cache_path, char* err, size_t errlen) {
+  const int own_workspace = flags & 1;
   auto s = std::make_unique<Shard>();
-  s->loader.reset(MmapLoader::open(path, err, errlen));
+  s->loader.reset(MmapLoader::open(path, !(flags & 2), err, errlen));
   if (!s->loader) return nullptr;
   auto prog = etr::Program::load(s->loader.get(), etr::Program::Verification::Minimal);
   if (!prog.ok()) {
