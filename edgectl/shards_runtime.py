@@ -16,17 +16,12 @@ Trace lanes: "load" (one span per shard load, named by shard) and "compute" (one
 per shard execute).
 
 Budget: before planning under a budget, the start-up costs the manifest cannot know are
-measured (resident anonymous and file-backed pages) and handed to the planner as fixed
-bytes: the tokenizer (built here and kept: `self.tokenizer`), the runtime's first-execute
-set-up (XNNPACK init, kernel code, heap growth; probed by loading and running the smallest
-layer shard once, then freeing it), what a streamed load keeps besides its weights, the
-I/O staging buffers (computed from the model shape), and, when the manifest has no
-per-variant planned_bytes, the planned (activation) memory of each program read from its
-header into the in-memory manifest (so the planner counts one shared arena, not one per
-shard). `self.startup` holds the figures. The first budgeted run of a shard set on a
-machine measures them in its own process and keeps them under
-<EDGECTL_CACHE>/startup/ (keyed by the manifest, tokenizer, versions, CPU and settings);
-later runs read them there and skip the probe (EDGECTL_STARTUP_CACHE=0: always measure).
+measured in this process (anonymous RSS growth) and handed to the planner as fixed bytes:
+the tokenizer (built here and kept: `self.tokenizer`), the runtime's first-execute set-up
+(XNNPACK init, heap growth; probed by loading and running the smallest layer shard once,
+then freeing it), the I/O staging buffers (computed from the model shape), and, when
+the manifest has no per-variant planned_bytes, the planned (activation) memory of each program read from its header into the in-memory manifest (so the planner
+counts one shared arena, not one per shard). `self.startup` holds the figures.
 """
 
 from __future__ import annotations
@@ -138,7 +133,7 @@ class ShardModel:
         with native_stderr_captured():  # cpuinfo's probing chatter when the thread pool starts
             native = self._native(engine)
             if plan is None and budget:
-                self.startup = self._cached_startup(m, native) or self._measure_startup(m, rt, native)
+                self.startup = self._measure_startup(m, rt, native)
             else:
                 self._start_tokenizer()
             if callable(context):
@@ -199,68 +194,6 @@ class ShardModel:
             raise self._tok["error"]
         return self._tok["value"]
 
-    def _startup_cache(self, m, native) -> Path | None:
-        """Where this machine keeps the start-up figures measured for this shard set, keyed by
-        everything they depend on (the manifest and tokenizer, the engine, the packed-weight
-        cache and malloc settings, the versions, the CPU); None when EDGECTL_STARTUP_CACHE=0."""
-        if os.environ.get("EDGECTL_STARTUP_CACHE", "1") == "0":
-            return None
-        import hashlib
-        import importlib.metadata as md
-        import json
-
-        from edgectl import __version__, packed_cache
-
-        try:
-            manifest = (self.dir / "manifest.json").read_bytes()
-        except OSError:
-            return None
-        parts = [manifest.hex(), hashlib.sha256(self.tokenizer_json.encode()).hexdigest(), __version__,
-                 md.version("executorch"), packed_cache.cpu_key(), native is not None,
-                 str(packed_cache.default_root()) if native is not None else None,
-                 os.environ.get("EDGECTL_MMAP_THRESHOLD")]
-        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
-        return Path(os.environ.get("EDGECTL_CACHE", Path.home() / ".cache" / "edgectl")) / "startup" / f"{key}.json"
-
-    def _cached_startup(self, m, native) -> dict | None:
-        """The start-up figures a previous run measured on this machine for this shard set
-        (see _startup_cache), or None. With them, no probe runs and the tokenizer builds on
-        its thread while the preload buffer loads: the cold start skips ~150-250 ms of
-        probing and waiting (measured)."""
-        import json
-
-        path = self._startup_cache(m, native)
-        try:
-            got = json.loads(path.read_text()) if path is not None else None
-        except (OSError, ValueError):
-            return None
-        if not isinstance(got, dict) or not isinstance(got.get("startup"), dict):
-            return None
-        self._start_tokenizer()
-        self.slot_workspace = got["startup"].get("per_loader_slot_workspace", 0)
-        self.stream_extra = got["startup"].get("per_streamed_shard_load", 0)
-        for s in m.shards:
-            for v in s.variants.values():
-                if "planned_bytes" not in v.extra and v.file in got.get("planned_bytes", {}):
-                    v.extra["planned_bytes"] = got["planned_bytes"][v.file]
-        return {**got["startup"], "cached": str(path)}
-
-    def _store_startup(self, m, native, startup: dict) -> None:
-        import json
-
-        path = self._startup_cache(m, native)
-        if path is None:
-            return
-        planned = {v.file: v.extra["planned_bytes"] for s in m.shards for v in s.variants.values()
-                   if "planned_bytes" in v.extra}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"startup": startup, "planned_bytes": planned}))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # an unwritable cache: measure again next time
-
     def _measure_startup(self, m, rt, native) -> dict:
         """Measured start-up costs the planner counts as fixed bytes (see the module doc).
         The tokenizer builds on its thread while the probe runs: their memory is measured
@@ -320,7 +253,6 @@ class ShardModel:
         # counted in the plan's slot bytes, not in total
         out["per_loader_slot_workspace"] = self.slot_workspace
         out["per_streamed_shard_load"] = self.stream_extra
-        self._store_startup(m, native, out)
         return out
 
     def _with_staging(self, startup: dict, m) -> dict:
@@ -332,10 +264,10 @@ class ShardModel:
         T = min(m.max_tokens_per_call or m.max_seq_len, self.max_seq_len)
         hd = mm.get("head_dim") or mm["dim"] // mm["n_heads"]
         per_slot = ("per_loader_slot_workspace", "per_streamed_shard_load")
-        out = {k: v for k, v in startup.items() if k not in ("staging", "total", "cached", *per_slot)}
+        out = {k: v for k, v in startup.items() if k not in ("staging", "total", *per_slot)}
         out["staging"] = 4 * (T * mm["dim"] + 2 * widest * mm["n_kv_heads"] * hd * T + mm["vocab_size"])
         out["total"] = sum(out.values())
-        out.update({k: startup[k] for k in (*per_slot, "cached") if k in startup})
+        out.update({k: startup[k] for k in per_slot})
         return out
 
     def _open(self, m, plan, rt, native) -> None:

@@ -375,38 +375,6 @@ def test_context_plans_a_smaller_kv_cache_and_is_enforced(stories_shards):
         short.forward([3], n)
 
 
-@pytest.mark.real_model
-@pytest.mark.slow
-def test_startup_figures_measured_once_per_machine_then_read(stories_shards, tmp_path, monkeypatch):
-    from edgectl.shards_runtime import ShardModel
-
-    monkeypatch.setenv("EDGECTL_CACHE", str(tmp_path))
-    probes = lambda sm: [s for s in sm.trace.spans if s.name == "startup-probe"]  # noqa: E731
-    first = ShardModel(stories_shards, budget=1 << 40)
-    assert probes(first) and "cached" not in first.startup
-    assert len(list((tmp_path / "startup").glob("*.json"))) == 1
-    second = ShardModel(stories_shards, budget=1 << 40)
-    assert not probes(second) and second.startup.pop("cached").startswith(str(tmp_path / "startup"))
-    assert second.startup == first.startup and second.plan.to_dict() == first.plan.to_dict()
-    assert second.tokenizer.encode("Once upon a time") == first.tokenizer.encode("Once upon a time")
-    monkeypatch.setenv("EDGECTL_STARTUP_CACHE", "0")  # always measure
-    assert probes(ShardModel(stories_shards, budget=1 << 40))
-    monkeypatch.setenv("EDGECTL_STARTUP_CACHE", "1")
-    # a changed manifest (here: another call size) is another key: measured again
-    import json
-
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in stories_shards.iterdir():
-        if f.name != "manifest.json":
-            (other / f.name).symlink_to(f)
-    d = json.loads((stories_shards / "manifest.json").read_text())
-    d["max_tokens_per_call"] = 3
-    (other / "manifest.json").write_text(json.dumps(d))
-    assert probes(ShardModel(other, budget=1 << 40))
-    assert len(list((tmp_path / "startup").glob("*.json"))) == 2
-
-
 def _files(d: Path) -> dict:
     """Cache files by name: (size, mtime_ns, inode); temporary files included."""
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino) for p in d.iterdir()} if d.exists() else {}
