@@ -183,6 +183,8 @@ def bytes_tensor(data: bytes):
 
 
 def metadata(ckpt, args, max_seq_len: int, backend: str, quantization: dict | None) -> dict:
+    from edgectl.model import KV_LAYOUT
+
     tc = ckpt.tokenizer_config
     keep = ("bos_token", "eos_token", "add_bos_token", "chat_template")
     return {
@@ -195,6 +197,7 @@ def metadata(ckpt, args, max_seq_len: int, backend: str, quantization: dict | No
         "tokenizer_config": {k: tc[k] for k in keep if k in tc},
         "source": {"model": ckpt.source, "sha256": ckpt.content_hash()},
         "io": "forward(tokens[1,T], pos[T], idx[N], k_cache*L, v_cache*L) -> (logits[1,N,V], k_new*L, v_new*L)",
+        "kv_layout": KV_LAYOUT,
     }
 
 
@@ -225,13 +228,17 @@ def monolithic_example(model, chunk: int, table_input: bool):
     import torch
     from torch.export import Dim
 
+    from edgectl.model import cache_example
+
     k_caches, v_caches = model.empty_caches()
+    caches, W = cache_example(k_caches + v_caches)
+    k_caches, v_caches = caches[: len(k_caches)], caches[len(k_caches) :]
     T = Dim("T", min=1, max=chunk)
     N = Dim("N", min=1, max=chunk)
     # Example sizes of 2 and 4: a dynamic dim must not be 1 in the example, and T, N
     # must differ or torch.export merges them.
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4), torch.arange(2, 4), k_caches, v_caches)
-    dynamic = ({1: T}, {0: T}, {0: N}, [None] * len(k_caches), [None] * len(v_caches))
+    dynamic = ({1: T}, {0: T}, {0: N}, [{1: W}] * len(k_caches), [{1: W}] * len(v_caches))
     if table_input:
         example += (model.embed.embed_tokens.weight.detach().clone(),)
         dynamic += (None,)

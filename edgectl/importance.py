@@ -68,7 +68,7 @@ class EagerShards:
         """Logits [T, vocab] for one window from position 0, shards from index `start_at`
         (with `h` the hidden state entering it). Also returns the hidden state entering
         every shard that ran (list aligned with self.shards)."""
-        from edgectl.model import empty_caches
+        from edgectl.model import cache_window, empty_caches
 
         T = tokens.shape[1]
         pos, idx = torch.arange(T), torch.arange(T)
@@ -82,7 +82,7 @@ class EagerShards:
             if s.kind == "embed":
                 h = m(tokens)
             elif s.kind == "layers":
-                ks, vs = empty_caches(args, S, len(s.layers))
+                ks, vs = empty_caches(args, cache_window(0, S), len(s.layers))  # from position 0: nothing cached
                 h = m(h, pos, *[t for pair in zip(ks, vs) for t in pair])[0]
             else:
                 return m(h, idx)[0], entering

@@ -8,8 +8,10 @@ Program interfaces, by shard kind:
   matrix stored in the head shard's file (tied embedding stored once per precision).
   Otherwise a program `forward(tokens[1,T]) -> h[1,T,dim]`.
 - "layers": `forward(h[1,T,dim], pos[T], k_0, v_0, ..., k_{n-1}, v_{n-1})
-  -> (h, k_new_0, v_new_0, ...)` for the n decoder layers it holds (`layers`), caches in
-  model.cache_shapes() layout, read only.
+  -> (h, k_new_0, v_new_0, ...)` for the n decoder layers it holds (`layers`). Caches are
+  read only, [1, W, KV, D] with W dynamic: the first model.cache_window(start) positions
+  of the runtime's [1, max_seq_len, KV, D] buffers (model.cache_shapes); new entries come
+  back as [1, T, KV, D].
 - "head": `forward(h[1,T,dim], idx[N]) -> logits[1,N,vocab]` (final norm + output).
 T and N are at most `max_tokens_per_call` (activation memory is planned per program for
 the largest call): the runtime prefills, and asks for logits, in chunks of that size.
@@ -29,7 +31,7 @@ from pathlib import Path
 from edgectl import __version__
 from edgectl.errors import EdgectlError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: cache windows, position-major (model.KV_LAYOUT); 1 attended over all max_seq_len positions
 MANIFEST = "manifest.json"
 
 

@@ -5,15 +5,19 @@ Covers Llama 2/3 (incl. llama3 RoPE scaling), SmolLM/SmolLM2, Mistral-style and 
 
 The KV cache lives *outside* the model. Every decoder layer has the signature
 
-    Block(x, pos, k_cache, v_cache) -> (x_out, k_new, v_new)
+    Block(x, step, k_cache, v_cache) -> (x_out, k_new, v_new)
 
-where `k_cache`/`v_cache` ([1, n_kv_heads, max_seq_len, head_dim]) are read only, `pos`
-holds the absolute positions of the T tokens in `x`, and `k_new`/`v_new`
-([1, n_kv_heads, T, head_dim]) are the entries the caller writes into its caches at `pos`.
-Attention runs over the cache (positions < pos[0]) and over the new entries (causal)
-in one softmax (computed in two parts), so no cache is copied or mutated inside the program. This is what lets a
-layer be its own ExecuTorch program that can be evicted mid-generation (see shard.py),
-and the monolithic model is simply the same pieces chained.
+where `k_cache`/`v_cache` ([1, W, n_kv_heads, head_dim]) are read only: a window, the
+first W positions of the caller's [1, max_seq_len, n_kv_heads, head_dim] buffers (a
+contiguous prefix; `cache_window` rounds the filled positions up to a KV_WINDOW step),
+`step` holds what every layer derives from the positions of the T tokens in `x`, and
+`k_new`/`v_new` ([1, T, n_kv_heads, head_dim]) are the entries the caller writes into
+its caches at those positions. Attention runs over the window (positions < pos[0]) and
+over the new entries (causal) in one softmax (computed in two parts), so no cache is
+copied or mutated inside the program, and a step costs what the context holds, not
+max_seq_len. This is what lets a layer be its own ExecuTorch program that can be
+evicted mid-generation (see shard.py), and the monolithic model is simply the same
+pieces chained.
 
 Module names mirror Hugging Face's (`self_attn.q_proj`, `mlp.gate_proj`, ...) so a
 checkpoint loads with its keys unchanged apart from the leading "model.".
@@ -135,9 +139,10 @@ def rotation_matrix(head_dim: int) -> torch.Tensor:
 
 
 class StepInputs(nn.Module):
-    """Per-step tensors every layer needs, computed once from the positions `pos`:
-    RoPE cos/sin [T, 1, D], the mask over the cache [S] (slots < pos[0] are filled) and
-    the causal mask over the new tokens [rep*T, T] (query rows grouped by kv head)."""
+    """Per-step tensors every layer needs, computed once from the positions `pos` and the
+    cache window's length W: RoPE cos/sin [T, 1, D], the mask over the window [W] (slots
+    < pos[0] are filled) and the causal mask over the new tokens [rep*T, T] (query rows
+    grouped by kv head)."""
 
     def __init__(self, args: ModelArgs, max_seq_len: int):
         super().__init__()
@@ -152,9 +157,9 @@ class StepInputs(nn.Module):
         with torch.device("cpu"):
             self.cos, self.sin = rope_tables(self.args, self.max_seq_len)
 
-    def forward(self, pos):
+    def forward(self, pos, window: int):
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        cached = torch.arange(self.max_seq_len, dtype=pos.dtype) < pos[:1]
+        cached = torch.arange(window, dtype=pos.dtype) < pos[:1]
         mask_cache = torch.where(cached, 0.0, MASK_VALUE)
         causal = pos.unsqueeze(1) >= pos.unsqueeze(0)
         mask_new = torch.where(causal, 0.0, MASK_VALUE).repeat(self.rep, 1)
@@ -183,8 +188,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention over an external cache. Cache layouts: K transposed
-    [1, KV, D, S] (scores need no transpose of the whole cache), V [1, KV, S, D]."""
+    """Grouped-query attention over an external cache window. Both caches are [1, W, KV, D]
+    (position-major): the first W positions of the runtime's [1, S, KV, D] buffers, a
+    contiguous prefix, so a step reads what the context filled (W grows in KV_WINDOW
+    steps), not all max_seq_len positions. New entries come back as [1, T, KV, D]."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -205,29 +212,29 @@ class Attention(nn.Module):
         cos, sin, mask_cache, mask_new = step
         _, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        rep, S = H // KV, v_cache.shape[2]
+        rep, W = H // KV, v_cache.shape[1]
         rot = self.rot
         q = self.q_proj(x).view(1, T, H, D)
         k = self.k_proj(x).view(1, T, KV, D)
         v = self.v_proj(x).view(1, T, KV, D)
         q = (q * cos + F.linear(q, rot) * sin) * (1.0 / math.sqrt(D))
         k = k * cos + F.linear(k, rot) * sin
-        k_new = k.permute(0, 2, 3, 1)  # [1, KV, D, T]
-        v_new = v.permute(0, 2, 1, 3)  # [1, KV, T, D]
 
         # Query heads that share a kv head become rows of one matrix: [KV, rep*T, D].
         qg = q.permute(0, 2, 1, 3).reshape(KV, rep * T, D)
         scores = torch.cat(
             [
-                torch.bmm(qg, k_cache.view(KV, D, S)) + mask_cache,
-                torch.bmm(qg, k_new.reshape(KV, D, T)) + mask_new,
+                torch.bmm(qg, k_cache.permute(0, 2, 3, 1).reshape(KV, D, W)) + mask_cache,
+                torch.bmm(qg, k.permute(0, 2, 3, 1).reshape(KV, D, T)) + mask_new,
             ],
             dim=-1,
         )
         p = torch.softmax(scores, dim=-1)
-        out = torch.bmm(p[..., :S], v_cache.view(KV, S, D)) + torch.bmm(p[..., S:], v_new.reshape(KV, T, D))
+        out = torch.bmm(p[..., :W], v_cache.permute(0, 2, 1, 3).reshape(KV, W, D)) + torch.bmm(
+            p[..., W:], v.permute(0, 2, 1, 3).reshape(KV, T, D)
+        )
         out = out.view(H, T, D).permute(1, 0, 2).reshape(1, T, H * D)
-        return self.o_proj(out), k_new, v_new
+        return self.o_proj(out), k, v
 
 
 class MLP(nn.Module):
@@ -299,7 +306,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, pos, idx, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], embed_table=None):
         x = self.embed(tokens, embed_table)
-        step = self.step(pos)
+        step = self.step(pos, k_caches[0].shape[1] if k_caches else 1)
         k_news, v_news = [], []
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
             x, k, v = layer(x, step, k_cache, v_cache)
@@ -319,9 +326,14 @@ def reset_buffers(model: nn.Module) -> nn.Module:
     return model
 
 
+KV_LAYOUT = "bskd-window/1"  # programs' cache inputs: [1, W, KV, D] prefixes (meta and manifest record it)
+KV_WINDOW = 32  # a cache window grows in steps of this many positions
+
+
 def cache_shapes(args: ModelArgs, max_seq_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """K is stored transposed: [1, KV, D, S]; V as [1, KV, S, D]."""
-    return (1, args.n_kv_heads, args.head_dim, max_seq_len), (1, args.n_kv_heads, max_seq_len, args.head_dim)
+    """K and V are position-major, [1, S, KV, D]: the first W positions are a contiguous prefix."""
+    shape = (1, max_seq_len, args.n_kv_heads, args.head_dim)
+    return shape, shape
 
 
 def empty_caches(args: ModelArgs, max_seq_len: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -329,11 +341,34 @@ def empty_caches(args: ModelArgs, max_seq_len: int, n: int) -> tuple[list[torch.
     return [torch.zeros(ks) for _ in range(n)], [torch.zeros(vs) for _ in range(n)]
 
 
+def cache_window(start: int, cache_len: int) -> int:
+    """Positions of the cache a call starting at `start` passes to a program: the filled
+    ones (< start) rounded up to a KV_WINDOW step, at least 1, at most the cache. Steps
+    keep the programs' shapes (XNNPACK re-plans on a change) the same for KV_WINDOW tokens."""
+    return max(1, min(cache_len, -(-start // KV_WINDOW) * KV_WINDOW))
+
+
+def windows(caches, start: int) -> list:
+    """Views of the first cache_window(start) positions of each [1, S, KV, D] cache."""
+    return [c[:, : cache_window(start, c.shape[1])] for c in caches]
+
+
+def cache_example(caches: list) -> tuple[list, object]:
+    """Example cache windows for torch.export and their dynamic length dim W (1..S). The
+    example length, 6 (or S when smaller), must differ from the other dims' examples or
+    torch.export merges the dims."""
+    from torch.export import Dim
+
+    S = caches[0].shape[1]
+    w = min(6, S)
+    return [c[:, :w].clone() for c in caches], Dim("W", min=1, max=S)
+
+
 def write_cache(k_cache, v_cache, k_new, v_new, start: int) -> None:
-    """Store a layer's new entries (as returned by Block) at positions start..start+T."""
-    T = v_new.shape[2]
-    k_cache[..., start : start + T] = k_new
-    v_cache[:, :, start : start + T] = v_new
+    """Store a layer's new entries ([1, T, KV, D], as Block returns them) at positions start..start+T."""
+    T = v_new.shape[1]
+    k_cache[:, start : start + T] = k_new
+    v_cache[:, start : start + T] = v_new
 
 
 def hf_key_to_ours(key: str) -> str | None:

@@ -139,18 +139,17 @@ PAGE = 4096
 
 def kv_cache_bytes(manifest, context: int | None = None) -> int:
     """Bytes of KV cache a run over the first `context` positions writes (default: all
-    max_seq_len). The runtime keeps each layer's K [KV, D, S] and V [KV, S, D] in fresh
-    anonymous pages (runtime.KVCache), which cost memory once written: V's positions are
-    contiguous per head; K's are contiguous along each of its KV * D rows of S floats,
-    so a row costs the pages holding its first `context` entries."""
+    max_seq_len). The runtime keeps each layer's K and V as [S, KV, D] (position-major) in
+    fresh anonymous pages (runtime.KVCache), which cost memory once written: the first
+    `context` positions are a contiguous prefix, charged in whole pages. (Programs read a
+    window rounded up past them: pages never written read as the shared zero page.)"""
     m = manifest.model
     hd = m.get("head_dim") or m["dim"] // m["n_heads"]
     S = manifest.max_seq_len
     n = S if context is None else max(1, min(context, S))
+    row = 4 * m["n_kv_heads"] * hd  # one position of one layer's K (or V)
     pages = lambda b: -(-b // PAGE) * PAGE  # noqa: E731
-    k = m["n_kv_heads"] * hd * min(pages(4 * n), 4 * S)
-    v = m["n_kv_heads"] * min(pages(4 * n * hd), 4 * S * hd)
-    return m["n_layers"] * (k + v)
+    return m["n_layers"] * 2 * min(pages(row * n), pages(row * S))
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ def _logits(model, window: list[int]):
     """Logits [T, vocab] as the model gives them (float32; scored in float64 by chunks)."""
     import torch
 
+    from edgectl.model import windows
+
     T = len(window)
-    k, v = model.empty_caches()
+    k, v = (windows(c, 0) for c in model.empty_caches())  # from position 0: a window of one masked slot
     with torch.no_grad():
         logits, _, _ = model(torch.tensor([window]), torch.arange(T), torch.arange(T), k, v)
     return logits[0]

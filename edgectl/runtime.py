@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from edgectl.errors import EdgectlError
-from edgectl.model import ModelArgs, cache_shapes, write_cache
+from edgectl.model import KV_LAYOUT, ModelArgs, cache_shapes, windows, write_cache
 from edgectl.ptefile import constant_bytes
 
 
@@ -234,6 +234,9 @@ class PteModel:
             if "edgectl_meta" not in self.program.method_names:
                 raise EdgectlError(f"{path}: not an edgectl .pte (no edgectl_meta)", hint="export it with `edgectl export`")
             self.meta = json.loads(constant_bytes(path, "edgectl_meta"))
+            if self.meta.get("kv_layout") != KV_LAYOUT:
+                raise EdgectlError(f"{path}: exported by an older edgectl, whose programs attend over the whole KV cache",
+                                   hint="re-export it with `edgectl export`")
             self.tokenizer_json = constant_bytes(path, "edgectl_tokenizer").decode()
             with self.trace.span("load", "load_method"):
                 try:
@@ -276,7 +279,8 @@ class PteModel:
         pos = torch.arange(start, start + T)
         idx = torch.arange(T) if all_logits else torch.tensor([T - 1])
         with self.trace.span("compute", "prefill" if T > 1 else "decode"):
-            out = self.method.execute([torch.tensor([tokens]), pos, idx, *self.k, *self.v, *self.extra_inputs])
+            out = self.method.execute([torch.tensor([tokens]), pos, idx, *windows(self.k, start), *windows(self.v, start),
+                                       *self.extra_inputs])
             L = len(self.k)
             for i in range(L):
                 write_cache(self.k[i], self.v[i], out[1 + i], out[1 + L + i], start)

@@ -48,7 +48,7 @@ class LayersProgram(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, h, pos, *caches):
-        step = self.step(pos)
+        step = self.step(pos, caches[0].shape[1])
         out = []
         for i, block in enumerate(self.blocks):
             h, k, v = block(h, step, caches[2 * i], caches[2 * i + 1])
@@ -185,11 +185,13 @@ def _layer_example(args, max_seq_len: int, n: int, chunk: int):
 
     from edgectl.model import empty_caches
 
+    from edgectl.model import cache_example
+
     ks, vs = empty_caches(args, max_seq_len, n)
-    caches = [t for pair in zip(ks, vs) for t in pair]
+    caches, W = cache_example([t for pair in zip(ks, vs) for t in pair])
     T = Dim("T", min=1, max=chunk)
     example = (torch.zeros(1, 4, args.dim), torch.arange(4), *caches)
-    return example, ({1: T}, {0: T}, tuple([None] * len(caches)))  # *caches is one argument to export
+    return example, ({1: T}, {0: T}, tuple([{1: W}] * len(caches)))  # *caches is one argument to export
 
 
 def _head_example(args, chunk: int):

@@ -103,7 +103,7 @@ class ShardChain:
         return self._torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _call(self, tokens: list[int], start: int, all_logits: bool):
-        from edgectl.model import write_cache
+        from edgectl.model import windows, write_cache
 
         torch = self._torch
         T = len(tokens)
@@ -115,7 +115,7 @@ class ShardChain:
             if shard.kind == "embed":
                 h = embed_rows(*obj, tok) if how == "table" else obj[1].execute([tok])[0]
             elif shard.kind == "layers":
-                caches = [t for i in shard.layers for t in (self.k[i], self.v[i])]
+                caches = windows([t for i in shard.layers for t in (self.k[i], self.v[i])], start)
                 out = obj[1].execute([h, pos, *caches])
                 h = out[0]
                 for j, i in enumerate(shard.layers):

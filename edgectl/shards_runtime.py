@@ -394,7 +394,7 @@ class ShardModel:
         a time and calls sink(row, logits) with each group, a view of the staging buffer
         valid only during the call. A scorer then never holds a whole call's logits
         (64 x 49152 fp32 = 12.6 MB for SmolLM2, plus its copy) under a memory budget."""
-        from edgectl.model import write_cache
+        from edgectl.model import windows, write_cache
 
         torch = self._torch
         T = len(tokens)
@@ -424,7 +424,7 @@ class ShardModel:
             try:
                 with self.trace.span("compute", name):
                     if kind == "layers":
-                        caches = [t for i in layers for t in (self.k[i], self.v[i])]
+                        caches = windows([t for i in layers for t in (self.k[i], self.v[i])], start)
                         out = loaded.run([h, pos, *caches], [self.h_cap] + [self.kv_cap] * (2 * len(layers)))
                         for j, i in enumerate(layers):
                             write_cache(self.k[i], self.v[i], out[1 + 2 * j], out[2 + 2 * j], start)

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgectl.model import windows as cache_windows
+
 # Which pairs of (producer, consumers) are smoothed; quantize.py records the ones used.
 PAIRS = ("qkv", "gate_up", "v_o", "up_down")
 PAIR_NAMES = {"qkv": "q/k/v (input_layernorm)", "gate_up": "gate/up (post_attention_layernorm)",
@@ -90,7 +92,7 @@ def calibrate(model, windows: list[list[int]]) -> dict[str, torch.Tensor]:
     try:
         for w in windows:
             T = len(w)
-            model(torch.tensor([w]), torch.arange(T), torch.arange(T)[-1:], *model.empty_caches())
+            model(torch.tensor([w]), torch.arange(T), torch.arange(T)[-1:], *(cache_windows(c, 0) for c in model.empty_caches()))
     finally:
         for h in hooks:
             h.remove()

@@ -84,3 +84,32 @@ def smol_hf_model(smol_gguf):
     assert set(missing) <= {"lm_head.weight"}
     model.tie_weights()
     return model.to(torch.float32)
+
+
+def _assert_reads_only_the_cache_window(model) -> None:
+    """Decode steps on both sides of a KV_WINDOW step, with NaN written past each call's
+    cache window (and zeros in the unwritten part of it, as after a reset), give the
+    logits of a clean run: the programs read the window and nothing past it (NaN read
+    once would spread)."""
+    import torch
+
+    from edgectl.model import KV_WINDOW, cache_window
+
+    seq = list(range(5, 5 + KV_WINDOW + 3))
+    model.reset()
+    clean = model.forward(seq, 0, all_logits=True)
+    model.reset()
+    model.forward(seq[:1], 0)
+    for p in range(1, len(seq)):
+        w = cache_window(p, model.cache_len)
+        assert p <= w < model.cache_len
+        for c in model.k + model.v:
+            c[:, p:w] = 0.0
+            c[:, w:] = float("nan")
+        out = model.forward(seq[p : p + 1], p)
+        assert (out[-1] - clean[p]).abs().max().item() < 1e-5
+
+
+@pytest.fixture
+def assert_reads_only_the_cache_window():
+    return _assert_reads_only_the_cache_window

@@ -175,3 +175,29 @@ def test_fast_lowering_changes_no_byte(stories_dir, tmp_path, monkeypatch):
         export_pte(ck, p, max_seq_len=32, scheme=QuantScheme("8da4w", 32, "int4", 32))
         out[flag] = p.read_bytes()
     assert out["0"] == out["1"]
+
+
+def test_decode_reads_only_the_cache_window(stories_pte, assert_reads_only_the_cache_window):
+    """The program reads the filled positions rounded up to a KV_WINDOW step, nothing past them."""
+    assert_reads_only_the_cache_window(PteModel(stories_pte))
+
+
+def test_pte_from_an_older_edgectl_is_refused(stories_pte, tmp_path, monkeypatch):
+    """A .pte whose programs attend over the whole cache (no kv_layout in its meta) is a
+    clear error, not wrong output."""
+    from edgectl import runtime
+    from edgectl.errors import EdgectlError
+
+    real = runtime.constant_bytes
+
+    def old_meta(path, name):
+        data = real(path, name)
+        if name == "edgectl_meta":
+            meta = json.loads(data)
+            del meta["kv_layout"]
+            data = json.dumps(meta).encode()
+        return data
+
+    monkeypatch.setattr(runtime, "constant_bytes", old_meta)
+    with pytest.raises(EdgectlError, match="re-export"):
+        PteModel(stories_pte)

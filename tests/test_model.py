@@ -7,7 +7,7 @@ import torch
 
 from edgectl.checkpoint import Checkpoint, load_model, resolve
 from edgectl.errors import EdgectlError
-from edgectl.model import ModelArgs, write_cache
+from edgectl.model import ModelArgs, windows, write_cache
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,7 +41,9 @@ def _incremental_logits(model, ids, split):
     out, start = [], 0
     for chunk in (ids[:split], *[[t] for t in ids[split:]]):
         T = len(chunk)
-        logits, kn, vn = model(torch.tensor([chunk]), torch.arange(start, start + T), torch.arange(T), k, v)
+        # the windows the runtime passes: the filled positions, rounded up (model.cache_window)
+        logits, kn, vn = model(torch.tensor([chunk]), torch.arange(start, start + T), torch.arange(T), windows(k, start),
+                               windows(v, start))
         for i in range(len(k)):
             write_cache(k[i], v[i], kn[i], vn[i], start)
         out.append(logits[0])
@@ -92,3 +94,13 @@ def test_unsupported_architecture_names_the_supported_ones():
     with pytest.raises(EdgectlError) as e:
         ModelArgs.from_hf_config({"architectures": ["GPTNeoXForCausalLM"]})
     assert "GPTNeoXForCausalLM" in str(e.value) and "LlamaForCausalLM" in e.value.hint
+
+
+def test_cache_window_by_hand():
+    from edgectl.model import KV_WINDOW, cache_window
+
+    assert KV_WINDOW == 32
+    assert cache_window(0, 2048) == 1  # nothing cached: one masked slot
+    assert cache_window(1, 2048) == cache_window(32, 2048) == 32
+    assert cache_window(33, 2048) == 64
+    assert cache_window(2040, 2048) == 2048 and cache_window(100, 50) == 50  # never past the cache

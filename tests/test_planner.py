@@ -44,14 +44,16 @@ def test_kv_cache_bytes_by_hand():
 
 
 def test_kv_cache_bytes_counts_the_pages_a_context_writes():
-    # 4 layers, 4 KV heads, head_dim 8. S=2048: a K row (one kv head, one dim) is 8192 bytes = 2 pages.
+    # 4 layers, 4 KV heads, head_dim 8: one position of one layer's K (or V) is 128 bytes,
+    # and positions are contiguous ([S, KV, D]), 32 to a page.
     m = _manifest([_layer(i, (0, .1, .2)) for i in range(4)], max_seq_len=2048)
     full = 2 * 4 * 4 * 8 * 2048 * 4
     assert kv_cache_bytes(m) == kv_cache_bytes(m, 2048) == kv_cache_bytes(m, 10**6) == full
-    # 100 positions: every K row touches its first page; each head's V rows are 100 * 32 bytes -> 1 page
-    assert kv_cache_bytes(m, 100) == 4 * (4 * 8 * 4096 + 4 * 4096)
-    # 1025 positions: K rows need both pages (= all of K); V: 1025 * 32 bytes -> 9 pages per head
-    assert kv_cache_bytes(m, 1025) == 4 * (4 * 8 * 8192 + 4 * 9 * 4096)
+    # 100 positions: 12,800 bytes -> 4 pages each for K and V, in each of 4 layers
+    assert kv_cache_bytes(m, 100) == 4 * 2 * 4 * 4096
+    # 1025 positions: 131,200 bytes -> 33 pages
+    assert kv_cache_bytes(m, 1025) == 4 * 2 * 33 * 4096
+    assert kv_cache_bytes(m, 1) == 4 * 2 * 4096
     # a plan for a shorter context charges less, and says what it was planned for
     big, small = plan(m, 1000 * MB), plan(m, 1000 * MB, context=100)
     assert small.kv_bytes == kv_cache_bytes(m, 100) and small.context == 100 and big.context is None

@@ -27,7 +27,7 @@ def _layer_program(step, blocks):
             self.step, self.blocks = step, torch.nn.ModuleList(blocks)
 
         def forward(self, h, pos, *caches):
-            s = self.step(pos)
+            s = self.step(pos, caches[0].shape[1] if caches else 1)
             n = len(self.blocks)
             ks, vs = [], []
             for i, b in enumerate(self.blocks):
@@ -65,7 +65,7 @@ def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisio
     from edgectl.checkpoint import load_model, resolve
     from edgectl.export import check_tied_table, lower, tied_table_key
     from edgectl.manifest import Importance, Manifest, Shard, Variant
-    from edgectl.model import empty_caches
+    from edgectl.model import cache_example, empty_caches
     from edgectl.quantize import QuantScheme, quantize_module, shared_embedding
 
     ckpt = resolve(str(model_dir))
@@ -87,10 +87,10 @@ def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisio
         for g in groups:
             name = f"layers.{g[0]}" + (f"-{g[-1]}" if len(g) > 1 else "")
             ks, vs = empty_caches(args, max_seq_len, len(g))
-            caches = [t for kv in zip(ks, vs) for t in kv]
+            caches, W = cache_example([t for kv in zip(ks, vs) for t in kv])
             prog, _ = lower(_layer_program(m.step, [m.layers[i] for i in g]),
                             (torch.zeros(1, 4, args.dim), torch.arange(4), *caches),
-                            ({1: T}, {0: T}, (None,) * len(caches)), "xnnpack")
+                            ({1: T}, {0: T}, ({1: W},) * len(caches)), "xnnpack")
             f = f"{name}.{p}.pte"
             (out / f).write_bytes(prog.buffer)
             shards[name][p] = f
@@ -507,3 +507,16 @@ def test_kv_cache_reset_gives_pages_back_and_reads_zeros():
     c.reset()
     assert anon() - a0 < 4 << 20
     assert all(t.abs().sum().item() == 0 for t in c.k + c.v)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_shard_programs_read_only_the_cache_window(stories_shards, engine, assert_reads_only_the_cache_window):
+    """Resident layers (one chained native call, or Python calls) and streamed ones read
+    the filled positions rounded up to a KV_WINDOW step, nothing past them."""
+    from edgectl.shards_runtime import ShardModel
+
+    streamed = {"layers.2", "head"}
+    assert_reads_only_the_cache_window(
+        ShardModel(stories_shards, plan=_streamed_plan(stories_shards, "on-demand", streamed), engine=engine))

@@ -86,7 +86,7 @@ class Native:
         lib.ets_weight_cache_log_dropped.restype = lib.ets_weight_cache_errors.restype = ctypes.c_long
         lib.ets_run_layers.argtypes = [ctypes.c_int, ctypes.POINTER(vp), i32p, vp, ctypes.c_int, ctypes.c_int, vp,
                                        ctypes.POINTER(vp), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                       ctypes.c_char_p, ctypes.c_size_t]
+                                       ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
         self.lib, self.so = lib, so
         # the packed-weight cache's per-load log lines (see etshim.cpp) never reach the
         # terminal: the shim filters ExecuTorch's log hook, process-wide, by source file, so
@@ -156,9 +156,12 @@ class Chain:
 
     def run(self, h, pos, start: int) -> None:
         """h: contiguous fp32 [1, T, dim], updated in place; pos: int64 [T]."""
+        from edgectl.model import cache_window
+
         T, dim = h.shape[1], h.shape[2]
         rc = self.lib.ets_run_layers(self.n, self.handles, self.n_layers, h.data_ptr(), T, dim, pos.data_ptr(),
-                                     self.caches, self.nkv, self.hd, self.S, start, self.err, 512)
+                                     self.caches, self.nkv, self.hd, self.S, cache_window(start, self.S), start,
+                                     self.err, 512)
         if rc:
             raise EdgectlError(f"shard execution failed: {self.err.value.decode(errors='replace')}")
 

@@ -369,17 +369,18 @@ static int point_input(etr::Method& m, int i, void* data, const int32_t* sizes, 
 // pass): shard j takes (h [1,T,dim], pos [T], then k,v caches of its n_layers[j] layers
 // from `caches`, in order) and returns (h, then k_new, v_new per layer). h is updated in
 // place; each layer's new entries are written into its caches at positions start..start+T.
-// Cache layouts as edgectl.model: k [1,nkv,hd,S] (transposed), v [1,nkv,S,hd]. fp32.
+// Cache layout as edgectl.model: [1,S,nkv,hd] (position-major), fp32; the programs read
+// the first W positions (edgectl.model.cache_window), a contiguous prefix.
 int ets_run_layers(int n, void* const* handles, const int32_t* n_layers, float* h, int T, int dim, int64_t* pos,
-                   float* const* caches, int nkv, int hd, int S, int start, char* err, size_t errlen) {
-  if (start + T > S) {
-    snprintf(err, errlen, "positions %d..%d exceed the cache length %d", start, start + T, S);
+                   float* const* caches, int nkv, int hd, int S, int W, int start, char* err, size_t errlen) {
+  if (start + T > S || W < 1 || W > S || W < start) {
+    snprintf(err, errlen, "positions %d..%d with a window of %d exceed the cache length %d", start, start + T, W, S);
     return 1;
   }
   const int32_t h_sizes[3] = {1, T, dim};
   const int32_t p_sizes[1] = {T};
-  const int32_t k_sizes[4] = {1, nkv, hd, S};
-  const int32_t v_sizes[4] = {1, nkv, S, hd};
+  const int32_t k_sizes[4] = {1, W, nkv, hd};
+  const int32_t v_sizes[4] = {1, W, nkv, hd};
   int c = 0;  // next cache tensor
   for (int j = 0; j < n; ++j) {
     etr::Method& m = *static_cast<Shard*>(handles[j])->method;
@@ -413,11 +414,9 @@ int ets_run_layers(int n, void* const* handles, const int32_t* n_layers, float* 
       }
       const float* k = kn.const_data_ptr<float>();
       const float* v = vn.const_data_ptr<float>();
-      float* kc = caches[c + 2 * l];
-      float* vc = caches[c + 2 * l + 1];
-      for (int r = 0; r < nkv * hd; ++r) std::memcpy(kc + static_cast<size_t>(r) * S + start, k + static_cast<size_t>(r) * T, sizeof(float) * T);
-      for (int g = 0; g < nkv; ++g)
-        std::memcpy(vc + (static_cast<size_t>(g) * S + start) * hd, v + static_cast<size_t>(g) * T * hd, sizeof(float) * T * hd);
+      const size_t row = static_cast<size_t>(nkv) * hd;  // one position's entries
+      std::memcpy(caches[c + 2 * l] + row * start, k, sizeof(float) * row * T);
+      std::memcpy(caches[c + 2 * l + 1] + row * start, v, sizeof(float) * row * T);
     }
     std::memcpy(h, ho.const_data_ptr<float>(), sizeof(float) * T * dim);  // inputs are consumed: h is free now
     c += 2 * L;
