@@ -199,5 +199,6 @@ def test_pte_from_an_older_edgectl_is_refused(stories_pte, tmp_path, monkeypatch
         return data
 
     monkeypatch.setattr(runtime, "constant_bytes", old_meta)
-    with pytest.raises(EdgectlError, match="re-export"):
+    with pytest.raises(EdgectlError, match="older edgectl") as e:
         PteModel(stories_pte)
+    assert "re-export" in e.value.hint
