@@ -509,8 +509,23 @@ def _recipe_defaults(argv: list[str]) -> dict | None:
     return {command: {k: v for k, v in defaults.items() if k in names}}
 
 
+class Terminated(BaseException):
+    """SIGTERM (a CI job's timeout, `kill`), raised where the main thread is, so cleanup runs
+    as on Ctrl-C: bench kills its worker and removes its memory cgroup, temporary files go."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point. Returns the exit code: 0 ok, 1 domain error, 2 usage error, 130 Ctrl-C."""
+    """Entry point. Returns the exit code: 0 ok, 1 domain error, 2 usage error, 130 Ctrl-C,
+    143 SIGTERM."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     clicks = _click_modules()
     exits = (typer.Exit, *(getattr(c.exceptions, "Exit", typer.Exit) for c in clicks))
     click_errors = tuple(c.ClickException for c in clicks)
@@ -526,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     except click_errors as e:
         e.show()
         return e.exit_code
+    except Terminated:
+        print("edgectl: terminated", file=sys.stderr)
+        return 143
     except (KeyboardInterrupt, *aborts):
         print("edgectl: interrupted", file=sys.stderr)
         return 130

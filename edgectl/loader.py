@@ -103,6 +103,13 @@ class NativeEngine:
     def planned_size(self, path: Path) -> int:
         return self.native.planned_size(path)
 
+    def readahead(self, path: Path) -> None:
+        """Ask the kernel to read, in the background, what loading and first running `path`
+        will touch: its packed-weight cache file when there is one (XNNPACK maps it, and a
+        cold run would otherwise fault it in page by page while computing), else the .pte."""
+        f = (self.packed.existing(self.keys.get(str(path))) if self.packed is not None else None) or path
+        willneed(f)
+
     def staging(self, i: int, cap: int):
         import torch
 
@@ -138,6 +145,20 @@ class _PyLoaded:
         malloc_trim()
 
 
+def willneed(path: Path) -> None:
+    """posix_fadvise WILLNEED: background readahead of the whole file (no-op if it fails)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class PyEngine:
     name = "python"
 
@@ -146,6 +167,9 @@ class PyEngine:
 
     def planned_size(self, path: Path) -> int:
         return 0
+
+    def readahead(self, path: Path) -> None:
+        willneed(path)
 
     def load(self, path: Path, streamed: bool = False, own_workspace: bool | None = None) -> _PyLoaded:
         return _PyLoaded(self.rt, path)
@@ -193,6 +217,9 @@ class Loader:
             if self.stop.is_set():
                 break
             name, path = self.order[i % len(self.order)]
+            # the next shard's file is read while this one loads and runs (one file ahead:
+            # reading the whole streamed set at once got capped runs OOM-killed)
+            self.engine.readahead(self.order[(i + 1) % len(self.order)][1])
             try:
                 with self.trace.span("load", name):
                     loaded = self.engine.load(path, streamed=True)

@@ -329,6 +329,8 @@ class ShardModel:
         self.runs = self._chain(native, args)
         streamed = [(name, path) for name, _, path, _, placement in self.steps if placement == "streamed"]
         self.loader = None
+        # on-demand: the next streamed shard's file is read ahead while this one loads and runs
+        self._next_streamed = {name: streamed[(i + 1) % len(streamed)][1] for i, (name, _) in enumerate(streamed)}
         if streamed and plan.mode == "pipelined":
             self.loader = ld.Loader(self.engine, streamed, self.trace, slots=2)
         self.memory["after_load"] = rss_bytes()["rss"]
@@ -373,6 +375,7 @@ class ShardModel:
             return self.resident[name]
         if self.loader is not None:
             return self.loader.take(name)
+        self.engine.readahead(self._next_streamed[name])
         with self.trace.span("load", name):  # on-demand: nothing else runs, the shared workspace serves
             return self.engine.load(path, streamed=True, own_workspace=False)
 

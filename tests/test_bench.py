@@ -233,3 +233,29 @@ def test_ppl_window_scored_in_pieces_matches_the_whole_window(s260_pte):
     m.reset()
     # any other piece size: the same positions scored once each (float rounding only)
     assert window_nll(m, w, 7) == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.real_model
+def test_sigterm_stops_the_worker_and_exits_143(stories_pte, tmp_path):
+    """A CI job's timeout (SIGTERM) ends bench like Ctrl-C: its worker is killed, not left running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = "import sys; from edgectl.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "bench", str(stories_pte), "--repeat", "50", "--new-tokens", "200"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    worker = None
+    deadline = time.monotonic() + 120
+    while worker is None and time.monotonic() < deadline and proc.poll() is None:
+        kids = children.read_text().split() if children.exists() else []
+        worker = int(kids[0]) if kids else None
+        time.sleep(0.05)
+    assert worker is not None, "bench started no worker"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "terminated" in err
+    time.sleep(0.5)
+    assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]

@@ -520,3 +520,29 @@ def test_shard_programs_read_only_the_cache_window(stories_shards, engine, asser
     streamed = {"layers.2", "head"}
     assert_reads_only_the_cache_window(
         ShardModel(stories_shards, plan=_streamed_plan(stories_shards, "on-demand", streamed), engine=engine))
+
+
+def test_loader_reads_the_next_shard_ahead():
+    """While a streamed shard loads (and then runs), the next one's file is already being
+    read: one file ahead, in the loader's cyclic order."""
+    from types import SimpleNamespace
+
+    from edgectl.loader import Loader
+    from edgectl.runtime import Trace
+
+    calls = []
+
+    class Engine:
+        def readahead(self, path):
+            calls.append(("ahead", path))
+
+        def load(self, path, streamed=False):
+            calls.append(("load", path))
+            return SimpleNamespace(free=lambda: None)
+
+    loader = Loader(Engine(), [("a", "A"), ("b", "B"), ("c", "C")], Trace(), slots=1)
+    for name in "abca":
+        loader.done(loader.take(name))
+    loader.close()
+    assert calls[:8] == [("ahead", "B"), ("load", "A"), ("ahead", "C"), ("load", "B"),
+                         ("ahead", "A"), ("load", "C"), ("ahead", "B"), ("load", "A")]
