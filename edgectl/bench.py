@@ -274,15 +274,10 @@ def evict_page_cache(path: Path) -> int:
     root = packed_cache.default_root()
     if root is not None and root.is_dir():
         files += [p for p in root.iterdir() if p.is_file()]
+    from edgectl.ptefile import advise
+
     for p in files:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        advise(p, os.POSIX_FADV_DONTNEED)
     return len(files)
 
 

@@ -146,17 +146,10 @@ class _PyLoaded:
 
 
 def willneed(path: Path) -> None:
-    """posix_fadvise WILLNEED: background readahead of the whole file (no-op if it fails)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Background readahead of the whole file (nothing if it cannot)."""
+    from edgectl.ptefile import advise
+
+    advise(path, os.POSIX_FADV_WILLNEED)
 
 
 class PyEngine:

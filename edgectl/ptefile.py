@@ -7,13 +7,15 @@ Used for two things:
   (key = sha256 of its bytes); the runtime maps that blob read-only and passes it to the
   program as the embedding table, so the matrix is stored once (see export.py).
 
-Parses the flatbuffer with the readers generated inside the executorch wheel.
+Parses the flatbuffer with the readers generated inside the executorch wheel. Also
+`advise`: page-cache advice for an artifact's files (read ahead, drop).
 """
 
 from __future__ import annotations
 
 import importlib
 import mmap
+import os
 import pkgutil
 from functools import lru_cache
 from pathlib import Path
@@ -93,3 +95,19 @@ def constant_bytes(path: Path, method: str) -> bytes:
             f.seek(seg_base + seg.Offset() + cs.Offsets(t.DataBufferIdx()))
             return f.read(numel)
     raise EdgectlError(f"{path}: no constant method {method!r}", hint="is it an edgectl .pte?")
+
+
+def advise(path: Path, advice: int) -> bool:
+    """posix_fadvise(advice) over the whole of `path` (os.POSIX_FADV_WILLNEED: read it
+    ahead in the background; DONTNEED: drop its unmapped pages). False if it cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        os.posix_fadvise(fd, 0, 0, advice)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
