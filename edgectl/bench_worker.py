@@ -372,6 +372,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edgectl import one_blas_thread
+
+    one_blas_thread()  # before torch loads (see edgectl/__init__.py)
     args = parse(argv)
     # Keep stdout for our one JSON object: whatever else writes to fd 1 goes to stderr.
     sys.stdout.flush()

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgectl import __version__
+from edgectl import RUNTIME_COMMANDS, __version__, one_blas_thread
 from edgectl.errors import EdgectlError, UsageError
 
 app = typer.Typer(
@@ -66,6 +66,7 @@ def export(
     smooth_alpha: Annotated[float, typer.Option(help="SmoothQuant's migration strength alpha (0..1).")] = 0.6,
     calibration: Annotated[Optional[Path], typer.Option(help="Text file SmoothQuant is calibrated on (default: a built-in paragraph).")] = None,
     plan: Annotated[Optional[Path], typer.Option("--plan", help="Per-layer precisions from a plan JSON (`edgectl run SHARDS --memory-budget X --plan --json`); one monolithic .pte of that mix.")] = None,
+    interface: Annotated[Optional[str], typer.Option(help="edgectl: for `edgectl run`/`bench` (the runtime owns the KV cache; a tied matrix stored once). stock: also runs on ExecuTorch's stock runners (llama_main, the Android/iOS apps, TextLLMRunner): KV cache and embedding inside the program, the tokenizer file they take (OUT.tokenizer.json, or .model for SentencePiece) written beside it. Default: stock with --plan, else edgectl.")] = None,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
 ):
@@ -73,6 +74,7 @@ def export(
 
     Example: edgectl export HuggingFaceTB/SmolLM2-135M-Instruct -o smollm2.pte
     Example: edgectl export model.gguf --plan plan.json -o mixed.pte
+    Example: llama_main --model_path mixed.pte --tokenizer_path mixed.tokenizer.json --prompt "Once upon a time"
     """
     from edgectl import ui
     from edgectl.checkpoint import resolve
@@ -107,13 +109,16 @@ def export(
     ckpt = resolve(model)
     with ui.stages(f"exporting {model}") as step:
         res = export_pte(ckpt, output, backend=backend, max_seq_len=max_seq_len, progress=step, scheme=qs,
-                         prefill_chunk=prefill_chunk, plan=the_plan, plan_group_size=group_size, calibration=calibration)
+                         prefill_chunk=prefill_chunk, plan=the_plan, plan_group_size=group_size, calibration=calibration,
+                         interface=interface or ("stock" if the_plan is not None else "edgectl"))
     if verbose:
         _print_ops(res.ops)
     if json_out:
         ui.emit_json(res.to_dict())
     else:
         typer.echo(f"{res.path}  {res.bytes / 1e6:.1f} MB  {res.seconds:.1f}s ({res.cpu_seconds:.0f} CPU-s)")
+        if res.tokenizer:
+            typer.echo(f"{res.tokenizer}  (the tokenizer file ExecuTorch's stock runners take)")
 
 
 def _smoothquant(scheme: str, flag: bool | None) -> bool:
@@ -533,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("EDGECTL_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
+    if next((a for a in argv if not a.startswith("-")), None) in RUNTIME_COMMANDS:
+        one_blas_thread()
     try:
         rc = app(args=argv, prog_name="edgectl", standalone_mode=False, default_map=_recipe_defaults(argv))
         return rc if isinstance(rc, int) else 0

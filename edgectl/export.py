@@ -62,6 +62,8 @@ class ExportResult:
     backend: str
     max_seq_len: int
     ops: dict = field(default_factory=dict)  # {"delegated": n, "non_delegated": {op: count}}
+    interface: str = "edgectl"
+    tokenizer: str | None = None  # stock interface: the tokenizer file written beside the .pte
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -87,6 +89,10 @@ def _quiet_library_noise() -> None:
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+    # the stock interface (stock.py): its KV-cache buffers are meant to start undefined,
+    # and ExecuTorch's own custom-op registrations call a deprecated torch check
+    warnings.filterwarnings("ignore", category=UserWarning, message="Mutation on a buffer in the model")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*_check_is_size will be removed")
 
 
 def lower(module, example_args: tuple, dynamic_shapes, backend: str, constant_methods: dict | None = None,
@@ -307,12 +313,16 @@ def quantize_by_plan(model, plan, group_size: int = 32) -> dict:
 def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | None = None,
                progress: Progress | None = None, scheme=None, prefill_chunk: int | None = None,
                plan=None, plan_group_size: int = 32, calibration: Path | None = None,
-               calibration_tokens: int = 1024) -> ExportResult:
+               calibration_tokens: int = 1024, interface: str = "edgectl") -> ExportResult:
     """Export a checkpoint to one monolithic `.pte` at `out` (written atomically).
     `scheme` (a quantize.QuantScheme) quantizes an unquantized checkpoint in memory first
     (`calibration`: the text its smoothquant is calibrated on; None: built-in paragraph);
-    `plan` (a planner.Plan) gives each layer and the head its own precision instead."""
+    `plan` (a planner.Plan) gives each layer and the head its own precision instead.
+    `interface`: "edgectl" (the caller owns the KV cache, see the module docstring) or
+    "stock" (ExecuTorch's stock runners' calling convention, stock.py; the tokenizer file
+    they take is written beside `out`)."""
     from edgectl.quantize import check_shared_embedding, load_for_export, shared_embedding
+    from edgectl.recipes import INTERFACES
 
     _quiet_library_noise()  # before torchao is imported
 
@@ -325,6 +335,8 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     chunk = min(prefill_chunk or DEFAULT_PREFILL_CHUNK, max_seq_len)
     if chunk < 2:
         raise EdgectlError("--prefill-chunk must be at least 2")
+    if interface not in INTERFACES:
+        raise EdgectlError(f"unknown interface {interface!r}", hint=f"choose one of: {', '.join(INTERFACES)}")
     step("loading weights")
     if plan is not None and (scheme is not None or ckpt.quantization is not None):
         from edgectl.errors import UsageError
@@ -336,6 +348,8 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
             raise EdgectlError(f"quantized precisions export with --backend xnnpack only, not {backend}")
         step("quantizing by plan")
         quant = quantize_by_plan(model, plan, plan_group_size)
+    if interface == "stock":
+        return _export_stock(ckpt, model, quant, out, backend, max_seq_len, chunk, step, t0, c0)
     # A tied matrix is stored once: the head keeps it (delegated), and the program takes
     # the embedding table as an input that the runtime maps from the head's copy (for a
     # quantized one: the head's codes and scales, dequantized row by row in the program).
@@ -361,3 +375,20 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
 
     size = write_atomic(out, write)
     return ExportResult(str(out), size, time.perf_counter() - t0, time.process_time() - c0, backend, max_seq_len, ops)
+
+
+def _export_stock(ckpt, model, quant, out: Path, backend: str, max_seq_len: int, chunk: int, step, t0, c0) -> ExportResult:
+    """The stock runners' form (stock.py): the cache and the embedding inside the program."""
+    from edgectl import stock
+
+    meta = metadata(ckpt, model.args, max_seq_len, backend, quant)
+    meta.update(prefill_chunk=chunk, interface="stock", io=stock.STOCK_IO, embedding_input=None)
+    methods = {**constant_methods(meta, ckpt.tokenizer_json), **stock.constant_methods(meta, chunk)}
+    example, dynamic = stock.example(chunk)
+    prog, ops = lower(stock.StockTransformer(model, max_seq_len).eval(), example, dynamic, backend, methods, step)
+    step("writing")
+    tok_path, tok = stock.tokenizer_file(ckpt, out)
+    write_atomic(Path(tok_path), lambda f: f.write(tok))
+    size = write_atomic(out, prog.write_to_file)
+    return ExportResult(str(out), size, time.perf_counter() - t0, time.process_time() - c0, backend, max_seq_len, ops,
+                        interface="stock", tokenizer=tok_path)

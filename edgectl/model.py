@@ -208,17 +208,22 @@ class Attention(nn.Module):
         with torch.device("cpu"):
             self.rot = rotation_matrix(self.head_dim)
 
+    def project(self, x, cos, sin):
+        """q [1,T,H,D], k and v [1,T,KV,D] of the T tokens in x, RoPE applied to q and k."""
+        _, T, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(1, T, H, D)
+        k = self.k_proj(x).view(1, T, KV, D)
+        v = self.v_proj(x).view(1, T, KV, D)
+        return q * cos + F.linear(q, self.rot) * sin, k * cos + F.linear(k, self.rot) * sin, v
+
     def forward(self, x, step, k_cache, v_cache):
         cos, sin, mask_cache, mask_new = step
         _, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         rep, W = H // KV, v_cache.shape[1]
-        rot = self.rot
-        q = self.q_proj(x).view(1, T, H, D)
-        k = self.k_proj(x).view(1, T, KV, D)
-        v = self.v_proj(x).view(1, T, KV, D)
-        q = (q * cos + F.linear(q, rot) * sin) * (1.0 / math.sqrt(D))
-        k = k * cos + F.linear(k, rot) * sin
+        q, k, v = self.project(x, cos, sin)
+        q = q * (1.0 / math.sqrt(D))
 
         # Query heads that share a kv head become rows of one matrix: [KV, rep*T, D].
         qg = q.permute(0, 2, 1, 3).reshape(KV, rep * T, D)

@@ -30,6 +30,7 @@ from edgectl.errors import EdgectlError
 PRECISIONS = ("fp32", "int8", "8da4w", "4w")
 MODES = ("auto", "resident", "pipelined", "on-demand")
 BACKENDS = ("xnnpack", "portable", "vulkan", "coreml")
+INTERFACES = ("edgectl", "stock")  # export's program interfaces (stock.py)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.I)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -78,9 +79,11 @@ class QuantizeSection:
 @dataclass(frozen=True)
 class ExportSection:
     backend: str = "xnnpack"
+    interface: str | None = None  # edgectl | stock (None: stock with --plan, else edgectl)
 
     def __post_init__(self):
         _one_of("export.backend", self.backend, BACKENDS)
+        _one_of("export.interface", self.interface, INTERFACES)
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,7 @@ def command_defaults(recipe: Recipe, command: str) -> dict:
     budget = {"memory_budget": r.memory_budget, "latency_target": r.latency_target_ms, "mode": r.mode,
               "threads": r.threads}
     table = {
-        "export": {**model, "backend": e.backend, **(quant if q.scheme else {})},
+        "export": {**model, "backend": e.backend, "interface": e.interface, **(quant if q.scheme else {})},
         "quantize": {"model": m.id, **quant},
         "shard": {**model, "backend": e.backend, "group_size": q.group_size, "precisions": ",".join(s.precisions),
                   "layers_per_shard": s.layers_per_shard, "calibration": s.calibration,

@@ -216,33 +216,45 @@ def tied_table(path: Path, spec: dict):
     return t
 
 
+def _load_pte(path: Path, trace: Trace, stock: bool = False):
+    """(program, meta, tokenizer.json text, forward method) of an edgectl `.pte`."""
+    if not path.is_file():
+        raise EdgectlError(f"{path}: no such file")
+    rt = _load_runtime()
+    if stock:
+        from edgectl.stock import load_custom_ops
+
+        load_custom_ops()  # before load_method: the program calls llama::update_cache / custom_sdpa
+    with native_stderr_captured():
+        with trace.span("load", "load_program"):
+            try:
+                program = rt.load_program(str(path))
+            except (RuntimeError, ValueError) as e:
+                raise EdgectlError(f"{path}: not a loadable ExecuTorch program ({e})") from e
+        if "edgectl_meta" not in program.method_names:
+            raise EdgectlError(f"{path}: not an edgectl .pte (no edgectl_meta)", hint="export it with `edgectl export`")
+        meta = json.loads(constant_bytes(path, "edgectl_meta"))
+        if meta.get("kv_layout") != KV_LAYOUT:
+            raise EdgectlError(f"{path}: exported by an older edgectl, whose programs attend over the whole KV cache",
+                               hint="re-export it with `edgectl export`")
+        tokenizer_json = constant_bytes(path, "edgectl_tokenizer").decode()
+        with trace.span("load", "load_method"):
+            try:
+                method = program.load_method("forward")
+            except RuntimeError as e:
+                raise EdgectlError(f"{path}: cannot load its forward method ({e})") from e
+    return program, meta, tokenizer_json, method
+
+
 class PteModel:
     """A monolithic edgectl `.pte`: forward(tokens, pos, idx, k*L, v*L) -> (logits, k_new*L, v_new*L)."""
 
     def __init__(self, path: str | Path, trace: Trace | None = None, context: int | None = None):
         path = Path(path)
-        if not path.is_file():
-            raise EdgectlError(f"{path}: no such file")
         self.path, self.trace = path, trace or Trace()
-        rt = _load_runtime()
-        with native_stderr_captured():
-            with self.trace.span("load", "load_program"):
-                try:
-                    self.program = rt.load_program(str(path))
-                except (RuntimeError, ValueError) as e:
-                    raise EdgectlError(f"{path}: not a loadable ExecuTorch program ({e})") from e
-            if "edgectl_meta" not in self.program.method_names:
-                raise EdgectlError(f"{path}: not an edgectl .pte (no edgectl_meta)", hint="export it with `edgectl export`")
-            self.meta = json.loads(constant_bytes(path, "edgectl_meta"))
-            if self.meta.get("kv_layout") != KV_LAYOUT:
-                raise EdgectlError(f"{path}: exported by an older edgectl, whose programs attend over the whole KV cache",
-                                   hint="re-export it with `edgectl export`")
-            self.tokenizer_json = constant_bytes(path, "edgectl_tokenizer").decode()
-            with self.trace.span("load", "load_method"):
-                try:
-                    self.method = self.program.load_method("forward")
-                except RuntimeError as e:
-                    raise EdgectlError(f"{path}: cannot load its forward method ({e})") from e
+        self.program, self.meta, self.tokenizer_json, self.method = _load_pte(path, self.trace)
+        if self.meta.get("interface", "edgectl") != "edgectl":
+            raise EdgectlError(f"{path}: a {self.meta['interface']}-interface .pte", hint="open it with runtime.open_artifact")
         emb = self.meta.get("embedding_input")  # fp32: one table; quantized: {"tensors": [codes, scales]}
         self.extra_inputs = [tied_table(path, t) for t in emb.get("tensors", [emb])] if emb else []
         args = ModelArgs.from_dict(self.meta["model"])
@@ -291,6 +303,59 @@ class PteModel:
         malloc_trim()
 
 
+class StockPteModel:
+    """A `.pte` in ExecuTorch's stock-runner form (stock.py): forward(tokens, input_pos) ->
+    logits of the last token, with the KV cache in the program's own planned memory."""
+
+    def __init__(self, path: str | Path, trace: Trace | None = None, context: int | None = None):
+        path = Path(path)
+        self.path, self.trace = path, trace or Trace()
+        self.program, self.meta, self.tokenizer_json, self.method = _load_pte(path, self.trace, stock=True)
+        self.cache_len = self.meta["max_seq_len"]
+        self.max_seq_len = usable_context(context, self.cache_len)
+        self.chunk = self.meta["prefill_chunk"]
+
+    def reset(self) -> None:
+        """Nothing to clear: a call attends over positions < input_pos + T only, all written
+        by this run's earlier calls (llama::custom_sdpa), so a run from 0 never reads the last one's."""
+
+    def forward(self, tokens: list[int], start: int, all_logits: bool = False):
+        """Logits [N, vocab]: the last token's, or every token's with all_logits (one call
+        per token then, as the program returns the last token's logits only)."""
+        import torch
+
+        if start + len(tokens) > self.max_seq_len:
+            raise EdgectlError(f"sequence of {start + len(tokens)} tokens exceeds max_seq_len {self.max_seq_len}")
+        if all_logits:
+            return torch.cat([self._call([t], start + i) for i, t in enumerate(tokens)])
+        for i in range(0, len(tokens), self.chunk):
+            out = self._call(tokens[i : i + self.chunk], start + i)
+        return out
+
+    def _call(self, tokens: list[int], start: int):
+        import torch
+
+        with self.trace.span("compute", "prefill" if len(tokens) > 1 else "decode"):
+            # custom_sdpa logs "No temp allocator provided" on every call through the
+            # Python binding (it then allocates its own scratch): kept off the terminal
+            with native_stderr_captured():
+                return self.method.execute([torch.tensor([tokens]), torch.tensor([start])])[0]  # [1, vocab]
+
+    def close(self) -> None:
+        self.method = self.program = None
+        malloc_trim()
+
+
+def open_pte(path: str | Path, trace: Trace | None = None, context: int | None = None):
+    """PteModel or StockPteModel, by the interface the file's metadata records."""
+    try:
+        interface = json.loads(constant_bytes(Path(path), "edgectl_meta")).get("interface", "edgectl")
+    except Exception:  # noqa: BLE001  not an edgectl .pte: PteModel says what it is
+        interface = "edgectl"
+    cls = StockPteModel if interface == "stock" else PteModel
+    return cls(path, trace=trace, context=context)
+
+
 def open_artifact(path: str | Path, trace: Trace | None = None, **shard_options) -> Model:
     """A `.pte` file, or a shard set directory with a manifest.json. `shard_options`
     (budget, mode, latency_target_ms, plan, engine) go to the shard-set runtime; a `.pte`
@@ -309,4 +374,4 @@ def open_artifact(path: str | Path, trace: Trace | None = None, **shard_options)
     context = shard_options.pop("context", None)
     if any(v is not None for k, v in shard_options.items() if k != "mode") or shard_options.get("mode", "auto") != "auto":
         raise UsageError("--memory-budget/--mode/--latency-target need a shard set directory (from `edgectl shard`)")
-    return PteModel(p, trace=trace, context=context if isinstance(context, int) else None)
+    return open_pte(p, trace=trace, context=context if isinstance(context, int) else None)

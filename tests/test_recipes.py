@@ -48,6 +48,9 @@ def test_bad_value_is_an_error(tmp_path):
         load_recipe(_write(tmp_path, "[quantize]\nscheme = 'int3'\n"))
     with pytest.raises(EdgectlError, match="size"):
         load_recipe(_write(tmp_path, "[run]\nmemory_budget = 'lots'\n"))
+    with pytest.raises(EdgectlError, match="export.interface"):
+        load_recipe(_write(tmp_path, "[export]\ninterface = 'llama'\n"))
+    assert load_recipe(_write(tmp_path, "[export]\ninterface = 'stock'\n")).export.interface == "stock"
 
 
 def test_overrides_are_typed(tmp_path):
@@ -72,7 +75,7 @@ def _capture_export(monkeypatch):
     seen = {}
 
     class Res:
-        path, bytes, seconds, cpu_seconds, ops = "x.pte", 1, 0.0, 0.0, {}
+        path, bytes, seconds, cpu_seconds, ops, tokenizer = "x.pte", 1, 0.0, 0.0, {}, None
 
     def fake_export(ckpt, out, **kw):
         seen.update(kw, model=ckpt, out=out)
@@ -92,6 +95,7 @@ def test_recipe_gives_defaults_and_flags_override(monkeypatch, capsys):
     assert main(["export", "--recipe", str(recipe), "-o", "x.pte"]) == 0
     assert seen["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and seen["max_seq_len"] == 1024
     assert seen["scheme"].linear == "8da4w" and seen["scheme"].embedding == "int8"
+    assert seen["interface"] == "edgectl"  # stock is the default only with --plan
 
     seen.clear()
     assert main(["export", "local.gguf", "--recipe", str(recipe), "-o", "x.pte", "--max-seq-len", "256",

@@ -1,0 +1,87 @@
+"""The stock-runner interface (`export --interface stock`, the default of `export --plan`):
+the same numbers as edgectl's own programs, and a file ExecuTorch's own TextLLMRunner runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from tests.test_export_plan import PROMPT, _logits, _plan
+
+
+@pytest.fixture(scope="module")
+def fp32_model(stories_dir):
+    from edgectl.checkpoint import load_model, resolve
+
+    return load_model(resolve(str(stories_dir)), 128).eval()
+
+
+@pytest.mark.real_model
+def test_stock_model_matches_ours_step_by_step_across_cache_windows(fp32_model):
+    """Prefill, then decode steps past a KV_WINDOW boundary: the cache-inside module
+    (llama::update_cache + custom_sdpa) gives the logits of the window-reading one."""
+    import torch
+
+    from edgectl.model import KV_WINDOW, windows, write_cache
+    from edgectl.stock import StockTransformer
+
+    m = fp32_model
+    st = StockTransformer(copy.deepcopy(m), 128).eval()
+    tokens = (PROMPT * 5)[: KV_WINDOW + 8]
+    ks, vs = m.empty_caches()
+    calls = [(0, KV_WINDOW - 3)] + [(i, i + 1) for i in range(KV_WINDOW - 3, len(tokens))]
+    with torch.no_grad():
+        for a, b in calls:
+            t = tokens[a:b]
+            ref, kn, vn = m(torch.tensor([t]), torch.arange(a, b), torch.tensor([len(t) - 1]), windows(ks, a), windows(vs, a))
+            for i in range(len(ks)):
+                write_cache(ks[i], vs[i], kn[i], vn[i], a)
+            got = st(torch.tensor([t]), torch.tensor([a]))
+            assert (got[0] - ref[0, -1]).abs().max().item() < 1e-4, (a, b)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_plan_export_runs_on_executorchs_text_llm_runner(fp32_model, stories_dir, tmp_path, capsys):
+    """`edgectl export --plan` writes a stock-interface .pte + tokenizer file; its logits
+    equal the eager mix's, and ExecuTorch's TextLLMRunner (the C++ runner llama_main and
+    the mobile apps use) generates, greedily, exactly what `edgectl run` does from it,
+    with a prompt longer than the prefill chunk (the runner splits it by get_max_seq_len)."""
+    from edgectl.cli import main
+    from edgectl.export import quantize_by_plan
+    from edgectl.run import tokenizer_for
+    from edgectl.runtime import StockPteModel, open_artifact
+    from edgectl.stock import load_custom_ops
+
+    plan = _plan(["8da4w", "int8", "fp32", "int8", "fp32"], "int8")
+    (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))
+    out = tmp_path / "mixed.pte"
+    assert main(["export", str(stories_dir), "--plan", str(tmp_path / "plan.json"), "-o", str(out),
+                 "--max-seq-len", "128", "--prefill-chunk", "16"]) == 0
+    tok = tmp_path / "mixed.tokenizer.model"  # stories260K is a SentencePiece model
+    assert tok.read_bytes() == (stories_dir / "tokenizer.model").read_bytes()
+    model = open_artifact(out)
+    assert isinstance(model, StockPteModel) and model.meta["interface"] == "stock"
+
+    eager = copy.deepcopy(fp32_model)
+    quantize_by_plan(eager, plan)
+    assert (model.forward(PROMPT, 0, all_logits=True) - _logits(eager)).abs().max().item() < 1e-3
+
+    prompt, n = "Once upon a time, there was a little dog named Max who lived in a big house", 40
+    capsys.readouterr()
+    assert main(["run", str(out), "--prompt", prompt, "-n", str(n), "--temperature", "0"]) == 0
+    ours = capsys.readouterr().out.strip()
+
+    load_custom_ops()
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    assert len(tokenizer_for(model).encode(prompt)) > 16
+    runner = TextLLMRunner(str(out), str(tok))
+    pieces: list[str] = []
+    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=n, temperature=0.0, num_bos=1),
+                    token_callback=pieces.append)
+    theirs = "".join(pieces).strip()
+    assert len(ours) > 40 and theirs == ours
