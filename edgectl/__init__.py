@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 # Commands that run ExecuTorch programs. A stock-interface program's llama::custom_sdpa
 # calls MKL from the runtime's own pool threads, and MKL's OpenMP threads (sized when
 # torch loads) then fight that pool for the cores: a 64-token SmolLM2 prefill took
-# 111 ms instead of 43 ms on 2 cores. XNNPACK does not use OpenMP.
+# 111 ms instead of 43 ms on 2 cores, and greedy text varied run to run (MKL split its
+# sums differently). XNNPACK does not use OpenMP.
 RUNTIME_COMMANDS = ("run", "bench")
 
 
