@@ -75,6 +75,34 @@ class ShardChoice:
     ppl_delta: float
 
 
+class Infeasible(EdgectlError):
+    """A budget below the feasible minimum: one line naming the minimum. `partial`: the
+    start-up costs counted are those measured so far (the tokenizer not yet built), so
+    the minimum named is a lower bound."""
+
+    def __init__(self, budget: int, minimum: int, mode: str, kv: int, positions: int, fixed: int,
+                 partial: bool = False):
+        self.args_ = (budget, minimum, mode, kv, positions, fixed)
+        self.minimum = minimum
+        what = {"resident": "all shards resident at their smallest precision",
+                "pipelined": "every shard streamed through two loader slots",
+                "on-demand": "every shard streamed through one loader slot"}[mode]
+        at_least = "at least " if partial else ""
+        super().__init__(
+            f"a budget of {budget / 1e6:.1f} MB is below the feasible minimum of {at_least}{minimum / 1e6:.1f} MB "
+            f"for mode {mode} ({what}, KV cache {kv / 1e6:.1f} MB for {positions} positions"
+            + (f", measured start-up costs {fixed / 1e6:.1f} MB" if fixed else "")
+            + ("; the tokenizer, not built yet, adds more" if partial else "") + ")",
+            hint=f"give --memory-budget {'more than ' if partial else ''}{int(-(-minimum // 10**5)) / 10:.1f}MB"
+            + ("" if partial else " or more")
+            + ("" if mode == "on-demand" else ", or --mode on-demand")
+            + (", or a smaller --ctx-size" if positions > 64 else ""),
+        )
+
+    def partial(self) -> "Infeasible":
+        return Infeasible(*self.args_, partial=True)
+
+
 @dataclass
 class Plan:
     mode: str  # "resident" | "pipelined" | "on-demand" (auto resolved)
@@ -394,17 +422,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
         small.streamed = {s.name for s in movable}
     minimum = _memory(shards, small, kvf, slots, slot_extra)[2]
     if budget < minimum:
-        what = {"resident": "all shards resident at their smallest precision",
-                "pipelined": "every shard streamed through two loader slots",
-                "on-demand": "every shard streamed through one loader slot"}[mode]
-        raise EdgectlError(
-            f"a budget of {budget / 1e6:.1f} MB is below the feasible minimum of {minimum / 1e6:.1f} MB "
-            f"for mode {mode} ({what}, KV cache {kv / 1e6:.1f} MB for {context or manifest.max_seq_len} positions"
-            + (f", measured start-up costs {fixed / 1e6:.1f} MB" if fixed else "") + ")",
-            hint=f"give --memory-budget {int(-(-minimum // 10**5)) / 10:.1f}MB or more"
-            + ("" if mode == "on-demand" else ", or --mode on-demand")
-            + (", or a smaller --ctx-size" if (context or manifest.max_seq_len) > 64 else ""),
-        )
+        raise Infeasible(budget, minimum, mode, kv, context or manifest.max_seq_len, fixed)
 
     st = _State({s.name: [q for q in precisions if q in s.variants][0] for s in shards}, set())
     _sync_embed(shards, st)

@@ -21,7 +21,9 @@ the tokenizer (built here and kept: `self.tokenizer`), the runtime's first-execu
 (XNNPACK init, heap growth; probed by loading and running the smallest layer shard once,
 then freeing it), the I/O staging buffers (computed from the model shape), and, when
 the manifest has no per-variant planned_bytes, the planned (activation) memory of each program read from its header into the in-memory manifest (so the planner
-counts one shared arena, not one per shard). `self.startup` holds the figures.
+counts one shared arena, not one per shard). `self.startup` holds the figures. A budget
+that no plan fits even with the costs measured before the tokenizer's build is refused
+before that build, whose transient peak is large (ShardModel._precheck).
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ class ShardModel:
         with native_stderr_captured():  # cpuinfo's probing chatter when the thread pool starts
             native = self._native(engine)
             if plan is None and budget:
-                self.startup = self._measure_startup(m, rt, native)
+                self.startup = self._measure_startup(m, rt, native, precheck=lambda fixed: self._precheck(
+                    m, budget, latency_target_ms, mode, precision, fixed, context))
             else:
                 self._start_tokenizer()
             if callable(context):
@@ -194,12 +197,27 @@ class ShardModel:
             raise self._tok["error"]
         return self._tok["value"]
 
-    def _measure_startup(self, m, rt, native) -> dict:
-        """Measured start-up costs the planner counts as fixed bytes (see the module doc).
-        The tokenizer builds on its thread while the probe runs: their memory is measured
-        together. Memory here is resident anonymous plus file-backed pages (`touched_bytes`):
-        the first execute maps kernel code and the tokenizer reads its files, and a memory
-        cgroup charges those pages too (measured: 10 MB of file pages, uncounted before)."""
+    def _precheck(self, m, budget, latency_target_ms, mode, precision, fixed: int, context) -> None:
+        """Refuse a budget that no plan fits with the start-up costs measured so far, before
+        the tokenizer is built: its build peaks well above what it keeps (SmolLM2: +43 MB,
+        27 MB of it transient), and under a memory cap of budget + baseline that peak got
+        the process OOM-killed before it could say the budget is too small (bench, 25% rows).
+        What is counted so far is a lower bound, so this refuses only what planning would."""
+        from edgectl.planner import Infeasible
+
+        try:
+            make_plan(m, budget, latency_target_ms, mode, fixed_bytes=fixed, precision=precision,
+                      slot_extra_bytes=self.slot_workspace, stream_extra_bytes=self.stream_extra,
+                      context=context if isinstance(context, int) else 1)
+        except Infeasible as e:
+            raise e.partial() from None
+
+    def _measure_startup(self, m, rt, native, precheck=None) -> dict:
+        """Measured start-up costs the planner counts as fixed bytes (see the module doc):
+        the probe first, then `precheck(bytes so far)`, then the tokenizer's build. Memory
+        here is resident anonymous plus file-backed pages (`touched_bytes`): the first
+        execute maps kernel code and the tokenizer reads its files, and a memory cgroup
+        charges those pages too (measured: 10 MB of file pages, uncounted before)."""
         import torch
 
         from edgectl import loader as ld
@@ -208,7 +226,6 @@ class ShardModel:
 
         a0 = touched_bytes()
         mm = m.model
-        self._start_tokenizer()
         layers = [s for s in m.shards if s.kind == "layers"]
         probe = min(((s, v) for s in layers for v in s.variants.values()), key=lambda sv: sv[1].resident_bytes, default=None)
         run_growth = stream_extra = 0
@@ -219,9 +236,6 @@ class ShardModel:
                    else ld.PyEngine(rt))
             args = ModelArgs.from_dict(mm)
             k, vc = empty_caches(args, m.max_seq_len, len(s.layers))
-            # the tokenizer's build allocates on its thread: wait for it, or its growth
-            # lands in the probe's figures (measured: 3.4 MB or 45.6 MB, run to run)
-            self.tokenizer  # noqa: B018
             before_load = touched_bytes()
             with self.trace.span("load", "startup-probe"):
                 loaded = eng.load(path, streamed=True)  # its own workspace: what a streamed shard pays
@@ -239,8 +253,6 @@ class ShardModel:
             loaded.free()
             del loaded, eng, k, vc
             malloc_trim()
-        self.tokenizer  # noqa: B018  (waits for the build: its memory is part of what is measured)
-        out = {"tokenizer_and_first_execute": max(touched_bytes() - a0, 0) + run_growth}
         self.slot_workspace, self.stream_extra = run_growth, stream_extra
         # A manifest without per-variant planned_bytes counts every shard's activation memory in
         # its resident_bytes, though all shards share one arena: read the programs' planned
@@ -250,6 +262,11 @@ class ShardModel:
             for v in variants:
                 if "planned_bytes" not in v.extra:
                     v.extra["planned_bytes"] = native.planned_size(self.dir / v.file)
+        if precheck is not None:
+            precheck(max(touched_bytes() - a0, 0) + run_growth)
+        self._start_tokenizer()
+        self.tokenizer  # noqa: B018  (waits for the build: its memory is part of what is measured)
+        out = {"tokenizer_and_first_execute": max(touched_bytes() - a0, 0) + run_growth}
         # counted in the plan's slot bytes, not in total
         out["per_loader_slot_workspace"] = self.slot_workspace
         out["per_streamed_shard_load"] = self.stream_extra
