@@ -77,8 +77,8 @@ class ShardChoice:
 
 class Infeasible(EdgectlError):
     """A budget below the feasible minimum: one line naming the minimum. `partial`: the
-    start-up costs counted are those measured so far (the tokenizer not yet built), so
-    the minimum named is a lower bound."""
+    start-up costs counted are those measured so far (the first execute not yet
+    probed), so the minimum named is a lower bound."""
 
     def __init__(self, budget: int, minimum: int, mode: str, kv: int, positions: int, fixed: int,
                  partial: bool = False):
@@ -92,7 +92,7 @@ class Infeasible(EdgectlError):
             f"a budget of {budget / 1e6:.1f} MB is below the feasible minimum of {at_least}{minimum / 1e6:.1f} MB "
             f"for mode {mode} ({what}, KV cache {kv / 1e6:.1f} MB for {positions} positions"
             + (f", measured start-up costs {fixed / 1e6:.1f} MB" if fixed else "")
-            + ("; the tokenizer, not built yet, adds more" if partial else "") + ")",
+            + (" so far; the first execute, not measured yet, adds more" if partial else "") + ")",
             hint=f"give --memory-budget {'more than ' if partial else ''}{int(-(-minimum // 10**5)) / 10:.1f}MB"
             + ("" if partial else " or more")
             + ("" if mode == "on-demand" else ", or --mode on-demand")

@@ -22,8 +22,8 @@ the tokenizer (built here and kept: `self.tokenizer`), the runtime's first-execu
 then freeing it), the I/O staging buffers (computed from the model shape), and, when
 the manifest has no per-variant planned_bytes, the planned (activation) memory of each program read from its header into the in-memory manifest (so the planner
 counts one shared arena, not one per shard). `self.startup` holds the figures. A budget
-that no plan fits even with the costs measured before the tokenizer's build is refused
-before that build, whose transient peak is large (ShardModel._precheck).
+that no plan fits even with the tokenizer's cost alone is refused before the probe
+(ShardModel._precheck).
 """
 
 from __future__ import annotations
@@ -198,11 +198,11 @@ class ShardModel:
         return self._tok["value"]
 
     def _precheck(self, m, budget, latency_target_ms, mode, precision, fixed: int, context) -> None:
-        """Refuse a budget that no plan fits with the start-up costs measured so far, before
-        the tokenizer is built: its build peaks well above what it keeps (SmolLM2: +43 MB,
-        27 MB of it transient), and under a memory cap of budget + baseline that peak got
-        the process OOM-killed before it could say the budget is too small (bench, 25% rows).
-        What is counted so far is a lower bound, so this refuses only what planning would."""
+        """Refuse a budget that no plan fits with the start-up costs measured so far (the
+        tokenizer's), before the first-execute probe loads and runs a shard: under a memory
+        cap of budget + baseline, the probe on top of the tokenizer got the process
+        OOM-killed before it could say the budget is too small (bench, 25% rows). What is
+        counted so far is a lower bound, so this refuses only what planning would."""
         from edgectl.planner import Infeasible
 
         try:
@@ -214,18 +214,34 @@ class ShardModel:
 
     def _measure_startup(self, m, rt, native, precheck=None) -> dict:
         """Measured start-up costs the planner counts as fixed bytes (see the module doc):
-        the probe first, then `precheck(bytes so far)`, then the tokenizer's build. Memory
-        here is resident anonymous plus file-backed pages (`touched_bytes`): the first
-        execute maps kernel code and the tokenizer reads its files, and a memory cgroup
-        charges those pages too (measured: 10 MB of file pages, uncounted before)."""
+        the tokenizer's build, then `precheck(bytes so far)`, then the first-execute probe.
+        Memory here is resident anonymous plus file-backed pages (`touched_bytes`): the
+        first execute maps kernel code and the tokenizer reads its files, and a memory
+        cgroup charges those pages too (measured: 10 MB of file pages, uncounted before)."""
         import torch
 
         from edgectl import loader as ld
         from edgectl.model import ModelArgs, empty_caches
         from edgectl.planner import _weights
 
+        # A manifest without per-variant planned_bytes counts every shard's activation memory in
+        # its resident_bytes, though all shards share one arena: read the programs' planned
+        # sizes (headers only) into the in-memory manifest, so the planner counts the arena once.
+        variants = [v for s in m.shards for v in s.variants.values() if not (s.kind == "embed" and "table" in v.extra)]
+        if native is not None:
+            for v in variants:
+                if "planned_bytes" not in v.extra:
+                    v.extra["planned_bytes"] = native.planned_size(self.dir / v.file)
         a0 = touched_bytes()
         mm = m.model
+        self._start_tokenizer()
+        # the tokenizer first: built after the probe instead, the process kept 17 MB more
+        # (measured start-up costs 39.5 -> 56.7 MB for SmolLM2, and worse plans)
+        self.tokenizer  # noqa: B018
+        malloc_trim()  # the build's transient heap: not part of what the pre-check counts
+        self.slot_workspace = self.stream_extra = 0  # not measured yet: the pre-check's lower bound
+        if precheck is not None:
+            precheck(max(touched_bytes() - a0, 0))
         layers = [s for s in m.shards if s.kind == "layers"]
         probe = min(((s, v) for s in layers for v in s.variants.values()), key=lambda sv: sv[1].resident_bytes, default=None)
         run_growth = stream_extra = 0
@@ -253,20 +269,8 @@ class ShardModel:
             loaded.free()
             del loaded, eng, k, vc
             malloc_trim()
-        self.slot_workspace, self.stream_extra = run_growth, stream_extra
-        # A manifest without per-variant planned_bytes counts every shard's activation memory in
-        # its resident_bytes, though all shards share one arena: read the programs' planned
-        # sizes (headers only) into the in-memory manifest, so the planner counts the arena once.
-        variants = [v for s in m.shards for v in s.variants.values() if not (s.kind == "embed" and "table" in v.extra)]
-        if native is not None:
-            for v in variants:
-                if "planned_bytes" not in v.extra:
-                    v.extra["planned_bytes"] = native.planned_size(self.dir / v.file)
-        if precheck is not None:
-            precheck(max(touched_bytes() - a0, 0) + run_growth)
-        self._start_tokenizer()
-        self.tokenizer  # noqa: B018  (waits for the build: its memory is part of what is measured)
         out = {"tokenizer_and_first_execute": max(touched_bytes() - a0, 0) + run_growth}
+        self.slot_workspace, self.stream_extra = run_growth, stream_extra
         # counted in the plan's slot bytes, not in total
         out["per_loader_slot_workspace"] = self.slot_workspace
         out["per_streamed_shard_load"] = self.stream_extra

@@ -280,18 +280,19 @@ def test_shard_set_reproduces_the_monolithic_pte(stories_shards, stories_pte, en
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_budget_below_minimum_is_one_line_error(stories_shards, monkeypatch):
-    """Refused before the tokenizer is built (its build's peak is what got capped runs
-    OOM-killed before they could refuse), with the minimum so far as a lower bound."""
-    from edgectl import tokenizer
+    """Refused before the first-execute probe loads a shard (the probe on top of the
+    tokenizer is what got capped runs OOM-killed before they could refuse), with the
+    minimum so far as a lower bound."""
+    from edgectl import loader
     from edgectl.errors import EdgectlError
     from edgectl.shards_runtime import ShardModel
 
-    built = []
-    real_init = tokenizer.Tokenizer.__post_init__
-    monkeypatch.setattr(tokenizer.Tokenizer, "__post_init__", lambda self: (built.append(1), real_init(self))[1])
-    with pytest.raises(EdgectlError, match=r"feasible minimum of at least [0-9.]+ MB .*the tokenizer, not built yet"):
+    loads = []
+    for eng in (loader.NativeEngine, loader.PyEngine):
+        monkeypatch.setattr(eng, "load", lambda self, *a, **k: loads.append(a))
+    with pytest.raises(EdgectlError, match=r"feasible minimum of at least [0-9.]+ MB .*so far; the first execute"):
         ShardModel(stories_shards, budget=1000, mode="auto")
-    assert not built
+    assert not loads
 
 
 @pytest.mark.real_model
