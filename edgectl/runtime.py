@@ -348,6 +348,7 @@ class StockPteModel:
 
 def open_pte(path: str | Path, trace: Trace | None = None, context: int | None = None):
     """PteModel or StockPteModel, by the interface the file's metadata records."""
+    _load_runtime()  # first: reading the metadata imports torchao, whose load-time chatter it quiets
     try:
         interface = json.loads(constant_bytes(Path(path), "edgectl_meta")).get("interface", "edgectl")
     except Exception:  # noqa: BLE001  not an edgectl .pte: PteModel says what it is
