@@ -128,6 +128,7 @@ def _lower(module, example_args, dynamic_shapes, backend, constant_methods, prog
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=constant_methods,
         )
+    drop_input_mutation_outputs(edge.exported_program())
     ops = op_counts(edge.exported_program().graph_module)
     step("to_executorch")
     prog = edge.to_executorch(
@@ -137,6 +138,26 @@ def _lower(module, example_args, dynamic_shapes, backend, constant_methods, prog
         )
     )
     return prog, ops
+
+
+def drop_input_mutation_outputs(ep) -> None:
+    """Make a program's writes into its inputs (a layer shard's KV caches) land in the
+    caller's memory, with no copy. torch.export returns every mutated input as an extra
+    output, which ExecuTorch emits as copies of the whole tensor (three per cache) and
+    memory-plans, so the input is copied in as well. Without those outputs the in-place
+    kernel (llama::update_cache) writes the input itself, and an input that is not memory
+    planned (alloc_graph_input=False) is the caller's buffer."""
+    from torch.export.graph_signature import OutputKind
+
+    specs = ep.graph_signature.output_specs
+    keep = [i for i, spec in enumerate(specs) if spec.kind != OutputKind.USER_INPUT_MUTATION]
+    if len(keep) == len(specs):
+        return
+    out = next(n for n in ep.graph.nodes if n.op == "output")
+    out.args = (tuple(out.args[0][i] for i in keep),)
+    specs[:] = [specs[i] for i in keep]
+    ep.graph.eliminate_dead_code()
+    ep.graph_module.recompile()
 
 
 def op_counts(gm) -> dict:

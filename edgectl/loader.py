@@ -138,7 +138,10 @@ class _PyLoaded:
                 raise EdgectlError(f"{path}: cannot load ({e})") from e
 
     def run(self, inputs: list, out_caps: list[int]) -> list:
-        return list(self.method.execute(inputs))[: len(out_caps)]
+        # a layer's custom_sdpa logs "No temp allocator provided" on every call through the
+        # Python binding (the native shim gives it one): kept off the terminal
+        with native_stderr_captured():
+            return list(self.method.execute(inputs))[: len(out_caps)]
 
     def free(self) -> None:
         self.method = self.program = None

@@ -1,17 +1,19 @@
 """manifest.json: the only contract between `shard` and `run`/`bench`.
 
 A shard set is a directory with `manifest.json`, `tokenizer.json` and one `.pte` per
-(shard, precision). Shards run in `order`; the KV cache lives outside every program.
+(shard, precision). Shards run in `order`; the KV cache lives outside every program (the
+runtime owns it: evicting a shard loses nothing).
 
 Program interfaces, by shard kind:
 - "embed": no program of its own when `table` is set: the runtime gathers rows of the
   matrix stored in the head shard's file (tied embedding stored once per precision).
   Otherwise a program `forward(tokens[1,T]) -> h[1,T,dim]`.
-- "layers": `forward(h[1,T,dim], pos[T], k_0, v_0, ..., k_{n-1}, v_{n-1})
-  -> (h, k_new_0, v_new_0, ...)` for the n decoder layers it holds (`layers`). Caches are
-  read only, [1, W, KV, D] with W dynamic: the first model.cache_window(start) positions
-  of the runtime's [1, max_seq_len, KV, D] buffers (model.cache_shapes); new entries come
-  back as [1, T, KV, D].
+- "layers": `forward(h[1,T,dim], pos[T], k_0, v_0, ..., k_{n-1}, v_{n-1}) -> h` for the
+  n decoder layers it holds (`layers`). The caches are the runtime's own [1, S, KV, D]
+  buffers (model.cache_shapes; S at most max_seq_len, a run may plan fewer positions),
+  passed without a copy: the program writes the T new entries at positions pos[0].. in
+  place (llama::update_cache) and attends over positions < pos[0] + T only
+  (llama::custom_sdpa). See shard_build.LayersProgram.
 - "head": `forward(h[1,T,dim], idx[N]) -> logits[1,N,vocab]` (final norm + output).
 T and N are at most `max_tokens_per_call` (activation memory is planned per program for
 the largest call): the runtime prefills, and asks for logits, in chunks of that size.
@@ -31,7 +33,9 @@ from pathlib import Path
 from edgectl import __version__
 from edgectl.errors import EdgectlError
 
-SCHEMA_VERSION = 2  # 2: cache windows, position-major (model.KV_LAYOUT); 1 attended over all max_seq_len positions
+# 3: layer programs write the caches in place; 2: read cache windows and returned the new
+# entries; 1 attended over all max_seq_len positions
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 
 

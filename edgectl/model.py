@@ -15,9 +15,11 @@ contiguous prefix; `cache_window` rounds the filled positions up to a KV_WINDOW 
 its caches at those positions. Attention runs over the window (positions < pos[0]) and
 over the new entries (causal) in one softmax (computed in two parts), so no cache is
 copied or mutated inside the program, and a step costs what the context holds, not
-max_seq_len. This is what lets a layer be its own ExecuTorch program that can be
-evicted mid-generation (see shard.py), and the monolithic model is simply the same
-pieces chained.
+max_seq_len. This is the eager model and the default monolithic `.pte`. The programs of a
+shard set (shard_build.LayersProgram) and the stock-runner form (stock.py) run the same
+modules with a cache they write in place (stock.cached_layer: llama::update_cache and
+llama::custom_sdpa); a layer shard's cache is still the caller's, so it can be evicted
+mid-generation.
 
 Module names mirror Hugging Face's (`self_attn.q_proj`, `mlp.gate_proj`, ...) so a
 checkpoint loads with its keys unchanged apart from the leading "model.".

@@ -150,6 +150,9 @@ def _load_runtime():
 
     import executorch.kernels.quantized  # noqa: F401  (registers quantized kernels)
 
+    from edgectl.stock import load_custom_ops
+
+    load_custom_ops()  # llama::update_cache / custom_sdpa: stock-form programs and layer shards (43 ms, 0.7 MB)
     return Runtime.get()
 
 
@@ -216,15 +219,11 @@ def tied_table(path: Path, spec: dict):
     return t
 
 
-def _load_pte(path: Path, trace: Trace, stock: bool = False):
+def _load_pte(path: Path, trace: Trace):
     """(program, meta, tokenizer.json text, forward method) of an edgectl `.pte`."""
     if not path.is_file():
         raise EdgectlError(f"{path}: no such file")
     rt = _load_runtime()
-    if stock:
-        from edgectl.stock import load_custom_ops
-
-        load_custom_ops()  # before load_method: the program calls llama::update_cache / custom_sdpa
     with native_stderr_captured():
         with trace.span("load", "load_program"):
             try:
@@ -310,7 +309,7 @@ class StockPteModel:
     def __init__(self, path: str | Path, trace: Trace | None = None, context: int | None = None):
         path = Path(path)
         self.path, self.trace = path, trace or Trace()
-        self.program, self.meta, self.tokenizer_json, self.method = _load_pte(path, self.trace, stock=True)
+        self.program, self.meta, self.tokenizer_json, self.method = _load_pte(path, self.trace)
         self.cache_len = self.meta["max_seq_len"]
         self.max_seq_len = usable_context(context, self.cache_len)
         self.chunk = self.meta["prefill_chunk"]

@@ -45,7 +45,7 @@ Step = Callable[[str], None]
 Built = Callable[[str, str, str], None]  # (shard, precision, "cached" | "exported")
 Counter_ = Callable[[str, int, int], None]  # (what, done, total)
 
-CODE_FILES = ("model.py", "shard_build.py", "quantize.py", "quant_modules.py", "export.py")
+CODE_FILES = ("model.py", "shard_build.py", "quantize.py", "quant_modules.py", "export.py", "stock.py")
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,7 @@ def _build(model_arg: str, max_seq_len: int, tasks: list[dict], jobs: int, built
                     built(t["name"], t["precision"], "exported")
     except BaseException:
         ex.shutdown(wait=False, cancel_futures=True)
-        for p in list(getattr(ex, "_processes", {}).values()):
+        for p in list((getattr(ex, "_processes", None) or {}).values()):
             p.terminate()
         raise
     ex.shutdown()

@@ -1,8 +1,8 @@
 """The programs of a shard set, and the export of one shard at one precision.
 
 Shard modules (interfaces in manifest.py):
-- `LayersProgram`: forward(h[1,T,dim], pos[T], k_0, v_0, ...) -> (h, k_new_0, v_new_0, ...),
-  a `StepInputs` (RoPE, masks) and the Blocks it holds; caches read only.
+- `LayersProgram`: forward(h[1,T,dim], pos[T], k_0, v_0, ...) -> h, the Blocks it holds
+  and a `StepInputs` (RoPE tables); it writes the T new entries into the caches in place.
 - `HeadProgram`: forward(h[1,T,dim], idx[N]) -> logits[1,N,vocab].
 - `EmbedProgram`: forward(tokens[1,T]) -> h[1,T,dim], only when the embedding matrix is
   not shared with the head (untied model, or a backend that does not keep the head's
@@ -42,18 +42,30 @@ EMBEDDING_FOR = {"fp32": "none", "int8": "int8", "8da4w": "int4", "4w": "int4"}
 
 
 class LayersProgram(nn.Module):
+    """forward(h [1,T,dim], pos [T], k_0, v_0, ...) -> h. Each cache is the runtime's own
+    [1, S, KV, D] buffer, written in place (stock.cached_layer); positions >= pos[0] + T
+    are never read. The exported program keeps no copy of a cache: export.lower drops the
+    copy-back outputs torch.export adds for mutated inputs, and inputs are not memory
+    planned, so the kernels write the caller's memory."""
+
     def __init__(self, step: nn.Module, blocks: list[nn.Module]):
         super().__init__()
+        from edgectl.stock import load_custom_ops
+
+        load_custom_ops()
         self.step = step
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, h, pos, *caches):
-        step = self.step(pos, caches[0].shape[1])
-        out = []
+        from edgectl.stock import cached_layer
+
+        T, start = h.shape[1], pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + T <= caches[0].shape[1])
+        cos, sin = self.step.cos[pos].unsqueeze(1), self.step.sin[pos].unsqueeze(1)
         for i, block in enumerate(self.blocks):
-            h, k, v = block(h, step, caches[2 * i], caches[2 * i + 1])
-            out += [k, v]
-        return (h, *out)
+            h = cached_layer(block, h, cos, sin, caches[2 * i], caches[2 * i + 1], start)
+        return h
 
 
 class HeadProgram(nn.Module):
@@ -180,18 +192,20 @@ def embed_head_module(model, precision: str, group_size: int, base: str = TOP):
 # Export of one variant
 
 
-def _layer_example(args, max_seq_len: int, n: int, chunk: int):
+def layer_example(args, max_seq_len: int, n: int, chunk: int):
+    """Example inputs and dynamic shapes of a LayersProgram of n layers: T tokens (at most
+    `chunk`), caches of S positions (at most max_seq_len: a run may plan a shorter context)."""
     from torch.export import Dim
 
     from edgectl.model import empty_caches
 
-    from edgectl.model import cache_example
-
-    ks, vs = empty_caches(args, max_seq_len, n)
-    caches, W = cache_example([t for pair in zip(ks, vs) for t in pair])
-    T = Dim("T", min=1, max=chunk)
-    example = (torch.zeros(1, 4, args.dim), torch.arange(4), *caches)
-    return example, ({1: T}, {0: T}, tuple([{1: W}] * len(caches)))  # *caches is one argument to export
+    S = min(6, max_seq_len)  # an example size no other dim has, or torch.export merges the dims
+    ks, vs = empty_caches(args, S, n)
+    caches = [t for pair in zip(ks, vs) for t in pair]
+    T, Sd = Dim("T", min=1, max=chunk), Dim("S", min=1, max=max_seq_len)
+    t = min(4, S)
+    example = (torch.zeros(1, t, args.dim), torch.arange(t), *caches)
+    return example, ({1: T}, {0: T}, tuple([{1: Sd}] * len(caches)))  # *caches is one argument to export
 
 
 def _head_example(args, chunk: int):
@@ -241,7 +255,7 @@ def program_for(model, kind: str, layers: list[int], precision: str, group_size:
     args, S = model.args, model.max_seq_len
     if kind == "layers":
         mod, rec = layers_module(model, layers, precision, group_size, base)
-        ex, ds = _layer_example(args, S, len(layers), chunk)
+        ex, ds = layer_example(args, S, len(layers), chunk)
         return mod, ex, ds, rec, None
     tiny, rec = embed_head_module(model, precision, group_size, base)
     if kind == "head":

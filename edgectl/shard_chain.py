@@ -103,7 +103,7 @@ class ShardChain:
         return self._torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _call(self, tokens: list[int], start: int, all_logits: bool):
-        from edgectl.model import windows, write_cache
+        from edgectl.runtime import native_stderr_captured
 
         torch = self._torch
         T = len(tokens)
@@ -114,12 +114,9 @@ class ShardChain:
         for shard, how, obj in self.steps:
             if shard.kind == "embed":
                 h = embed_rows(*obj, tok) if how == "table" else obj[1].execute([tok])[0]
-            elif shard.kind == "layers":
-                caches = windows([t for i in shard.layers for t in (self.k[i], self.v[i])], start)
-                out = obj[1].execute([h, pos, *caches])
-                h = out[0]
-                for j, i in enumerate(shard.layers):
-                    write_cache(self.k[i], self.v[i], out[1 + 2 * j], out[2 + 2 * j], start)
+            elif shard.kind == "layers":  # writes its layers' new entries into the caches
+                with native_stderr_captured():  # custom_sdpa's "No temp allocator provided", every call
+                    h = obj[1].execute([h, pos, *[t for i in shard.layers for t in (self.k[i], self.v[i])]])[0]
             else:
                 return obj[1].execute([h, idx])[0][0]
         raise EdgectlError("the shard set has no head shard")

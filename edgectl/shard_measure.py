@@ -93,7 +93,6 @@ def _decode_step(native, path: str, call: dict, runs: int = 20) -> dict:
     import torch
 
     from edgectl.loader import NativeEngine
-    from edgectl.model import cache_window
 
     planned = native.planned_size(path)
     eng = NativeEngine(native, planned)
@@ -102,9 +101,9 @@ def _decode_step(native, path: str, call: dict, runs: int = 20) -> dict:
     h = torch.randn(1, 1, dim)
     if call["kind"] == "layers":
         n = call["n_layers"]
-        p = min(64, S - 1)  # a step at position p reads a window of the cache
-        caches = [torch.zeros(1, cache_window(p, S), nkv, hd) for _ in range(2 * n)]
-        inputs, caps = [h, torch.tensor([p]), *caches], [S * dim] + [nkv * hd * S] * (2 * n)
+        p = min(64, S - 1)  # a step at position p reads positions <= p of the cache
+        caches = [torch.zeros(1, S, nkv, hd) for _ in range(2 * n)]
+        inputs, caps = [h, torch.tensor([p]), *caches], [S * dim]
     else:
         inputs, caps = [h, torch.tensor([0])], [call["vocab_size"]]
     times = []

@@ -258,7 +258,7 @@ class ShardModel:
             T = min(m.max_tokens_per_call or m.max_seq_len, m.max_seq_len)  # the widest call: its workspace
             before_run = anon_bytes()
             loaded.run([torch.zeros(1, T, args.dim), torch.arange(T), *[t for p in zip(k, vc) for t in p]],
-                       [m.max_seq_len * args.dim] + [args.n_kv_heads * args.head_dim * m.max_seq_len] * (2 * len(s.layers)))
+                       [m.max_seq_len * args.dim])
             # execute-time workspace: paid once by the resident shards (they share XNNPACK's
             # process-wide one) and once more by every pipelined loader slot (streamed shards get their own)
             run_growth = max(anon_bytes() - before_run, 0)
@@ -341,7 +341,6 @@ class ShardModel:
         self.cache = KVCache(args, self.cache_len, args.n_layers)
         self.k, self.v = self.cache.k, self.cache.v
         self.h_cap = self.cache_len * args.dim
-        self.kv_cap = args.n_kv_heads * args.head_dim * self.cache_len
         self.resident = {}
         for name, kind, path, _, placement in self.steps:  # the preload buffer, in forward order
             if placement == "resident":
@@ -418,8 +417,6 @@ class ShardModel:
         a time and calls sink(row, logits) with each group, a view of the staging buffer
         valid only during the call. A scorer then never holds a whole call's logits
         (64 x 49152 fp32 = 12.6 MB for SmolLM2, plus its copy) under a memory budget."""
-        from edgectl.model import windows, write_cache
-
         torch = self._torch
         T = len(tokens)
         if start + T > self.max_seq_len:
@@ -447,12 +444,8 @@ class ShardModel:
             loaded = self._get(name, path, placement)
             try:
                 with self.trace.span("compute", name):
-                    if kind == "layers":
-                        caches = windows([t for i in layers for t in (self.k[i], self.v[i])], start)
-                        out = loaded.run([h, pos, *caches], [self.h_cap] + [self.kv_cap] * (2 * len(layers)))
-                        for j, i in enumerate(layers):
-                            write_cache(self.k[i], self.v[i], out[1 + 2 * j], out[2 + 2 * j], start)
-                        h = out[0]
+                    if kind == "layers":  # writes its layers' new entries into the caches
+                        h = loaded.run([h, pos, *[t for i in layers for t in (self.k[i], self.v[i])]], [self.h_cap])[0]
                     elif kind == "head" and sink is not None and all_logits:
                         h = h.clone()  # h may be a view of the staging buffer the head writes its logits to
                         for r in range(0, T, self.SINK_ROWS):

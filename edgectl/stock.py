@@ -60,16 +60,24 @@ class StockTransformer(nn.Module):
         cos, sin = m.step.cos[pos].unsqueeze(1), m.step.sin[pos].unsqueeze(1)
         x = m.embed(tokens)
         for i, layer in enumerate(m.layers):
-            attn = layer.self_attn
-            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
-            torch.ops.llama.update_cache(k, k_cache, start)
-            torch.ops.llama.update_cache(v, v_cache, start)
-            # scale None: 1/sqrt(head_dim); grouped-query heads are read in place
-            o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True)
-            x = x + attn.o_proj(o.reshape(1, T, attn.n_heads * attn.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = cached_layer(layer, x, cos, sin, getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), start)
         return m.head.lm_head(m.head.norm(x[:, -1]))  # [1, vocab]
+
+
+def cached_layer(layer, x, cos, sin, k_cache, v_cache, start):
+    """One decoder layer (model.Block's modules) over a [1, S, KV, D] cache it writes in
+    place: the T new entries at `start` (llama::update_cache), then causal attention over
+    positions < start + T (llama::custom_sdpa: grouped-query heads read the cache where it
+    is, no copy or permute). The stock form's caches are mutable buffers; a layer shard's
+    are the runtime's own buffers, passed in (shard_build.LayersProgram)."""
+    attn, T = layer.self_attn, x.shape[1]
+    q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+    torch.ops.llama.update_cache(k, k_cache, start)
+    torch.ops.llama.update_cache(v, v_cache, start)
+    # scale None: 1/sqrt(head_dim)
+    o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True)
+    x = x + attn.o_proj(o.reshape(1, T, attn.n_heads * attn.head_dim))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 def example(chunk: int):

@@ -43,7 +43,7 @@ def main() -> None:
 
     from edgectl import loader as ld
     from edgectl.manifest import Manifest
-    from edgectl.model import ModelArgs, cache_shapes, empty_caches, windows
+    from edgectl.model import ModelArgs, cache_shapes, empty_caches
     from edgectl.runtime import _load_runtime
 
     rt = _load_runtime()
@@ -83,9 +83,9 @@ def main() -> None:
     # the computing shard gets its own engine's arena so loads cannot touch its memory
     ceng = ld.NativeEngine(native, native.planned_size(paths[0])) if a.engine == "native" else eng
     comp = ceng.load(paths[0])
-    caches = windows([t for p in zip(k, v) for t in p], 5)  # a decode step at position 5 reads this much
+    caches = [t for p in zip(k, v) for t in p]  # a decode step at position 5, written in place
     h, pos = torch.randn(1, 1, args.dim), torch.tensor([5])
-    caps = [S_ * args.dim] + [args.n_kv_heads * args.head_dim * S_] * len(caches)
+    caps = [S_ * args.dim]
 
     def load_loop(stop: threading.Event, count: list) -> None:
         i = 0

@@ -86,22 +86,22 @@ def smol_hf_model(smol_gguf):
     return model.to(torch.float32)
 
 
-def _assert_reads_only_the_cache_window(model) -> None:
+def _assert_reads_only_the_cache_window(model, window=None) -> None:
     """Decode steps on both sides of a KV_WINDOW step, with NaN written past each call's
     cache window (and zeros in the unwritten part of it, as after a reset), give the
     logits of a clean run: the programs read the window and nothing past it (NaN read
-    once would spread)."""
-    import torch
-
+    once would spread). `window(p, cache_len)`: the positions a step at p reads, by
+    default model.cache_window's rounded-up prefix."""
     from edgectl.model import KV_WINDOW, cache_window
 
+    window = window or cache_window
     seq = list(range(5, 5 + KV_WINDOW + 3))
     model.reset()
     clean = model.forward(seq, 0, all_logits=True)
     model.reset()
     model.forward(seq[:1], 0)
     for p in range(1, len(seq)):
-        w = cache_window(p, model.cache_len)
+        w = window(p, model.cache_len)
         assert p <= w < model.cache_len
         for c in model.k + model.v:
             c[:, p:w] = 0.0

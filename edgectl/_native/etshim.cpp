@@ -366,34 +366,31 @@ static int point_input(etr::Method& m, int i, void* data, const int32_t* sizes, 
 }
 
 // Run n loaded layer shards back to back in one call (the resident part of a forward
-// pass): shard j takes (h [1,T,dim], pos [T], then k,v caches of its n_layers[j] layers
-// from `caches`, in order) and returns (h, then k_new, v_new per layer). h is updated in
-// place; each layer's new entries are written into its caches at positions start..start+T.
-// Cache layout as edgectl.model: [1,S,nkv,hd] (position-major), fp32; the programs read
-// the first W positions (edgectl.model.cache_window), a contiguous prefix.
+// pass): shard j takes (h [1,T,dim], pos [T], then the k,v caches of its n_layers[j]
+// layers from `caches`, in order) and returns h, which is copied back into `h`. The
+// programs write their layers' new entries into the caches themselves (positions
+// start..start+T) and read positions < start+T only (shard_build.LayersProgram).
+// Cache layout as edgectl.model: [1,S,nkv,hd] (position-major), fp32.
 int ets_run_layers(int n, void* const* handles, const int32_t* n_layers, float* h, int T, int dim, int64_t* pos,
-                   float* const* caches, int nkv, int hd, int S, int W, int start, char* err, size_t errlen) {
-  if (start + T > S || W < 1 || W > S || W < start) {
-    snprintf(err, errlen, "positions %d..%d with a window of %d exceed the cache length %d", start, start + T, W, S);
+                   float* const* caches, int nkv, int hd, int S, int start, char* err, size_t errlen) {
+  if (start < 0 || start + T > S) {
+    snprintf(err, errlen, "positions %d..%d exceed the cache length %d", start, start + T, S);
     return 1;
   }
   const int32_t h_sizes[3] = {1, T, dim};
   const int32_t p_sizes[1] = {T};
-  const int32_t k_sizes[4] = {1, W, nkv, hd};
-  const int32_t v_sizes[4] = {1, W, nkv, hd};
+  const int32_t c_sizes[4] = {1, S, nkv, hd};
   int c = 0;  // next cache tensor
   for (int j = 0; j < n; ++j) {
     etr::Method& m = *static_cast<Shard*>(handles[j])->method;
     int L = n_layers[j];
-    if (m.inputs_size() != static_cast<size_t>(2 + 2 * L) || m.outputs_size() < static_cast<size_t>(1 + 2 * L)) {
+    if (m.inputs_size() != static_cast<size_t>(2 + 2 * L) || m.outputs_size() < 1) {
       snprintf(err, errlen, "shard %d: expected %d inputs, has %zu", j, 2 + 2 * L, m.inputs_size());
       return 1;
     }
     if (point_input(m, 0, h, h_sizes, 3, err, errlen) || point_input(m, 1, pos, p_sizes, 1, err, errlen)) return 1;
-    for (int l = 0; l < L; ++l) {
-      if (point_input(m, 2 + 2 * l, caches[c + 2 * l], k_sizes, 4, err, errlen) ||
-          point_input(m, 3 + 2 * l, caches[c + 2 * l + 1], v_sizes, 4, err, errlen))
-        return 1;
+    for (int l = 0; l < 2 * L; ++l) {
+      if (point_input(m, 2 + l, caches[c + l], c_sizes, 4, err, errlen)) return 1;
     }
     Error e = m.execute();
     if (e != Error::Ok) {
@@ -404,19 +401,6 @@ int ets_run_layers(int n, void* const* handles, const int32_t* n_layers, float* 
     if (ho.numel() != static_cast<ssize_t>(T) * dim) {
       snprintf(err, errlen, "shard %d: h output has %zd elements, expected %d", j, ho.numel(), T * dim);
       return 1;
-    }
-    for (int l = 0; l < L; ++l) {
-      const auto& kn = m.get_output(1 + 2 * l).toTensor();
-      const auto& vn = m.get_output(2 + 2 * l).toTensor();
-      if (kn.numel() != static_cast<ssize_t>(nkv) * hd * T || vn.numel() != kn.numel()) {
-        snprintf(err, errlen, "shard %d layer %d: new cache entries have %zd elements, expected %d", j, l, kn.numel(), nkv * hd * T);
-        return 1;
-      }
-      const float* k = kn.const_data_ptr<float>();
-      const float* v = vn.const_data_ptr<float>();
-      const size_t row = static_cast<size_t>(nkv) * hd;  // one position's entries
-      std::memcpy(caches[c + 2 * l] + row * start, k, sizeof(float) * row * T);
-      std::memcpy(caches[c + 2 * l + 1] + row * start, v, sizeof(float) * row * T);
     }
     std::memcpy(h, ho.const_data_ptr<float>(), sizeof(float) * T * dim);  // inputs are consumed: h is free now
     c += 2 * L;
