@@ -38,6 +38,9 @@ How it chooses (greedy; every step is on the manifest's measured figures):
    those within PRELOAD_TIE of the most time saved). With shards streamed and no latency target, a raise must
    keep the decode step within STREAM_SLACK (10%) of the plan before raising: otherwise
    the most accurate plan streams top-precision layers at a few tokens per second.
+4. A plan is never less accurate than a single precision that fits (within the target;
+   without one, fitting the same way, resident or streaming, and at most UNIFORM_SLOWDOWN
+   times slower): then that precision's time is the target (see _no_worse_than_uniform).
 The expected time per token comes from simulating one decode step on the measured
 load_ms and (when the manifest has them) compute_ms of each shard: a loader that loads
 streamed shards in forward order into its slots while the executor runs shards.
@@ -55,6 +58,10 @@ MODES = ("auto", "resident", "pipelined", "on-demand")
 SLOTS = {"resident": 0, "pipelined": 2, "on-demand": 1}
 PLAN_FORMAT = "edgectl-plan/1"
 STREAM_SLACK = 0.10  # see _plan step 3a
+# Without a latency target, a single precision that fits is a reference the plan must match
+# in accuracy only if its decode step is at most this many times the plan's: streaming
+# fp32 on-demand (SmolLM2 at 150 MB: 478 ms a token against 130) is not a default anyone wants.
+UNIFORM_SLOWDOWN = 2.0
 # Shards whose figures differ by less than this (relative) count as equal when choosing
 # which to stream or keep (_plan steps 2 and 3b): measured load times of identical layers
 # differ by noise, and on a tie the first shards of the forward pass stay resident.
@@ -355,17 +362,66 @@ def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mo
         raise UsageError(f"--mode {mode!r}", hint=f"choose one of: {', '.join(MODES)}")
     if budget_bytes <= 0:
         raise UsageError("--memory-budget must be positive")
-    if mode == "auto":
-        last_err = None
-        for m in ("resident", "pipelined", "on-demand"):
-            try:
-                return _best(manifest, budget_bytes, latency_target_ms, m, auto=True, fixed=fixed_bytes,
-                             slot_extra=slot_extra_bytes, stream_extra=stream_extra_bytes, context=context)
-            except EdgectlError as e:
-                last_err = e
-        raise last_err
-    return _best(manifest, budget_bytes, latency_target_ms, mode, fixed=fixed_bytes, slot_extra=slot_extra_bytes,
-                 stream_extra=stream_extra_bytes, context=context)
+    kw = dict(fixed=fixed_bytes, slot_extra=slot_extra_bytes, stream_extra=stream_extra_bytes, context=context)
+    found = _in_mode(manifest, budget_bytes, latency_target_ms, mode, kw)
+    if precision is None:
+        found = _no_worse_than_uniform(found, manifest, budget_bytes, latency_target_ms, mode, kw)
+    return found
+
+
+def _in_mode(manifest, budget: int, target: float | None, mode: str, kw: dict) -> Plan:
+    """`auto`: the first of resident, pipelined, on-demand that fits."""
+    if mode != "auto":
+        return _best(manifest, budget, target, mode, **kw)
+    last_err = None
+    for m in ("resident", "pipelined", "on-demand"):
+        try:
+            return _best(manifest, budget, target, m, auto=True, **kw)
+        except EdgectlError as e:
+            last_err = e
+    raise last_err
+
+
+def _no_worse_than_uniform(found: Plan, manifest, budget: int, target: float | None, mode: str, kw: dict) -> Plan:
+    """A plan is never less accurate than a single precision that fits the budget (and the
+    target): the greedy search can miss one, e.g. all fp32 streamed, which needs every
+    layer raised at once before the loader slots it sizes pay off.
+    Without a latency target, a single precision counts if it fits the same way (resident,
+    or streaming) and is at most UNIFORM_SLOWDOWN times slower. The STREAM_SLACK rule keeps
+    a streaming plan near its fastest, which can leave it below uniform int8 (SmolLM2 at
+    125 MB: the 8da4w-heavy plan streams at 134 ms a token, sum of KL 0.088; all int8 streams
+    at 179 ms, KL 0.023). Then that precision's expected time becomes the latency target,
+    and the plan is the most accurate within it (or the uniform plan itself, if the greedy
+    search does worse)."""
+    ref = None
+    for q in manifest.precisions:
+        try:
+            u = _in_mode(only_precision(manifest, q), budget, target, mode, kw)
+        except EdgectlError:
+            continue
+        if target is None and ((u.mode == "resident") != (found.mode == "resident")
+                               or u.ms_per_token > found.ms_per_token * UNIFORM_SLOWDOWN):
+            continue
+        if u.kl_sum < found.kl_sum - 1e-12 and (ref is None or u.kl_sum < ref[1].kl_sum):
+            ref = (q, u)
+    if ref is None:
+        return found
+    q, u = ref
+    how = "resident" if u.mode == "resident" else "streamed"
+    if target is not None:
+        u.notes.append(f"uniform {q} ({how}) is more accurate within {target:g} ms per token than the mixed plans found")
+        return u
+    try:
+        held = _in_mode(manifest, budget, u.ms_per_token * (1 + 1e-9), mode, kw)
+    except EdgectlError:
+        held = None
+    best = held if held is not None and held.kl_sum <= u.kl_sum else u
+    best.latency_target_ms = None
+    best.notes = [n for n in best.notes if "--latency-target" not in n]
+    best.notes.append(f"no --latency-target: held to the {u.ms_per_token:.1f} ms per token of uniform {q} "
+                      f"(the most accurate single precision that fits {how}), to be at least as accurate; "
+                      f"give --latency-target to trade speed for accuracy")
+    return best
 
 
 def _best(manifest, budget: int, target: float | None, mode: str, **kw) -> Plan:

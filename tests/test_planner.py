@@ -132,7 +132,9 @@ def test_streams_later_shards_and_keeps_the_preload_buffer():
     m = _manifest([_layer(i, (0, .1, .2)) for i in range(5)])
     kv = kv_cache_bytes(m)
     budget = int(2 * 1.5 * MB + 2 * 1.5 * MB + 0.5 * MB + kv)  # of 5 layers: two resident at 8da4w + two slots + head
-    p = plan(m, budget, mode="pipelined")
+    # one precision: placement alone varies (with all three, uniform int8, streamed and
+    # faster to load here, is both more accurate and faster, and the plan is that)
+    p = plan(m, budget, mode="pipelined", precision="8da4w")
     assert p.mode == "pipelined" and p.total_bytes <= budget
     assert p.streamed and "layers.0" not in p.streamed  # the first layer stays resident: work starts at once
     assert p.slot_bytes == 2 * max(c.bytes for c in p.shards if c.placement == "streamed")
@@ -291,3 +293,30 @@ def test_streaming_plan_keeps_the_important_head_up():
     assert head(greedy) == "int8" and head(best) == "fp32"
     assert best.kl_sum < greedy.kl_sum and best.total_bytes <= budget
     assert best.ms_per_token <= greedy.ms_per_token
+
+
+def test_without_latency_target_a_plan_is_no_less_accurate_than_a_uniform_precision_that_fits():
+    # SmolLM2 at 125 MB (session 8): the STREAM_SLACK rule kept a streamed plan at 8da4w
+    # (the fastest), less accurate than all-int8, which streams 35% slower. Here: 8da4w
+    # loads in 4 ms, int8 in 5 ms, fp32 in 40 ms; eight layers, most must stream.
+    from edgectl.planner import STREAM_SLACK, UNIFORM_SLOWDOWN
+
+    head = Shard("head", "head", [], {p: _variant(p, 0.5, k) for p, k in zip(PRECS, (0, 0.5, 0.9))})
+    layers = [_layer(i, (0, .1, .3), sizes=(7, 3, 1.5), loads=(40, 5, 4), compute=0.5) for i in range(8)]
+    m = _manifest(layers, head=head)
+    budget = int(0.5 * MB + 2 * 3 * MB + 0.5 * MB + kv_cache_bytes(m))  # head + two int8 slots
+    int8 = plan(m, budget, mode="pipelined", precision="int8")
+    assert int8.streamed and int8.ms_per_token <= 8 * 5.0 * (1 + STREAM_SLACK) + 1e-6
+    p = plan(m, budget, mode="pipelined")
+    assert p.kl_sum <= int8.kl_sum + 1e-12  # the slack rule alone: all 8da4w, KL 4 x 0.3
+    assert p.ms_per_token <= int8.ms_per_token * (1 + 1e-6)
+    assert any("uniform int8" in n for n in p.notes)
+    # fp32 streamed (40 ms a load) is more than UNIFORM_SLOWDOWN slower: not a reference
+    fp32 = plan(m, int(0.5 * MB + 2 * 7 * MB + 0.5 * MB + kv_cache_bytes(m)), mode="pipelined", precision="fp32")
+    assert fp32.ms_per_token > UNIFORM_SLOWDOWN * p.ms_per_token
+    wide = plan(m, fp32.budget_bytes, mode="pipelined")
+    assert {c.precision for c in wide.shards if c.kind == "layers"} != {"fp32"}
+    assert wide.ms_per_token < fp32.ms_per_token / UNIFORM_SLOWDOWN
+    # with a target, the target alone rules: accuracy first within it
+    slow = plan(m, fp32.budget_bytes, mode="pipelined", latency_target_ms=fp32.ms_per_token + 1)
+    assert slow.kl_sum <= fp32.kl_sum + 1e-12
