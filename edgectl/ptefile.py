@@ -62,15 +62,16 @@ def named_data(path: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def map_blob(path: Path, key: str) -> memoryview:
-    """A read-only, zero-copy view of one named blob (backed by the page cache)."""
+def map_blob(path: Path, key: str) -> tuple[memoryview, int]:
+    """A read-only, zero-copy view of one named blob (backed by the page cache), and where
+    it starts in the file (and in the view's `.obj`, the whole file's mmap)."""
     table = named_data(path)
     if key not in table:
         raise EdgectlError(f"{path}: named data {key[:12]}… is missing; the file is damaged or not from this edgectl")
     off, size = table[key]
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return memoryview(mm)[off : off + size]
+    return memoryview(mm)[off : off + size], off
 
 
 def constant_bytes(path: Path, method: str) -> bytes:

@@ -210,12 +210,13 @@ def tied_table(path: Path, spec: dict):
 
     from edgectl.ptefile import map_blob
 
-    blob = map_blob(path, spec["key"])
+    blob, offset = map_blob(path, spec["key"])
     with warnings.catch_warnings():  # read-only buffer: the program only reads it
         warnings.simplefilter("ignore", UserWarning)
         t = torch.frombuffer(blob, dtype=getattr(torch, spec["dtype"]))
     t = t[: spec["shape"][0] * spec["shape"][1]].view(*spec["shape"])
-    t._edgectl_map = blob.obj  # the mmap behind it, for madvise (shards_runtime._Embed.release)
+    t._edgectl_map = blob.obj  # the mmap behind it, for madvise (shards_runtime._Embed)
+    t._edgectl_offset = offset  # where the table starts in it
     return t
 
 

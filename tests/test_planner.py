@@ -320,3 +320,26 @@ def test_without_latency_target_a_plan_is_no_less_accurate_than_a_uniform_precis
     # with a target, the target alone rules: accuracy first within it
     slow = plan(m, fp32.budget_bytes, mode="pipelined", latency_target_ms=fp32.ms_per_token + 1)
     assert slow.kl_sum <= fp32.kl_sum + 1e-12
+
+
+def test_check_budget_refuses_exactly_what_plan_refuses():
+    from edgectl.planner import check_budget
+
+    m = _manifest([_layer(i, (0, .1, .2)) for i in range(6)])
+    for mode in ("auto", "resident", "pipelined", "on-demand"):
+        for mb in (0.5, 1, 2, 3, 4, 5, 6, 8, 12, 20, 40):
+            budget = int(mb * MB + kv_cache_bytes(m))
+            try:
+                plan(m, budget, mode=mode, fixed_bytes=MB // 2)
+                planned = None
+            except EdgectlError as e:
+                planned = str(e)
+            try:
+                check_budget(m, budget, mode=mode, fixed_bytes=MB // 2)
+                checked = None
+            except EdgectlError as e:
+                checked = str(e)
+            if checked is not None:  # the same one-line error, naming the same minimum
+                assert planned == checked
+            elif planned is not None:  # only a mode-specific shortfall: resident "does not fit"
+                assert mode == "resident" and "feasible minimum" not in planned
