@@ -47,12 +47,15 @@ def plot_timeline(rows: list[dict], out: str | Path) -> Path:
         y = {ln: i for i, ln in enumerate(reversed(lanes))}
         parity: dict[str, int] = {}
         for s in spans:
-            c = COLORS.get(s["name"], OTHER)
-            if isinstance(c, tuple):
-                k = parity.get(s["name"], 0)
-                parity[s["name"]] = k + 1
+            named = s["name"] in COLORS
+            c = COLORS[s["name"]] if named else OTHER
+            if isinstance(c, tuple):  # alternate shades: per name (decode steps), else per lane
+                key = s["name"] if named else ("lane", s["lane"])
+                k = parity.get(key, 0)
+                parity[key] = k + 1
                 c = c[k % 2]
-            used.setdefault(s["name"], c)
+            # shard sets trace one span per shard, file and setup step: one legend entry for all
+            used.setdefault(s["name"] if named else "shards, files, setup (a bar each)", c if named else OTHER[0])
             ax.broken_barh([(s["start"] * 1e3, max((s["end"] - s["start"]) * 1e3, 1e-3))], (y[s["lane"]] - 0.35, 0.7), facecolors=c, linewidth=0)
         for name, (a, b) in run.get("phases", {}).items():
             ax.axvspan(a * 1e3, b * 1e3, color="#999999" if name == "warmup" else "#4c72b0", alpha=0.08, linewidth=0)
