@@ -1,12 +1,14 @@
 """Faster ExecuTorch lowering for the graphs edgectl exports, with the same result.
 
-1. `fast_passes()`: skip XNNPACK preprocess passes that cannot match anything in a partition;
-   decompose once, not three times, when every preserved node passes XNNPACK's filter
-   (`_edge_manager`); skip aten-to-edge passes with nothing to rewrite; and make the
-   partitioner's bookkeeping linear (signature maps built once, cycle test as a set op).
+1. `fast_passes()`: skip XNNPACK preprocess passes that cannot match anything in a partition,
+   and the whole-partition re-trace of those that found nothing to change
+   (`_skip_idle_retraces`); decompose once, not three times, when every preserved node
+   passes XNNPACK's filter (`_edge_manager`); run the aten-to-edge local rewrites in two
+   re-traces instead of seven (`FUSED_EDGE_RUNS`); and make the partitioner's bookkeeping
+   linear (signature maps built once, cycle test as a set op).
 2. `infer_view_dims`: views with one symbolic size get -1, so XNNPACK delegates them.
-3. `shape_kernels()`: shape-only (Meta) kernels for torchao's quantize/dequantize/choose_qparams ops,
-   and a shape-only fake-tensor rule for aten.linear.
+3. `shape_kernels()`: shape-only (Meta) kernels for torchao's quantize/dequantize/choose_qparams
+   ops, and shape-only fake-tensor answers for aten.linear.
 
 XNNPACK's preprocess runs 17 graph passes over every partition, and each one re-traces the
 partition with fake tensors even when it has nothing to rewrite (batch norm, conv1d,
@@ -59,32 +61,67 @@ def needed(passes: list, ep) -> list:
     return [p for p in passes if p.__name__ not in ANCHORS or any(a in ops for a in ANCHORS[p.__name__])]
 
 
-def _is_view(node) -> bool:
-    return getattr(node.target, "is_view", False) is True
+# aten-to-edge passes that are local rewrites (they override only `call_operator`, and
+# ScalarToTensorPass a bookkeeping `call`), in the order executorch runs them. Each
+# re-traces the whole graph with fake tensors; run back to back, they can share one
+# re-trace. Python's method resolution order does it: in a class deriving from
+# (A, B, C), A.call_operator's `super().call_operator(...)` is B's, then C's, then
+# ExportPass's, which emits the node, so every operator goes through A, then B, then C,
+# as it would in three re-traces. An operator a pass inserts (`self.call_operator`)
+# starts at A, where a later pass of the same run would also have met it.
+FUSED_EDGE_RUNS = (
+    ("NormalizeTransposePass", "ReplaceBrokenOpsWithFunctionalOpsPass", "ScalarToTensorPass", "SymToTensorPass"),
+    ("RemoveMixedTypeOperators", "OpReplacePass", "MemoryFormatOpsPass"),
+)
+LOCAL_REWRITE_ATTRS = {"call_operator", "__init__", "__doc__", "__module__", "__qualname__", "__dict__",
+                       "__weakref__", "__annotations__", "__parameters__", "__orig_bases__", "__abstractmethods__",
+                       "_abc_impl"}
 
 
-# aten-to-edge passes that rewrite only nodes matching their anchor; each otherwise
-# re-traces the whole graph with fake tensors to change nothing.
-EDGE_ANCHORS = {
-    "NormalizeTransposePass": lambda n: str(n.target) == "aten.t.default",
-    "ReplaceBrokenOpsWithFunctionalOpsPass": _is_view,
-}
+def _local_rewrite(cls) -> bool:
+    extra = set(vars(cls)) - LOCAL_REWRITE_ATTRS
+    return extra <= ({"call"} if cls.__name__ == "ScalarToTensorPass" else set())
 
 
-class _Anchored:
-    def __init__(self, p, anchor):
-        self.p, self.anchor = p, anchor
+def _fused(classes: tuple):
+    from executorch.exir.pass_base import ExportPass
 
+    if not all(issubclass(c, ExportPass) and _local_rewrite(c) for c in classes):
+        return None  # a pass that is more than a local rewrite: leave them separate
+    return type("+".join(c.__name__ for c in classes), classes, {})()
+
+
+def _fuse_edge_passes(P, config) -> tuple[list, list, dict]:
+    """(pre, post, patches) for `_generate_edge_program`: executorch's aten-to-edge passes
+    with each FUSED_EDGE_RUNS run as one pass. The last run ends with the two passes that
+    `_generate_edge_program` appends itself, so `patches` turns those into no-ops there."""
+    pre, post = P._get_aten_to_edge_passes(config)
+    # executorch wraps each pass (torch's pass_result_wrapper, which keeps it as __wrapped__)
+    pre, patches = [getattr(p, "__wrapped__", p) for p in pre], {}
+    tail = [P.OpReplacePass] + ([] if config._skip_dim_order else [P.MemoryFormatOpsPass])
+    for run in FUSED_EDGE_RUNS:
+        names = [type(p).__name__ for p in pre]
+        head = [n for n in run if n in names]
+        rest = run[len(head):]
+        if not head or names[names.index(head[0]):names.index(head[0]) + len(head)] != head:
+            continue
+        i = names.index(head[0])
+        appended = [c for c in tail if c.__name__ in rest]
+        if rest and (i + len(head) != len(pre) or [c.__name__ for c in appended] != list(rest)):
+            continue  # the appended passes do not follow directly: keep the original order
+        fused = _fused(tuple(type(p) for p in pre[i:i + len(head)]) + tuple(appended))
+        if fused is None:
+            continue
+        pre[i:i + len(head)] = [fused]
+        patches.update({c.__name__: _Identity for c in appended})
+    return pre, post, patches
+
+
+class _Identity:
     def __call__(self, gm):
         from torch.fx.passes.infra.pass_base import PassResult
 
-        if not any(self.anchor(n) for n in gm.graph.nodes if n.op == "call_function"):
-            return PassResult(gm, False)
-        return self.p(gm)
-
-
-def _skip_idle(pre: list, post: list) -> tuple[list, list]:
-    return [_Anchored(p, EDGE_ANCHORS[type(p).__name__]) if type(p).__name__ in EDGE_ANCHORS else p for p in pre], post
+        return PassResult(gm, False)
 
 
 def _edge_manager(original, partitioner, aten_programs, config, constant_methods, generate_etrecord=False):
@@ -115,13 +152,72 @@ def _edge_manager(original, partitioner, aten_programs, config, constant_methods
         return original(partitioner, aten_programs, config, constant_methods, generate_etrecord)
     preserved = list({n.target for n in kept})
     aten_to_edge = P._get_aten_to_edge_passes
-    P._get_aten_to_edge_passes = lambda c: _skip_idle(*aten_to_edge(c))
+    pre, post, patches = _fuse_edge_passes(P, config)
+    saved = {attr: getattr(P, attr) for attr in patches}
+    P._get_aten_to_edge_passes = lambda c: (pre, post)
+    for attr, stub in patches.items():
+        setattr(P, attr, stub)
     try:
         edge = P._generate_edge_program(config, decomposed, preserve_ops=preserved)
     finally:
         P._get_aten_to_edge_passes = aten_to_edge
+        for attr, kept in saved.items():
+            setattr(P, attr, kept)
     config._core_aten_ops_exception_list = list(set(config._core_aten_ops_exception_list) | set(preserved))
     return P.EdgeProgramManager({name: edge}, constant_methods, config, preserved)
+
+
+def _fingerprint(gm) -> str:
+    from torch.fx.node import map_arg
+
+    return repr([(n.name, n.op, str(n.target), map_arg((n.args, n.kwargs), lambda a: a.name))
+                 for n in gm.graph.nodes])
+
+
+def _rewrites_only_in_call(p) -> bool:
+    """A pass whose only ExportPass override is `call` (it edits the graph directly, then
+    has ExportPass re-trace it), so the re-trace itself changes nothing of its own."""
+    from executorch.exir.pass_base import ExportPass
+
+    if not isinstance(p, ExportPass) or type(p).call is ExportPass.call:
+        return False
+    for cls in type(p).__mro__:
+        if cls is ExportPass:
+            return True
+        if any(not a.startswith("__") and a not in ("call", "_abc_impl") and hasattr(ExportPass, a) for a in vars(cls)):
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def _skip_idle_retraces():
+    """Most of XNNPACK's preprocess passes (ConvertToLinearPass, ConvertToSDPAPass,
+    DecomposeConcatenate, ChannelsLastTaggedReshapePass, PropagateCustomMetaPass, ...)
+    look for their pattern, edit the graph, and then re-trace the whole partition with fake
+    tensors (`super().call(graph_module)`), whether or not they found anything. Where the
+    graph is node for node what it was when the pass began, that re-trace would rebuild
+    it as it is: skip it and hand on the graph (meta edits made in place stay)."""
+    from executorch.exir.pass_base import ExportPass
+    from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+    enter, retrace = PassBase.__call__, ExportPass.call
+
+    def __call__(self, gm):
+        if _rewrites_only_in_call(self):
+            self._edgectl_entry = _fingerprint(gm)
+        return enter(self, gm)
+
+    def call(self, gm):
+        before = self.__dict__.pop("_edgectl_entry", None)
+        if before is not None and _fingerprint(gm) == before:
+            return PassResult(gm, True)
+        return retrace(self, gm)
+
+    PassBase.__call__, ExportPass.call = __call__, call
+    try:
+        yield
+    finally:
+        PassBase.__call__, ExportPass.call = enter, retrace
 
 
 SIGNATURE_MAPS = ("inputs_to_parameters", "inputs_to_buffers", "inputs_to_lifted_tensor_constants")
@@ -178,7 +274,8 @@ def fast_passes():
 
     def transform(self):
         self.passes = needed(self.passes, self.exported_program)
-        return original(self)
+        with _skip_idle_retraces():
+            return original(self)
 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir.program import _program as P
@@ -318,12 +415,50 @@ def _linear_fake_rule():
 
     fake_impls.op_implementations_dict[op] = rule
     try:
-        yield
+        with _linear_composite_shapes():
+            yield
     finally:
         if before is None:
             fake_impls.op_implementations_dict.pop(op, None)
         else:
             fake_impls.op_implementations_dict[op] = before
+
+
+@contextlib.contextmanager
+def _linear_composite_shapes():
+    """The same shape rule where most of the fake calls to linear actually go: an edge
+    pass re-traces by calling the op on fake tensors with the Python dispatcher on, so
+    linear's CompositeImplicitAutograd kernel runs first (above the fake mode) and calls
+    torch's Python `matmul` decomposition. A Python kernel at that key answers with the
+    shape when the inputs are fake and nothing is being traced; anything else (a proxy or
+    functionalization mode active, real tensors, mixed dtypes) takes the C++ composite
+    kernel as before."""
+    import torch
+    from torch._C import DispatchKey, _TorchDispatchModeKey, _get_dispatch_mode
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    op = torch.ops.aten.linear.default
+    key = DispatchKey.CompositeImplicitAutograd
+    saved = op.py_kernels.get(key)
+
+    def kernel(input, weight, bias=None):
+        if (type(input) is FakeTensor and type(weight) is FakeTensor and input.dtype == weight.dtype
+                and (bias is None or bias.dtype == input.dtype) and input.dim() >= 1
+                and _get_dispatch_mode(_TorchDispatchModeKey.PROXY) is None
+                and _get_dispatch_mode(_TorchDispatchModeKey.FUNCTIONAL) is None):
+            return input.new_empty((*input.shape[:-1], weight.shape[0]))
+        return op.decompose(input, weight, bias)
+
+    if saved is not None:  # someone else's kernel: leave it alone
+        yield
+        return
+    op.py_impl(key)(kernel)
+    op._dispatch_cache.clear()
+    try:
+        yield
+    finally:
+        op.py_kernels.pop(key, None)
+        op._dispatch_cache.clear()
 
 
 # Pure operators whose duplicates (same target, same inputs, same arguments) can be merged.

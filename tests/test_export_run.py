@@ -148,9 +148,10 @@ def test_write_atomic_interrupted_mid_write(tmp_path):
 
 def test_fast_lowering_changes_no_byte(stories_dir, tmp_path, monkeypatch):
     # edgectl.xnnpack_fast drops XNNPACK preprocess passes whose anchor ops a partition
-    # lacks, answers torchao's ops' shape queries without running them, decomposes once
-    # instead of three times, skips idle edge passes and caches the partitioner's
-    # signature lookups (most of the export time on SmolLM2). The program must be the
+    # lacks and the re-traces of those that changed nothing, answers torchao's ops' and
+    # linear's shape queries without running them, decomposes once instead of three
+    # times, fuses the aten-to-edge rewrites into two re-traces and caches the
+    # partitioner's signature lookups (most of the export time on SmolLM2). The program must be the
     # same but for the debug handles (profiling ids numbered from each node's oldest
     # ancestor, which each extra re-trace shifts): with those held equal, byte-identical.
     from executorch.exir.passes.debug_handle_generator_pass import DebugHandleGeneratorPass

@@ -1,0 +1,141 @@
+"""The pieces of edgectl.xnnpack_fast, each against what executorch does without it.
+(The end-to-end check, byte-identical programs, is test_export_run.py's
+test_fast_lowering_changes_no_byte.)"""
+
+import torch
+from torch.export import Dim
+
+
+def _edge_graph(module, example, dynamic=None):
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    ep = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+    return to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False)).exported_program()
+
+
+class _Mixed(torch.nn.Module):
+    """t (NormalizeTranspose), a view (ReplaceBrokenOps), a scalar argument (ScalarToTensor),
+    a symbolic size used as a tensor (SymToTensor), an int/float add (RemoveMixedType) and
+    a memory-format copy (MemoryFormatOps): every rewrite the two fused runs hold."""
+
+    def forward(self, x, n):
+        y = x.t().contiguous().view(-1) * 2.0
+        s = torch.ones(1) * x.shape[0]
+        z = (n + 1.5).to(memory_format=torch.contiguous_format)
+        return y.sum() + s + z.sum()
+
+
+def _ops(ep):
+    return [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+
+
+def test_fused_edge_passes_give_the_same_graph(monkeypatch):
+    from executorch.exir.program import _program as P
+
+    from edgectl import xnnpack_fast
+
+    example = (torch.randn(4, 3), torch.arange(3))
+    dynamic = ({0: Dim("a", min=2, max=8)}, None)
+    ref = _edge_graph(_Mixed(), example, dynamic)
+
+    from executorch.exir import EdgeCompileConfig
+
+    pre, post, patches = xnnpack_fast._fuse_edge_passes(P, EdgeCompileConfig(_check_ir_validity=False))
+    names = [type(p).__name__ for p in pre]
+    # with executorch 1.4.1 both runs fuse; if a release changes a pass, the run stays apart
+    assert "NormalizeTransposePass+ReplaceBrokenOpsWithFunctionalOpsPass+ScalarToTensorPass+SymToTensorPass" in names
+    assert names[-1] == "RemoveMixedTypeOperators+OpReplacePass+MemoryFormatOpsPass"
+    assert set(patches) == {"OpReplacePass", "MemoryFormatOpsPass"}
+
+    monkeypatch.setattr(P, "_get_aten_to_edge_passes", lambda c: (pre, post))
+    for attr, stub in patches.items():
+        monkeypatch.setattr(P, attr, stub)
+    fused = _edge_graph(_Mixed(), example, dynamic)
+    assert _ops(fused) == _ops(ref)
+    assert fused.graph_module.code == ref.graph_module.code
+
+
+def test_only_passes_that_rewrite_in_call_skip_their_retrace():
+    from executorch.backends.xnnpack._passes import ConvertToLinearPass, DecomposeConcatenate
+    from executorch.exir.passes.const_prop_pass import ConstPropPass
+    from executorch.exir.passes.memory_format_ops_pass import DimOrderOpsRevertPass
+    from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
+
+    from edgectl.xnnpack_fast import _rewrites_only_in_call
+
+    def bare(cls):
+        return cls.__new__(cls)
+
+    assert _rewrites_only_in_call(bare(ConvertToLinearPass))
+    assert _rewrites_only_in_call(bare(DecomposeConcatenate))
+    # these do their work during the re-trace (call_operator), so it is never skipped
+    assert not _rewrites_only_in_call(bare(ConstPropPass))
+    assert not _rewrites_only_in_call(bare(DimOrderOpsRevertPass))
+    assert not _rewrites_only_in_call(bare(ScalarToTensorPass))
+
+
+def test_a_pass_that_edits_the_graph_is_still_retraced():
+    from executorch.exir.pass_base import ExportPass
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    from edgectl.xnnpack_fast import _skip_idle_retraces
+
+    retraced = []
+
+    class Idle(ExportPass):
+        def call(self, gm):
+            return super().call(gm)
+
+    class Edits(ExportPass):
+        def call(self, gm):
+            for n in gm.graph.nodes:
+                if n.op == "call_function" and n.target == torch.ops.aten.add.Tensor:
+                    n.target = torch.ops.aten.sub.Tensor
+            gm.recompile()
+            return super().call(gm)
+
+    def watch(self, gm):
+        retraced.append(type(self).__name__)
+        return original(self, gm)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    gm = torch.export.export(M(), (torch.randn(2),)).graph_module
+    original = ExportPass.call
+    ExportPass.call = watch
+    try:
+        with _skip_idle_retraces():
+            res_idle = Idle()(gm)
+            res_edit = Edits()(gm)
+    finally:
+        ExportPass.call = original
+    assert retraced == ["Edits"]
+    assert res_idle.graph_module is gm
+    assert "sub" in res_edit.graph_module.code and res_edit.graph_module is not gm
+
+
+def test_linear_shape_rule_matches_the_decomposition():
+    # The edge passes call ops with the Python dispatcher on: that is where the rule is
+    # consulted (linear's composite kernel would otherwise reach torch's Python matmul).
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from edgectl.xnnpack_fast import shape_kernels
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    cases = [((1, 5, 16), (8, 16), None), ((3, 16), (8, 16), (8,)), ((16,), (8, 16), None), ((2, 1, 5, 16), (8, 16), (8,))]
+    for x_shape, w_shape, b_shape in cases:
+        x, w = torch.randn(x_shape), torch.randn(w_shape)
+        b = torch.randn(b_shape) if b_shape else None
+        with mode, enable_python_dispatcher():
+            fx, fw = mode.from_tensor(x), mode.from_tensor(w)
+            fb = mode.from_tensor(b) if b is not None else None
+            want = torch.ops.aten.linear.default(fx, fw, fb)
+            with shape_kernels():
+                got = torch.ops.aten.linear.default(fx, fw, fb)
+        real = torch.nn.functional.linear(x, w, b)
+        assert got.shape == want.shape == real.shape
+        assert got.stride() == want.stride() and got.dtype == want.dtype
