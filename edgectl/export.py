@@ -98,9 +98,9 @@ def _quiet_library_noise() -> None:
 def lower(module, example_args: tuple, dynamic_shapes, backend: str, constant_methods: dict | None = None,
           progress: Progress | None = None):
     """torch.export -> edge -> backend lowering -> ExecuTorch program. Returns (et_program, op counts)."""
-    from edgectl.xnnpack_fast import shape_kernels
+    from edgectl.xnnpack_fast import delegate_modules_cached, shape_kernels
 
-    with shape_kernels():
+    with shape_kernels(), delegate_modules_cached():
         return _lower(module, example_args, dynamic_shapes, backend, constant_methods, progress)
 
 

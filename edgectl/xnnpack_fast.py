@@ -9,6 +9,8 @@
 2. `infer_view_dims`: views with one symbolic size get -1, so XNNPACK delegates them.
 3. `shape_kernels()`: shape-only (Meta) kernels for torchao's quantize/dequantize/choose_qparams
    ops, and shape-only fake-tensor answers for aten.linear.
+4. `delegate_modules_cached()`: a delegate call's fake-tensor output comes from its
+   partition's program, rebuilt as a module once, not at every re-trace.
 
 XNNPACK's preprocess runs 17 graph passes over every partition, and each one re-traces the
 partition with fake tensors even when it has nothing to rewrite (batch norm, conv1d,
@@ -220,6 +222,176 @@ def _skip_idle_retraces():
         PassBase.__call__, ExportPass.call = enter, retrace
 
 
+@contextlib.contextmanager
+def delegate_modules_cached():
+    """Every re-trace of a graph that holds delegate calls (XNNPACK's partitions, already
+    lowered) asks each call for its output on fake tensors, which torch answers by running
+    the partition's original program (`call_delegate_cpu`): `original_module.module()`
+    rebuilds that program as a fresh module each time (unlift, recompile), then runs it.
+    This is the same function, with each module built once."""
+    if os.environ.get("EDGECTL_SLOW_EXPORT") == "1":
+        yield
+        return
+    import importlib
+
+    import torch.utils._pytree as pytree
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+    # the module, not the operator of the same name that torch._higher_order_ops exports
+    D = importlib.import_module("torch._higher_order_ops.executorch_call_delegate")
+    original = D.call_delegate_cpu
+    built: dict = {}
+
+    def call_delegate_cpu(lowered_module, *args):
+        ep = lowered_module.original_module
+        if id(ep) not in built:
+            built[id(ep)] = (ep, ep.module())  # holds ep: its id stays unique
+        args = pytree.tree_map_only((immutable_dict, immutable_list),
+                                    lambda a: dict(a) if isinstance(a, immutable_dict) else list(a), args,
+                                    lambda a: isinstance(a, (immutable_dict, immutable_list)))
+        return built[id(ep)][1](*args)
+
+    D.call_delegate_cpu = call_delegate_cpu
+    try:
+        yield
+    finally:
+        D.call_delegate_cpu = original
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _preprocess_forked(original):
+    """XnnpackBackend.preprocess_multimethod with the partitions shared between this process
+    and one forked child: each partition's preprocess (17 passes, then serialization) is
+    independent of the others and reads only its own copy of its program, so half of them
+    run in the child, whose results (bytes and named data, picklable) come back through a
+    pipe in the original order. With fewer than two cores or partitions, no fork: the
+    original. A child that fails is reported, and its share run here instead."""
+
+    def preprocess_multimethod(cls, edge_programs, compile_specs):
+        import pickle
+        import sys
+
+        jobs = [(m, i) for m, programs in edge_programs.items() for i in range(len(programs))]
+        if len(jobs) < 2 or _usable_cores() < 2 or not hasattr(os, "fork"):
+            return original.__func__(cls, edge_programs, compile_specs)
+        size = {j: len(edge_programs[j[0]][j[1]].graph.nodes) for j in jobs}
+        ordered = sorted(jobs, key=lambda j: -size[j])
+        theirs = set(ordered[1::2])
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its share, pickled into the pipe, then gone
+            code = 0
+            try:
+                import torch
+
+                os.close(r)
+                torch.set_num_threads(1)
+                try:
+                    out = ("ok", {j: cls.preprocess(edge_programs[j[0]][j[1]], compile_specs[j[0]][j[1]]) for j in theirs})
+                except BaseException as e:  # noqa: BLE001 - reported to the parent
+                    out = ("error", f"{type(e).__name__}: {e}")
+                with os.fdopen(w, "wb") as f:
+                    pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+            except BaseException:  # noqa: BLE001
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        results = {}
+        try:
+            for j in jobs:
+                if j not in theirs:
+                    results[j] = cls.preprocess(edge_programs[j[0]][j[1]], compile_specs[j[0]][j[1]])
+            with os.fdopen(r, "rb") as f:
+                try:
+                    status, payload = pickle.load(f)
+                except EOFError:
+                    status, payload = "error", "the child exited without a result"
+        finally:
+            _, rc = os.waitpid(pid, 0)
+        if status != "ok":
+            print(f"note: preprocessing in a second process failed ({payload}); finishing here", file=sys.stderr)
+            payload = {j: cls.preprocess(edge_programs[j[0]][j[1]], compile_specs[j[0]][j[1]]) for j in theirs}
+        results.update(payload)
+        return {m: [results[(m, i)] for i in range(len(programs))] for m, programs in edge_programs.items()}
+
+    return classmethod(preprocess_multimethod)
+
+
+@contextlib.contextmanager
+def _partitions_sorted_in_place():
+    """Cutting out each of the partitions (executorch's create_submodule_from_nodes) ends
+    with torch's `legalize_graph`: a topological sort that copies every node of the whole
+    graph into a new one, which then regenerates the graph module's Python code, once per
+    partition. This sorts in the same order (the same algorithm, on the same nodes) by
+    moving the nodes where they are, and regenerates the code once, after the last
+    partition (`_create_partitions`); nothing in between runs that code."""
+    import collections
+
+    import executorch.exir.lowered_backend_module as L
+    from executorch.exir.backend import backend_api as B
+    from torch.fx.passes import tools_common
+
+    legalize, create = L.legalize_graph, B._create_partitions
+    if legalize is not tools_common.legalize_graph:
+        yield  # not the function this replaces
+        return
+
+    def legalize_in_place(gm):
+        import operator
+
+        import torch
+
+        # torch 2.13's PRIORITIZED_OPS in legalize_graph: these jump the queue
+        first = {operator.add, operator.mul, operator.sub, operator.floordiv, operator.truediv, operator.mod,
+                 operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
+                 torch.ops.aten.sym_constrain_range.default, torch.ops.aten.sym_constrain_range_for_size.default,
+                 torch.ops.aten._assert_async.msg, torch.ops.aten.scalar_tensor.default,
+                 torch.ops.aten._assert_scalar.default}
+        nodes = list(gm.graph.nodes)
+        indeg = dict.fromkeys(nodes, 0)
+        for node in nodes:
+            for user in node.users:
+                indeg[user] += 1
+        queue = collections.deque(n for n in nodes if indeg[n] == 0)
+        order = []
+        while queue:
+            cur = queue.popleft()
+            order.append(cur)
+            for user in cur.users:
+                indeg[user] -= 1
+                if indeg[user] == 0:
+                    if user.op == "call_function" and user.target in first:
+                        queue.appendleft(user)
+                    else:
+                        queue.append(user)
+        if len(order) < len(nodes):
+            raise RuntimeError(f"Input graph has cycles, unable to add {[n for n in indeg if indeg[n] != 0]}")
+        prev = gm.graph._root
+        for node in order:
+            if prev._next is not node:
+                prev.append(node)
+            prev = node
+        return gm
+
+    def create_partitions(tagged_graph_module, *args, **kwargs):
+        out = create(tagged_graph_module, *args, **kwargs)
+        tagged_graph_module.recompile()
+        return out
+
+    L.legalize_graph, B._create_partitions = legalize_in_place, create_partitions
+    try:
+        yield
+    finally:
+        L.legalize_graph, B._create_partitions = legalize, create
+
+
 SIGNATURE_MAPS = ("inputs_to_parameters", "inputs_to_buffers", "inputs_to_lifted_tensor_constants")
 
 
@@ -286,19 +458,28 @@ def fast_passes():
 
     from executorch.exir.backend.canonical_partitioners.group_partitioner import GroupBasedPartitioner
 
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
     gen, partition_original = P._gen_edge_manager_for_partitioners, XnnpackPartitioner.partition
     can_merge = GroupBasedPartitioner._can_merge_partitions
+    multimethod = XnnpackBackend.__dict__.get("preprocess_multimethod")
+    XnnpackBackend.preprocess_multimethod = _preprocess_forked(XnnpackBackend.preprocess_multimethod)
     GroupBasedPartitioner._can_merge_partitions = _can_merge_partitions
     XNNPACKPassManager.transform = transform
     XnnpackPartitioner.partition = partition
     P._gen_edge_manager_for_partitioners = lambda *a, **k: _edge_manager(gen, *a, **k)
     try:
-        yield
+        with _partitions_sorted_in_place():
+            yield
     finally:
         XNNPACKPassManager.transform = original
         P._gen_edge_manager_for_partitioners = gen
         XnnpackPartitioner.partition = partition_original
         GroupBasedPartitioner._can_merge_partitions = can_merge
+        if multimethod is None:
+            del XnnpackBackend.preprocess_multimethod
+        else:
+            XnnpackBackend.preprocess_multimethod = multimethod
 
 
 def infer_view_dims(gm):

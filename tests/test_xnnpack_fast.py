@@ -139,3 +139,83 @@ def test_linear_shape_rule_matches_the_decomposition():
         real = torch.nn.functional.linear(x, w, b)
         assert got.shape == want.shape == real.shape
         assert got.stride() == want.stride() and got.dtype == want.dtype
+
+
+def test_in_place_sort_orders_nodes_as_legalize_graph_does():
+    import random
+
+    from torch.fx.passes.tools_common import legalize_graph
+
+    from edgectl.xnnpack_fast import _partitions_sorted_in_place
+
+    class M(torch.nn.Module):
+        def forward(self, x, y):
+            a, b = x.sin(), y.cos()
+            n = x.shape[0]
+            torch._check(n > 1)
+            return (a * b + a).relu() - b * n, a.exp()
+
+    def shuffled_gm():
+        gm = torch.export.export(M(), (torch.randn(3), torch.randn(3)),
+                                 dynamic_shapes=({0: Dim("n", min=2, max=9)}, {0: Dim("n", min=2, max=9)})).graph_module
+        # a valid but different order: move each call_function node to a random legal spot
+        rng = random.Random(0)
+        for node in [n for n in gm.graph.nodes if n.op == "call_function"]:
+            lo = max([list(gm.graph.nodes).index(a) for a in node.all_input_nodes] + [0])
+            spot = list(gm.graph.nodes)[rng.randint(lo, lo + 1) if lo + 1 < len(gm.graph.nodes) else lo]
+            if all(u not in list(gm.graph.nodes)[: list(gm.graph.nodes).index(spot) + 1] for u in node.users):
+                spot.append(node)
+        return gm
+
+    want = [n.name for n in legalize_graph(shuffled_gm()).graph.nodes]
+    import executorch.exir.lowered_backend_module as L
+
+    with _partitions_sorted_in_place():
+        gm = shuffled_gm()
+        before = {n.name: n for n in gm.graph.nodes}
+        assert list(before) != want  # there is something to sort
+        L.legalize_graph(gm)
+    assert [n.name for n in gm.graph.nodes] == want
+    assert all(before[n.name] is n for n in gm.graph.nodes)  # the same nodes, moved
+    gm.graph.lint()
+
+
+def test_forked_preprocess_returns_results_in_order_and_survives_a_failing_child(capsys):
+    import os
+
+    from edgectl.xnnpack_fast import _preprocess_forked
+
+    parent = os.getpid()
+
+    class Program:
+        def __init__(self, n):
+            self.graph = type("G", (), {"nodes": list(range(n))})()
+            self.n = n
+
+    class Backend:
+        fail_in_child = False
+
+        @classmethod
+        def preprocess(cls, program, spec):
+            if cls.fail_in_child and os.getpid() != parent:
+                raise RuntimeError("boom")
+            return (program.n, spec, os.getpid() == parent)
+
+        @classmethod
+        def preprocess_multimethod(cls, programs, specs):  # the original: one by one, here
+            return {m: [cls.preprocess(p, s) for p, s in zip(programs[m], specs[m])] for m in programs}
+
+    Backend.preprocess_multimethod = _preprocess_forked(Backend.preprocess_multimethod)
+    programs = {"forward": [Program(n) for n in (5, 9, 2, 7)], "other": [Program(3)]}
+    specs = {"forward": ["a", "b", "c", "d"], "other": ["e"]}
+    got = Backend.preprocess_multimethod(programs, specs)
+    assert {m: [r[:2] for r in rs] for m, rs in got.items()} == {
+        "forward": [(5, "a"), (9, "b"), (2, "c"), (7, "d")], "other": [(3, "e")]}
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert {r[2] for rs in got.values() for r in rs} == {True, False}  # both processes worked
+    Backend.fail_in_child = True
+    got = Backend.preprocess_multimethod(programs, specs)
+    assert [r[:2] for r in got["forward"]] == [(5, "a"), (9, "b"), (2, "c"), (7, "d")]
+    assert all(r[2] for rs in got.values() for r in rs)
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert "boom" in capsys.readouterr().err
