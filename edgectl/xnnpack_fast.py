@@ -4,7 +4,7 @@
    and the whole-partition re-trace of those that found nothing to change
    (`_skip_idle_retraces`); decompose once, not three times, when every preserved node
    passes XNNPACK's filter (`_edge_manager`); run the aten-to-edge local rewrites in two
-   re-traces instead of seven (`FUSED_EDGE_RUNS`); and make the partitioner's bookkeeping
+   re-traces instead of eight (`FUSED_EDGE_RUNS`); and make the partitioner's bookkeeping
    linear (signature maps built once, cycle test as a set op).
 2. `infer_view_dims`: views with one symbolic size get -1, so XNNPACK delegates them.
 3. `shape_kernels()`: shape-only (Meta) kernels for torchao's quantize/dequantize/choose_qparams
@@ -114,9 +114,35 @@ def _fuse_edge_passes(P, config) -> tuple[list, list, dict]:
         fused = _fused(tuple(type(p) for p in pre[i:i + len(head)]) + tuple(appended))
         if fused is None:
             continue
+        if run is FUSED_EDGE_RUNS[0] and i == 1 and names[0] == "ReplaceSymSizeOpPass":
+            # `_generate_edge_program` runs ReplaceViewOpsWithViewCopyOpsPass (torch's, on
+            # the deprecated pass base) just before these; it rewrites only view ops, and
+            # ReplaceSymSizeOpPass only sym_size, so it joins this run as an ExportPass.
+            with_views = _fused((_view_copy_pass(),) + tuple(type(p) for p in pre[i:i + len(head)]) + tuple(appended))
+            if with_views is not None:
+                fused = with_views
+                patches["ReplaceViewOpsWithViewCopyOpsPass"] = _Identity
         pre[i:i + len(head)] = [fused]
         patches.update({c.__name__: _Identity for c in appended})
     return pre, post, patches
+
+
+def _view_copy_pass():
+    """torch's ReplaceViewOpsWithViewCopyOpsPass as a local rewrite on ExportPass: a view
+    op becomes its view_copy variant (and _unsafe_view a view_copy), by torch's own map."""
+    from executorch.exir.pass_base import ExportPass
+    from torch._export.passes import replace_view_ops_with_view_copy_ops_pass as V
+    from torch._ops import OpOverload
+
+    class ViewCopyOps(ExportPass):
+        def call_operator(self, op, args, kwargs, meta):
+            if op in V._NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS:
+                op = V._NON_FUNCTIONAL_OPS_TO_FUNCTIONAL_OPS[op]
+            elif isinstance(op, OpOverload) and (view_copy := V.get_view_copy_of_view_op(op._schema)):
+                op = view_copy
+            return super().call_operator(op, args, kwargs, meta)
+
+    return ViewCopyOps
 
 
 class _Identity:
