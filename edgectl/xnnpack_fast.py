@@ -4,13 +4,16 @@
    and the whole-partition re-trace of those that found nothing to change
    (`_skip_idle_retraces`); decompose once, not three times, when every preserved node
    passes XNNPACK's filter (`_edge_manager`); run the aten-to-edge local rewrites in two
-   re-traces instead of eight (`FUSED_EDGE_RUNS`); and make the partitioner's bookkeeping
-   linear (signature maps built once, cycle test as a set op).
+   re-traces instead of eight (`FUSED_EDGE_RUNS`); make the partitioner's bookkeeping
+   cheaper (signature maps built once, dependencies as bitsets, cycle test as one mask
+   test); share XNNPACK's per-partition preprocess with a forked process; and cut the
+   partitions out with one topological sort in place each and one recompile.
 2. `infer_view_dims`: views with one symbolic size get -1, so XNNPACK delegates them.
 3. `shape_kernels()`: shape-only (Meta) kernels for torchao's quantize/dequantize/choose_qparams
    ops, and shape-only fake-tensor answers for aten.linear.
 4. `delegate_modules_cached()`: a delegate call's fake-tensor output comes from its
-   partition's program, rebuilt as a module once, not at every re-trace.
+   partition's program, rebuilt as a module once, not at every re-trace, and run once per
+   distinct input shape.
 
 XNNPACK's preprocess runs 17 graph passes over every partition, and each one re-traces the
 partition with fake tensors even when it has nothing to rewrite (batch norm, conv1d,
@@ -254,7 +257,9 @@ def delegate_modules_cached():
     lowered) asks each call for its output on fake tensors, which torch answers by running
     the partition's original program (`call_delegate_cpu`): `original_module.module()`
     rebuilds that program as a fresh module each time (unlift, recompile), then runs it.
-    This is the same function, with each module built once."""
+    This is the same function, with each module built once; and a call on fake tensors
+    whose program, shape env and input shapes, strides and dtypes were seen before gets
+    fresh fake outputs of the shapes that call produced, without running the program."""
     if os.environ.get("EDGECTL_SLOW_EXPORT") == "1":
         yield
         return
@@ -267,6 +272,7 @@ def delegate_modules_cached():
     D = importlib.import_module("torch._higher_order_ops.executorch_call_delegate")
     original = D.call_delegate_cpu
     built: dict = {}
+    shapes: dict = {}
 
     def call_delegate_cpu(lowered_module, *args):
         ep = lowered_module.original_module
@@ -275,7 +281,15 @@ def delegate_modules_cached():
         args = pytree.tree_map_only((immutable_dict, immutable_list),
                                     lambda a: dict(a) if isinstance(a, immutable_dict) else list(a), args,
                                     lambda a: isinstance(a, (immutable_dict, immutable_list)))
-        return built[id(ep)][1](*args)
+        keyed = _fake_call_key(id(ep), args)
+        if keyed is None:
+            return built[id(ep)][1](*args)
+        key, env = keyed
+        if key not in shapes:
+            out = built[id(ep)][1](*args)
+            shapes[key] = (_metas(out), env)  # holds the shape env: its id stays unique
+            return out
+        return _from_metas(shapes[key][0])
 
     D.call_delegate_cpu = call_delegate_cpu
     try:
@@ -418,6 +432,61 @@ def _partitions_sorted_in_place():
         L.legalize_graph, B._create_partitions = legalize, create
 
 
+def _fake_call_key(program_id: int, args):
+    """(program, shape env, inputs' metadata) for a call on fake tensors only, with no
+    tracing going on; None otherwise. Same program, same shape env and the same symbolic
+    shapes, strides and dtypes in: the same output metadata out."""
+    import torch
+    import torch.utils._pytree as pytree
+    from torch._C import _get_dispatch_mode, _TorchDispatchModeKey
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    flat, spec = pytree.tree_flatten(args)
+    tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+    if not tensors or not all(type(t) is FakeTensor for t in tensors):
+        return None
+    if _get_dispatch_mode(_TorchDispatchModeKey.PROXY) is not None:
+        return None
+    modes = {id(t.fake_mode) for t in tensors}
+    env = tensors[0].fake_mode.shape_env
+    if len(modes) != 1 or env is None:
+        return None
+    meta = tuple((tuple(map(str, a.shape)), tuple(map(str, a.stride())), a.dtype, str(a.device))
+                 if isinstance(a, torch.Tensor) else ("value", repr(a)) for a in flat)
+    return (program_id, id(env), str(spec), meta), env
+
+
+def _metas(out):
+    import torch
+    import torch.utils._pytree as pytree
+
+    flat, spec = pytree.tree_flatten(out)
+    return spec, [_TensorMeta(tuple(a.shape), tuple(a.stride()), a.dtype, a.device) if isinstance(a, torch.Tensor)
+                  else a for a in flat]
+
+
+def _from_metas(metas):
+    """Fresh fake outputs (the fake mode is active while a fake kernel runs) with those metadata."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    spec, flat = metas
+    return pytree.tree_unflatten([torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=m.device)
+                                  if isinstance(m, _TensorMeta) else m for m in flat], spec)
+
+
+class _TensorMeta(tuple):
+    __slots__ = ()
+
+    def __new__(cls, shape, stride, dtype, device):
+        return super().__new__(cls, (shape, stride, dtype, device))
+
+    shape = property(lambda self: self[0])
+    stride = property(lambda self: self[1])
+    dtype = property(lambda self: self[2])
+    device = property(lambda self: self[3])
+
+
 SIGNATURE_MAPS = ("inputs_to_parameters", "inputs_to_buffers", "inputs_to_lifted_tensor_constants")
 
 
@@ -456,9 +525,58 @@ def _can_merge_partitions(self, p1, p2, partitions_by_id):
 
     combined = set(partitions_by_id[p1].nodes.keys()) | set(partitions_by_id[p2].nodes.keys())
     users = [user for node in combined for user in node.users if user not in combined]
-    if any(not combined.isdisjoint(self.dependency_viewer.downstreams_of(u)) for u in users):
+    viewer = self.dependency_viewer
+    if isinstance(viewer, _BitDependencyViewer):
+        mask = viewer.mask(combined)
+        if any(viewer.down[u] & mask for u in users if u in viewer.down):
+            return False
+    elif any(not combined.isdisjoint(viewer.downstreams_of(u)) for u in users):
         return False
     return validate_partition(list(combined))
+
+
+class _BitDependencyViewer:
+    """executorch's _DependencyViewer (every node's transitive users and inputs) with each
+    set held as the bits of one Python int: building it unions sets of nodes for every
+    edge, which on SmolLM2 is quadratic set work in Python; unions of ints are not."""
+
+    def __init__(self, graph_module):
+        nodes = list(graph_module.graph.nodes)
+        self.index = {n: i for i, n in enumerate(nodes)}
+        self.nodes = nodes
+        self.down, self.up = {}, {}
+        for node in reversed(nodes):
+            bits = 0
+            for user in node.users:
+                bits |= (1 << self.index[user]) | self.down[user]
+            self.down[node] = bits
+        for node in nodes:
+            bits = 0
+            for arg in node.all_input_nodes:
+                bits |= (1 << self.index[arg]) | self.up[arg]
+            self.up[node] = bits
+
+    def mask(self, nodes) -> int:
+        bits = 0
+        for n in nodes:
+            if n in self.index:
+                bits |= 1 << self.index[n]
+        return bits
+
+    def _nodes(self, bits: int) -> set:
+        out, i = set(), 0
+        while bits:
+            if bits & 1:
+                out.add(self.nodes[i])
+            bits >>= 1
+            i += 1
+        return out
+
+    def downstreams_of(self, node) -> set:
+        return self._nodes(self.down.get(node, 0))
+
+    def upstreams_of(self, node) -> set:
+        return self._nodes(self.up.get(node, 0))
 
 
 @contextlib.contextmanager
@@ -491,6 +609,10 @@ def fast_passes():
     multimethod = XnnpackBackend.__dict__.get("preprocess_multimethod")
     XnnpackBackend.preprocess_multimethod = _preprocess_forked(XnnpackBackend.preprocess_multimethod)
     GroupBasedPartitioner._can_merge_partitions = _can_merge_partitions
+    from executorch.exir.backend.canonical_partitioners import group_partitioner as GP
+
+    viewer = GP._DependencyViewer
+    GP._DependencyViewer = _BitDependencyViewer
     XNNPACKPassManager.transform = transform
     XnnpackPartitioner.partition = partition
     P._gen_edge_manager_for_partitioners = lambda *a, **k: _edge_manager(gen, *a, **k)
@@ -502,6 +624,7 @@ def fast_passes():
         P._gen_edge_manager_for_partitioners = gen
         XnnpackPartitioner.partition = partition_original
         GroupBasedPartitioner._can_merge_partitions = can_merge
+        GP._DependencyViewer = viewer
         if multimethod is None:
             del XnnpackBackend.preprocess_multimethod
         else:

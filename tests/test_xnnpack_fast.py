@@ -219,3 +219,23 @@ def test_forked_preprocess_returns_results_in_order_and_survives_a_failing_child
     assert all(r[2] for rs in got.values() for r in rs)
     if len(os.sched_getaffinity(0)) >= 2:
         assert "boom" in capsys.readouterr().err
+
+
+def test_bitset_dependencies_equal_executorchs():
+    from executorch.exir.backend.canonical_partitioners.group_partitioner import _DependencyViewer
+
+    from edgectl.xnnpack_fast import _BitDependencyViewer
+
+    class M(torch.nn.Module):
+        def forward(self, x, y):
+            a = x.sin() + y
+            b = a.cos() * x
+            return (a + b).relu(), y.exp()
+
+    gm = torch.export.export(M(), (torch.randn(3), torch.randn(3))).graph_module
+    ref, bits = _DependencyViewer(gm), _BitDependencyViewer(gm)
+    for node in gm.graph.nodes:
+        assert bits.downstreams_of(node) == ref.downstreams_of(node)
+        assert bits.upstreams_of(node) == ref.upstreams_of(node)
+    x = next(n for n in gm.graph.nodes if n.name == "x")
+    assert len(bits.downstreams_of(x)) > 3  # transitive, not only direct users
