@@ -63,7 +63,30 @@ def _op_names(ep) -> set[str]:
 
 def needed(passes: list, ep) -> list:
     ops = " ".join(sorted(_op_names(ep)))
-    return [p for p in passes if p.__name__ not in ANCHORS or any(a in ops for a in ANCHORS[p.__name__])]
+    keep = [p for p in passes if p.__name__ not in ANCHORS or any(a in ops for a in ANCHORS[p.__name__])]
+    return [p for p in keep if p.__name__ != "ConstPropPass" or _foldable(ep)]
+
+
+def _foldable(ep) -> bool:
+    """Whether executorch's ConstPropPass (as XNNPACK runs it: propogate_quant off) would
+    fold anything: it evaluates an operator, other than a quantize/dequantize_per_tensor or
+    _per_channel, whose arguments hold no graph value but constants, i.e. no input
+    other than get_attr nodes (placeholders, parameters included, reach it as fake
+    tensors and are never folded). Otherwise its whole-partition re-trace changes nothing."""
+    from torch.fx.node import map_arg
+
+    for node in ep.graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(getattr(node.target, "__name__", node.target))
+        if "quantized_decomposed" in str(node.target) and name.split(".")[0] in (
+                "quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel"):
+            continue
+        inputs = []
+        map_arg((node.args, node.kwargs), inputs.append)
+        if all(n.op == "get_attr" for n in inputs):
+            return True
+    return False
 
 
 # aten-to-edge passes that are local rewrites (they override only `call_operator`, and

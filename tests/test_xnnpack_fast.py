@@ -239,3 +239,31 @@ def test_bitset_dependencies_equal_executorchs():
         assert bits.upstreams_of(node) == ref.upstreams_of(node)
     x = next(n for n in gm.graph.nodes if n.name == "x")
     assert len(bits.downstreams_of(x)) > 3  # transitive, not only direct users
+
+
+def test_constprop_runs_only_where_something_folds():
+    from executorch.exir.passes.const_prop_pass import ConstPropPass
+
+    from edgectl.xnnpack_fast import _foldable
+
+    class Params(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return (x * self.w.exp()).relu()
+
+    ep = torch.export.export(Params(), (torch.randn(3),))
+    # parameters are placeholders: nothing folds, and the pass's re-trace changes nothing
+    assert not _foldable(ep)
+    before = ep.graph_module.code
+    assert ConstPropPass()(ep.graph_module).graph_module.code == before
+
+    root = torch.nn.Module()
+    root.register_buffer("c", torch.randn(3))
+    g = torch.fx.Graph()
+    x, c = g.placeholder("x"), g.get_attr("c")
+    g.output(g.call_function(torch.ops.aten.add.Tensor, (x, g.call_function(torch.ops.aten.exp.default, (c,)))))
+    gm = torch.fx.GraphModule(root, g)  # exp of a get_attr constant: that one folds
+    assert _foldable(type("EP", (), {"graph_module": gm})())
