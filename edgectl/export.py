@@ -1,9 +1,11 @@
 """Export stage: torch.export + ExecuTorch lowering to a self-contained `.pte`.
 
 The program's `forward(tokens[1,T], pos[T], idx[N], k_caches..., v_caches...)` returns
-`(logits[1,N,vocab], k_new..., v_new...)`: prefill of a whole prompt in one call, decode
-with T=1, and the KV cache owned by the caller (see model.py). Inputs are not copied
-into planned memory (`alloc_graph_input=False`), so the caches are passed zero-copy.
+`logits[1,N,vocab]`: prefill of a prompt chunk in one call, decode with T=1, and the KV
+cache owned by the caller, who passes its whole [1, S, KV, D] buffers; the program writes
+the T new entries into them in place and attends over positions < pos[0] + T
+(stock.InPlaceTransformer). Inputs are not copied into planned memory
+(`alloc_graph_input=False`), so the caches are passed and written zero-copy.
 
 Everything `run` needs travels in the `.pte` as constant methods: `edgectl_meta` (JSON:
 architecture, max_seq_len, tokenizer config, chat template, quantization) and
@@ -147,8 +149,14 @@ def drop_input_mutation_outputs(ep) -> None:
     memory-plans, so the input is copied in as well. Without those outputs the in-place
     kernel (llama::update_cache) writes the input itself, and an input that is not memory
     planned (alloc_graph_input=False) is the caller's buffer."""
+    from torch.export._remove_auto_functionalized_pass import unsafe_remove_auto_functionalized_pass
     from torch.export.graph_signature import OutputKind
 
+    # Functionalization turned each in-place write into auto_functionalized. Where nothing
+    # but the dropped output reads its result, dead-code elimination would drop the write
+    # too: back to the in-place op first (to_executorch would do that anyway), which it
+    # keeps for its side effect.
+    unsafe_remove_auto_functionalized_pass(ep)
     specs = ep.graph_signature.output_specs
     keep = [i for i, spec in enumerate(specs) if spec.kind != OutputKind.USER_INPUT_MUTATION]
     if len(keep) == len(specs):
@@ -223,7 +231,7 @@ def metadata(ckpt, args, max_seq_len: int, backend: str, quantization: dict | No
         "quantization": quantization,
         "tokenizer_config": {k: tc[k] for k in keep if k in tc},
         "source": {"model": ckpt.source, "sha256": ckpt.content_hash()},
-        "io": "forward(tokens[1,T], pos[T], idx[N], k_cache*L, v_cache*L) -> (logits[1,N,V], k_new*L, v_new*L)",
+        "io": IO,
         "kv_layout": KV_LAYOUT,
     }
 
@@ -244,28 +252,26 @@ def constant_methods(meta: dict, tokenizer_json: str) -> dict:
 
 
 DEFAULT_PREFILL_CHUNK = 128
+IO = "forward(tokens[1,T], pos[T], idx[N], k_cache*L, v_cache*L) -> logits[1,N,V]; caches [1,S,KV,D], written in place"
 
 
 def monolithic_example(model, chunk: int, table_input: bool):
-    """Example inputs and dynamic dims; with `table_input` the embedding table is an input.
+    """Example inputs and dynamic dims of stock.InPlaceTransformer; with `table_input` the
+    embedding table is an input.
 
     `chunk` bounds the tokens per call: memory planning reserves activations for the
     largest call (attention scores grow with chunk x max_seq_len), so the runtime feeds a
-    longer prompt in chunks instead."""
+    longer prompt in chunks instead. The caches are whole [1, S, KV, D] buffers."""
     import torch
     from torch.export import Dim
 
-    from edgectl.model import cache_example
-
     k_caches, v_caches = model.empty_caches()
-    caches, W = cache_example(k_caches + v_caches)
-    k_caches, v_caches = caches[: len(k_caches)], caches[len(k_caches) :]
     T = Dim("T", min=1, max=chunk)
     N = Dim("N", min=1, max=chunk)
     # Example sizes of 2 and 4: a dynamic dim must not be 1 in the example, and T, N
     # must differ or torch.export merges them.
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4), torch.arange(2, 4), k_caches, v_caches)
-    dynamic = ({1: T}, {0: T}, {0: N}, [{1: W}] * len(k_caches), [{1: W}] * len(v_caches))
+    dynamic = ({1: T}, {0: T}, {0: N}, [None] * len(k_caches), [None] * len(v_caches))
     if table_input:
         example += (model.embed.embed_tokens.weight.detach().clone(),)
         dynamic += (None,)
@@ -342,6 +348,8 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     `interface`: "edgectl" (the caller owns the KV cache, see the module docstring) or
     "stock" (ExecuTorch's stock runners' calling convention, stock.py; the tokenizer file
     they take is written beside `out`)."""
+    from edgectl import stock
+    from edgectl.model import fuse_projections
     from edgectl.quantize import check_shared_embedding, load_for_export, shared_embedding
     from edgectl.recipes import INTERFACES
 
@@ -369,6 +377,7 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
             raise EdgectlError(f"quantized precisions export with --backend xnnpack only, not {backend}")
         step("quantizing by plan")
         quant = quantize_by_plan(model, plan, plan_group_size)
+    fuse_projections(model)
     if interface == "stock":
         return _export_stock(ckpt, model, quant, out, backend, max_seq_len, chunk, step, t0, c0)
     # A tied matrix is stored once: the head keeps it (delegated), and the program takes
@@ -383,7 +392,8 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     meta = metadata(ckpt, args, max_seq_len, backend, quant)
     meta["prefill_chunk"] = chunk
     meta["embedding_input"] = tied_table_key(model) if share else (qshare[1] if qshare else None)
-    prog, ops = lower(model, example, dynamic, backend, constant_methods(meta, ckpt.tokenizer_json), step)
+    program = stock.InPlaceTransformer(model).eval()
+    prog, ops = lower(program, example, dynamic, backend, constant_methods(meta, ckpt.tokenizer_json), step)
     step("writing")
 
     def write(f):
@@ -403,7 +413,7 @@ def _export_stock(ckpt, model, quant, out: Path, backend: str, max_seq_len: int,
     from edgectl import stock
 
     meta = metadata(ckpt, model.args, max_seq_len, backend, quant)
-    meta.update(prefill_chunk=chunk, interface="stock", io=stock.STOCK_IO, embedding_input=None)
+    meta.update(prefill_chunk=chunk, interface="stock", io=stock.STOCK_IO, embedding_input=None, kv_layout=stock.KV_LAYOUT)
     methods = {**constant_methods(meta, ckpt.tokenizer_json), **stock.constant_methods(meta, chunk)}
     example, dynamic = stock.example(chunk)
     prog, ops = lower(stock.StockTransformer(model, max_seq_len).eval(), example, dynamic, backend, methods, step)

@@ -203,6 +203,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.qkv = None  # export's one linear for q/k/v, which then replaces them (fuse_projections)
         self.register_buffer("rot", None, persistent=False)
         self.reset_buffers()
 
@@ -214,9 +215,11 @@ class Attention(nn.Module):
         """q [1,T,H,D], k and v [1,T,KV,D] of the T tokens in x, RoPE applied to q and k."""
         _, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_proj(x).view(1, T, H, D)
-        k = self.k_proj(x).view(1, T, KV, D)
-        v = self.v_proj(x).view(1, T, KV, D)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(1, T, H, D), k.view(1, T, KV, D), v.view(1, T, KV, D)
         return q * cos + F.linear(q, self.rot) * sin, k * cos + F.linear(k, self.rot) * sin, v
 
     def forward(self, x, step, k_cache, v_cache):
@@ -250,9 +253,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.gate_up = None  # export's one linear for gate/up (fuse_projections)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -325,6 +333,27 @@ class Transformer(nn.Module):
         return empty_caches(self.args, self.max_seq_len, self.args.n_layers)
 
 
+def fuse_projections(model: nn.Module) -> int:
+    """For export: q/k/v, and gate/up, each become one linear (quant_modules.fuse_linears)
+    where they are of one kind, in place; the separate ones are dropped. Returns how many
+    fused linears there now are. The checkpoint keeps its per-linear form."""
+    from edgectl.quant_modules import fuse_linears
+
+    n = 0
+    for m in model.modules():
+        names = ("q_proj", "k_proj", "v_proj", "qkv") if isinstance(m, Attention) else \
+            ("gate_proj", "up_proj", "gate_up") if isinstance(m, MLP) else None
+        if names is None or getattr(m, names[-1]) is not None:
+            continue
+        fused = fuse_linears([getattr(m, name) for name in names[:-1]])
+        if fused is not None:
+            setattr(m, names[-1], fused)
+            for name in names[:-1]:
+                delattr(m, name)
+            n += 1
+    return n
+
+
 def reset_buffers(model: nn.Module) -> nn.Module:
     """Materialise the derived (non-checkpoint) buffers after building on the meta device."""
     for m in model.modules():
@@ -333,7 +362,11 @@ def reset_buffers(model: nn.Module) -> nn.Module:
     return model
 
 
-KV_LAYOUT = "bskd-window/1"  # programs' cache inputs: [1, W, KV, D] prefixes (meta and manifest record it)
+# A `.pte`'s cache inputs (its meta records this): the runtime's whole [1, S, KV, D]
+# buffers, which the program writes in place (stock.InPlaceTransformer). Before:
+# "bskd-window/1", [1, W, KV, D] prefixes in and the new entries out; none, all S positions.
+KV_LAYOUT = "bskd-inplace/1"
+
 KV_WINDOW = 32  # a cache window grows in steps of this many positions
 
 
@@ -358,17 +391,6 @@ def cache_window(start: int, cache_len: int) -> int:
 def windows(caches, start: int) -> list:
     """Views of the first cache_window(start) positions of each [1, S, KV, D] cache."""
     return [c[:, : cache_window(start, c.shape[1])] for c in caches]
-
-
-def cache_example(caches: list) -> tuple[list, object]:
-    """Example cache windows for torch.export and their dynamic length dim W (1..S). The
-    example length, 6 (or S when smaller), must differ from the other dims' examples or
-    torch.export merges the dims."""
-    from torch.export import Dim
-
-    S = caches[0].shape[1]
-    w = min(6, S)
-    return [c[:, :w].clone() for c in caches], Dim("W", min=1, max=S)
 
 
 def write_cache(k_cache, v_cache, k_new, v_new, start: int) -> None:

@@ -181,3 +181,46 @@ def is_quantized_linear(m: nn.Module) -> bool:
         return True
     return isinstance(m, nn.Linear) and type(m.weight).__name__ == "IntxUnpackedToInt8Tensor"
 
+
+
+def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
+    """One module that computes linears reading the same input side by side (their output
+    columns concatenated, in order), or None when they are not all of one kind with the
+    same input width, grouping and bias-or-not. The numerics are the same: per-token
+    activation quantization depends on the input only, and each output column keeps its
+    own codes, scales and offsets. Export fuses q/k/v and gate/up (model.fuse_projections):
+    in a decode step each call is one XNNPACK activation quantization, GEMM and dispatch."""
+    if len(linears) < 2 or len({type(m) for m in linears}) != 1:
+        return None
+    if len({m.bias is None for m in (lin.main if isinstance(lin, Asym4Linear) else lin for lin in linears)}) != 1:
+        return None
+
+    def bias(ms):
+        return None if ms[0].bias is None else torch.cat([m.bias.detach() for m in ms])
+
+    if isinstance(linears[0], Asym4Linear):
+        if len({m.group_size for m in linears}) != 1:
+            return None
+        mains = [m.main for m in linears]
+        u = torch.cat([m.weight.qdata for m in mains]).to(torch.int16) + 8
+        return Asym4Linear(pack4(u), torch.cat([m.weight.scale for m in mains]),
+                           torch.cat([m.offset.weight.detach() for m in linears]), linears[0].group_size, bias(mains))
+    if type(linears[0]) is not nn.Linear:
+        return None
+    kinds = {is_quantized_linear(m) for m in linears}
+    if kinds == {False}:
+        with torch.device("meta"):
+            fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=linears[0].bias is not None)
+        fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+        if fused.bias is not None:
+            fused.bias = nn.Parameter(bias(linears), requires_grad=False)
+        return fused
+    if kinds != {True}:
+        return None
+    ws = [m.weight for m in linears]
+    form = {(w.target_dtype, tuple(w.block_size), w.activation_quantization, w.dtype) for w in ws}
+    if len(form) != 1 or any(w.zero_point.any() for w in ws):
+        return None
+    bits = 4 if ws[0].target_dtype == torch.int4 else 8
+    return dynamic_linear(torch.cat([w.qdata for w in ws]), torch.cat([w.scale for w in ws]), bits, ws[0].block_size[1],
+                          bias(linears))

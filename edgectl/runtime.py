@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from edgectl.errors import EdgectlError
-from edgectl.model import KV_LAYOUT, ModelArgs, cache_shapes, windows, write_cache
+from edgectl.model import KV_LAYOUT, ModelArgs, cache_shapes
 from edgectl.ptefile import constant_bytes
 
 
@@ -234,8 +234,10 @@ def _load_pte(path: Path, trace: Trace):
         if "edgectl_meta" not in program.method_names:
             raise EdgectlError(f"{path}: not an edgectl .pte (no edgectl_meta)", hint="export it with `edgectl export`")
         meta = json.loads(constant_bytes(path, "edgectl_meta"))
-        if meta.get("kv_layout") != KV_LAYOUT:
-            raise EdgectlError(f"{path}: exported by an older edgectl, whose programs attend over the whole KV cache",
+        # the stock form keeps its cache inside (stock.py): only edgectl's own form takes it as inputs
+        if meta.get("interface", "edgectl") == "edgectl" and meta.get("kv_layout") != KV_LAYOUT:
+            raise EdgectlError(f"{path}: exported by an older edgectl, whose programs take the KV cache another way "
+                               f"({meta.get('kv_layout', 'the whole cache, read only')})",
                                hint="re-export it with `edgectl export`")
         tokenizer_json = constant_bytes(path, "edgectl_tokenizer").decode()
         with trace.span("load", "load_method"):
@@ -247,7 +249,8 @@ def _load_pte(path: Path, trace: Trace):
 
 
 class PteModel:
-    """A monolithic edgectl `.pte`: forward(tokens, pos, idx, k*L, v*L) -> (logits, k_new*L, v_new*L)."""
+    """A monolithic edgectl `.pte`: forward(tokens, pos, idx, k*L, v*L[, table]) -> logits,
+    the caches (KVCache, whole [1, S, KV, D] buffers) written in place by the program."""
 
     def __init__(self, path: str | Path, trace: Trace | None = None, context: int | None = None):
         path = Path(path)
@@ -291,11 +294,10 @@ class PteModel:
         pos = torch.arange(start, start + T)
         idx = torch.arange(T) if all_logits else torch.tensor([T - 1])
         with self.trace.span("compute", "prefill" if T > 1 else "decode"):
-            out = self.method.execute([torch.tensor([tokens]), pos, idx, *windows(self.k, start), *windows(self.v, start),
-                                       *self.extra_inputs])
-            L = len(self.k)
-            for i in range(L):
-                write_cache(self.k[i], self.v[i], out[1 + i], out[1 + L + i], start)
+            # the program writes the T new entries into self.k / self.v itself
+            # the program writes the T new entries into self.k / self.v itself
+            # the program writes the T new entries into self.k / self.v itself
+            out = self.method.execute([torch.tensor([tokens]), pos, idx, *self.k, *self.v, *self.extra_inputs])
         return out[0][0]  # [N, vocab]
 
     def close(self) -> None:

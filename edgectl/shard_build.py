@@ -147,19 +147,21 @@ def _quantize_to(precision: str, base: str) -> bool:
 
 
 def layers_module(model, layers: list[int], precision: str, group_size: int,
-                  base: str = TOP) -> tuple[nn.Module, dict]:
-    """A LayersProgram over deep copies of `model`'s blocks, quantized to `precision`
-    (`model` itself is at `base`: the blocks are shared, and not quantized, at that one)."""
+                  base: str = TOP, fuse: bool = False) -> tuple[nn.Module, dict]:
+    """A LayersProgram over `model`'s blocks at `precision` (`model` itself is at `base`:
+    the blocks are shared at that one, quantized copies at a lower one). `fuse`: for
+    export, q/k/v and gate/up become one linear each (model.fuse_projections), in copies."""
     import copy
 
-    from edgectl.model import StepInputs
+    from edgectl.model import StepInputs, fuse_projections
     from edgectl.quantize import quantize_module
 
     requant = _quantize_to(precision, base)
-    # the base precision shares the model's blocks; a lower one quantizes copies
-    blocks = [copy.deepcopy(model.layers[i]) if requant else model.layers[i] for i in layers]
+    blocks = [copy.deepcopy(model.layers[i]) if requant or fuse else model.layers[i] for i in layers]
     prog = LayersProgram(StepInputs(model.args, model.max_seq_len), blocks).eval()
     record = quantize_module(prog, scheme_for(precision, group_size)) if requant else {}
+    if fuse:
+        fuse_projections(prog)
     return prog, record
 
 
@@ -254,7 +256,7 @@ def program_for(model, kind: str, layers: list[int], precision: str, group_size:
     attention scores per SmolLM2 layer), so prefill goes in chunks."""
     args, S = model.args, model.max_seq_len
     if kind == "layers":
-        mod, rec = layers_module(model, layers, precision, group_size, base)
+        mod, rec = layers_module(model, layers, precision, group_size, base, fuse=True)
         ex, ds = layer_example(args, S, len(layers), chunk)
         return mod, ex, ds, rec, None
     tiny, rec = embed_head_module(model, precision, group_size, base)

@@ -362,3 +362,39 @@ def test_smoothquant_checkpoint_records_and_folds(stories_dir, corpus_dir, tmp_p
     a, b = _prefill_then_decode(model, toks, 16), _prefill_then_decode(ref, toks, 16)
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
     assert res.accuracy["kl_mean"] < 0.05
+
+
+@pytest.mark.parametrize("scheme", [None, QuantScheme("int8"), QuantScheme("8da4w", 32, "int4", 32),
+                                    QuantScheme("8da4w", 32, mapping="symmetric"), QuantScheme("8da4w", 64)])
+def test_fused_projections_compute_what_the_separate_linears_did(scheme):
+    """Export's q/k/v and gate/up fusion (model.fuse_projections) gives the very same
+    logits: activation quantization depends on the input only, and each output column keeps
+    its own codes, scales and offsets."""
+    import copy
+
+    from edgectl.model import fuse_projections
+
+    m = _tiny(hidden=192)
+    if scheme is not None:
+        quantize_module(m, scheme)
+    fused = copy.deepcopy(m)
+    assert fuse_projections(fused) == 2 * m.args.n_layers
+    attn = fused.layers[0].self_attn
+    assert attn.qkv is not None and not hasattr(attn, "q_proj") and fused.layers[0].mlp.gate_up is not None
+    toks = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = m(toks, torch.arange(12), torch.arange(12), *m.empty_caches())[0]
+        b = fused(toks, torch.arange(12), torch.arange(12), *fused.empty_caches())[0]
+    assert torch.equal(a, b)
+
+
+def test_linears_of_different_kinds_are_not_fused():
+    from edgectl.quant_modules import fuse_linears
+
+    a = _tiny(hidden=192).layers[0].self_attn
+    q4, q8 = _tiny(hidden=192), _tiny(hidden=192)
+    quantize_module(q4.layers[0], QuantScheme("8da4w", 32, mapping="symmetric"))
+    quantize_module(q8.layers[0], QuantScheme("int8"))
+    assert fuse_linears([q4.layers[0].self_attn.q_proj, a.k_proj, a.v_proj]) is None  # 4-bit with fp32
+    assert fuse_linears([q4.layers[0].self_attn.q_proj, q8.layers[0].self_attn.k_proj]) is None  # 4-bit with 8-bit
+    assert fuse_linears([a.q_proj]) is None
