@@ -17,3 +17,19 @@ def one_blas_thread() -> None:
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_logs() -> None:
+    """Before torch/executorch/torchao are imported: torchao logs a warning for each
+    optional CUDA extension it cannot load, and torch's pytree one for an enum torchao
+    registers. Harmless on CPU; EDGECTL_DEBUG=1 shows them."""
+    import logging
+    import os
+
+    if os.environ.get("EDGECTL_DEBUG") == "1":
+        return
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -83,13 +83,13 @@ def partitioners(backend: str) -> list:
 
 def _quiet_library_noise() -> None:
     """Keep known, harmless library chatter off the user's stderr (edgectl --debug shows all)."""
-    import logging
     import warnings
+
+    from edgectl import quiet_import_logs
 
     if os.environ.get("EDGECTL_DEBUG") == "1":
         return
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_import_logs()
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
     # the stock interface (stock.py): its KV-cache buffers are meant to start undefined,
     # and ExecuTorch's own custom-op registrations call a deprecated torch check

@@ -27,6 +27,9 @@ _FB = "executorch.exir._serialize.generated.executorch_flatbuffer"
 
 @lru_cache(maxsize=1)
 def _flatbuffer_classes():
+    from edgectl import quiet_import_logs
+
+    quiet_import_logs()  # importing executorch imports torchao
     pkg = importlib.import_module(_FB)
     mods = {n: importlib.import_module(f"{_FB}.{n}") for _, n, _ in pkgutil.iter_modules(pkg.__path__)}
     # executorch 1.4.1: generated modules name sibling tables by bare name, which the

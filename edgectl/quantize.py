@@ -33,7 +33,6 @@ those stored tensors; nothing is re-quantized at export.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -41,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgectl import __version__
+from edgectl import __version__, quiet_import_logs
 from edgectl.errors import EdgectlError, UsageError
 
 LINEAR_SCHEMES = ("fp32", "int8", "8da4w", "4w")
@@ -113,11 +112,6 @@ class QuantScheme:
 
 # ---------------------------------------------------------------------------------------
 # Choosing codes (torchao) for one weight
-
-
-def _quiet_torchao() -> None:
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def pick_group(width: int, group_size: int) -> tuple[int | None, str | None]:
@@ -307,7 +301,7 @@ def quantize_module(module, scheme: QuantScheme, progress: Callable[[int, int], 
     Names in the record are relative to `module`. `progress(done, total)` after each weight.
     A scheme with smoothquant needs `smoothed`: smooth_model's answer for `module`, recorded.
     """
-    _quiet_torchao()
+    quiet_import_logs()
     from edgectl.model import Transformer
 
     if scheme.smoothquant and smoothed is None:
@@ -494,7 +488,7 @@ def apply_recorded_quantization(model, ckpt) -> dict | None:
     Returns the record, or None for a checkpoint that is not quantized."""
     if ckpt.quantization is None:
         return None
-    _quiet_torchao()
+    quiet_import_logs()
     import torch
 
     from edgectl.model import hf_key_to_ours

@@ -135,12 +135,10 @@ def fixed_mmap_threshold(size: int = MMAP_THRESHOLD) -> None:
 
 
 def _load_runtime():
-    import logging
+    from edgectl import quiet_import_logs
 
     fixed_mmap_threshold()
-
-    for noisy in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_import_logs()
     import torch
 
     # torch only moves KV-cache entries here; its intra-op threads would fight the

@@ -259,3 +259,18 @@ def test_sigterm_stops_the_worker_and_exits_143(stories_pte, tmp_path):
     assert proc.returncode == 143 and "terminated" in err
     time.sleep(0.5)
     assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]
+
+
+@pytest.mark.real_model
+def test_reading_an_artifacts_tokenizer_prints_nothing(stories_pte):
+    """`bench --ppl` reads each artifact's tokenizer in the parent process, which imports
+    executorch and with it torchao: its load-time warnings (one per optional CUDA
+    extension it cannot load) stay off the user's stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "EDGECTL_DEBUG"}
+    code = f"from edgectl.run import artifact_tokenizer; print(len(artifact_tokenizer({str(stories_pte)!r}).encode(\"Once upon a time\")))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().isdigit() and out.stderr == ""
