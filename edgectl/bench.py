@@ -85,6 +85,8 @@ from pathlib import Path
 from edgectl import __version__
 from edgectl.errors import EdgectlError, UsageError
 
+FAILED = ("failed", "oom")  # run statuses that fail a row (and the bench, without --keep-going)
+
 SCHEMA_VERSION = 1
 SUMMARY_KEYS = ("load_ms", "ttft_ms", "first_token_ms", "prefill_tok_s", "decode_tok_s", "peak_rss", "model_rss")
 DROP_CACHES = "/proc/sys/vm/drop_caches"
@@ -140,9 +142,25 @@ class Row:
     @property
     def status(self) -> str:
         """"ok", or what stopped some runs ("oom 2/3": the cgroup OOM-killed 2 of 3;
-        "infeasible": the planner found no plan within the budget)."""
+        "failed 1/1": the worker failed, see `error`; "infeasible": the planner found no
+        plan within the budget), or "not run" (an earlier row failed without --keep-going)."""
+        if not self.runs:
+            return "not run"
         bad = [r["status"] for r in self.runs if r.get("status", "ok") != "ok"]
+        if not bad and self.ppl and self.ppl.get("status", "ok") in FAILED:
+            return f"ppl {self.ppl['status']}"
         return "ok" if not bad else f"{bad[0]} {len(bad)}/{len(self.runs)}"
+
+    @property
+    def error(self) -> str | None:
+        """Why the row failed (a worker's error, or an OOM kill), None if it did not."""
+        for r in [*self.runs, *([self.ppl] if self.ppl else [])]:
+            if r.get("status") == "failed":
+                return r["error"]
+            if r.get("status") == "oom":
+                cap = r.get("cgroup_limit")
+                return "OOM-killed under its memory cgroup cap" + (f" ({cap / 1e6:.0f} MB)" if cap else "")
+        return None
 
     @property
     def summary(self) -> dict | None:
@@ -158,6 +176,8 @@ class Row:
             "options": dict(self.case.options),
             "file_bytes": self.file_bytes,
             "status": self.status,
+            "failed": self.error is not None,
+            "error": self.error,
             "runs": self.runs,
             "summary": self.summary,
             "decode_ratio": self.decode_ratio,
@@ -172,6 +192,15 @@ class BenchReport:
     cold: bool  # whether the page cache really was dropped
     notes: list[str] = field(default_factory=list)
     cgroup_baseline: int | None = None  # peak cgroup charge of a worker that loads no model
+
+    @property
+    def failed_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.error is not None]
+
+    @property
+    def measured_rows(self) -> list[Row]:
+        """Rows with at least one run that finished (ok or infeasible): what a table shows."""
+        return [r for r in self.rows if any(x.get("status", "ok") not in FAILED for x in r.runs)]
 
     def labels(self) -> list[str]:
         """Row labels, with #1, #2... where the same case is listed more than once."""
@@ -456,13 +485,27 @@ def _same_plan(row: Row, settings: BenchSettings):
         yield dataclasses.replace(row.case, options={"plan_file": str(path)})
 
 
+def _measure(row: Row, run, record: Callable[[dict], None]) -> bool:
+    """Call `run()` (one worker) and hand its figures to `record`; a worker error becomes
+    a "failed" result. True if the row still stands (not failed, not OOM-killed)."""
+    try:
+        got = run()
+    except EdgectlError as e:
+        got = {"status": "failed", "error": f"{e} ({e.hint})" if e.hint else str(e)}
+    record(got)
+    return got.get("status", "ok") not in FAILED
+
+
 def run_bench(
     cases: list[Case],
     settings: BenchSettings,
     progress: Callable[[str], None] = lambda msg: None,
     warn: Callable[[str], None] = lambda msg: None,
+    keep_going: bool = False,
 ) -> BenchReport:
-    """Measure every case `settings.repeat` times (and its perplexity with `ppl_file`)."""
+    """Measure every case `settings.repeat` times (and its perplexity with `ppl_file`).
+    A row that fails or is OOM-killed is marked and measured no further; without
+    `keep_going` it also stops the bench (the rows after it stay "not run")."""
     if not cases:
         raise UsageError("give at least one artifact")
     if settings.repeat < 1 or settings.prompt_tokens < 1 or settings.new_tokens < 2:
@@ -492,8 +535,11 @@ def run_bench(
     if not cold:
         for c in cases:
             warm_page_cache(c.artifact)
+    stopped = False
     for i in range(settings.repeat):
         for row in rows:
+            if stopped or row.error is not None:
+                continue
             progress(f"{row.case.label}: run {i + 1}/{settings.repeat}{' (cold)' if cold else ''}")
             dropped = cold and drop_page_cache() is None
             if cold and not dropped:
@@ -501,12 +547,13 @@ def run_bench(
             load_avg = os.getloadavg()[0]
             cap = _capped(row.case, settings, baseline)
             try:
-                got = worker(row.case, settings, warmup=not cold, cap=cap)
+                ok = _measure(row, lambda: worker(row.case, settings, warmup=not cold, cap=cap),
+                              lambda got: row.runs.append({"cache_dropped": dropped, "loadavg_1m": load_avg, **got}))
             finally:
                 if cap:
                     cap.close()
-            row.runs.append({"cache_dropped": dropped, "loadavg_1m": load_avg, **got})
-    busiest = max(r["loadavg_1m"] for row in rows for r in row.runs)
+            stopped = not ok and not keep_going
+    busiest = max((r["loadavg_1m"] for row in rows for r in row.runs), default=0.0)
     if busiest > (os.cpu_count() or 1):
         notes.append(f"1-minute load average up to {busiest:.1f} on {os.cpu_count()} CPUs: other work shared the CPUs, expect noise")
         warn(notes[-1])
@@ -514,7 +561,9 @@ def run_bench(
         encoded: dict[str, Path] = {}
         tmp = tempfile.TemporaryDirectory(prefix="edgectl-ppl-")
         for row in rows:
-            if any(r.get("status") == "infeasible" for r in row.runs):
+            if stopped:
+                break
+            if not row.runs or row.error is not None or any(r.get("status") == "infeasible" for r in row.runs):
                 continue
             progress(f"{row.case.label}: perplexity on {settings.ppl_file.name}")
             allowance = scoring_allowance(row.case.artifact, settings.ctx_size) if settings.cgroup else 0
@@ -522,10 +571,12 @@ def run_bench(
             ids = _ppl_ids(row.case.artifact, settings, Path(tmp.name), encoded)
             with _same_plan(row, settings) as case:
                 try:
-                    row.ppl = worker(case, settings, mode="ppl", cap=cap, ppl_ids=ids)
+                    ok = _measure(row, lambda: worker(case, settings, mode="ppl", cap=cap, ppl_ids=ids),
+                                  lambda got: setattr(row, "ppl", got))
                 finally:
                     if cap:
                         cap.close()
+            stopped = not ok and not keep_going
             row.ppl["followed_generation_plan"] = case is not row.case
             if settings.cgroup:
                 row.ppl["cgroup_scoring_allowance"] = allowance

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgectl.architectures import check_gguf, check_hf_config
 from edgectl.errors import EdgectlError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -113,6 +114,7 @@ def _from_hf_dir(source: str, d: Path) -> Checkpoint:
     if not (d / "config.json").exists():
         raise EdgectlError(f"{source}: no config.json in {d}", hint="a Hugging Face model directory is expected")
     config = _read_json(d / "config.json")
+    check_hf_config(config, source)
     if not weight_files(d):
         raise EdgectlError(f"{source}: no *.safetensors weights in {d}")
     tok = d / "tokenizer.json"
@@ -142,6 +144,7 @@ def _merge_ids(a, b) -> list[int]:
 
 
 def _from_gguf(source: str, path: Path) -> Checkpoint:
+    check_gguf(path)  # header only: an unsupported model is refused before torch is imported
     from edgectl.gguf_loader import read_gguf
 
     meta, tensors = read_gguf(path)

@@ -260,7 +260,10 @@ def bench(
     repeat: Annotated[int, typer.Option(min=1, help="Measured runs per artifact, each in a fresh process.")] = 3,
     threads: ThreadsOpt = None,
     cold: Annotated[bool, typer.Option("--cold", help="Drop the page cache before each run (root), no warm-up.")] = False,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every raw figure as JSON to this file ('-' for stdout).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print every raw figure as JSON on stdout (the table goes to stderr).")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write that JSON to this file.")] = None,
+    keep_going: Annotated[bool, typer.Option("--keep-going", "-k", help="Measure every row even when one fails, and exit 0; "
+                                             "without it the first failed or OOM-killed row stops the bench and it exits 1.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a timeline PNG of each artifact's last run.")] = None,
     ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Also measure the artifact's perplexity on this text file.")] = None,
     ppl_tokens: Annotated[Optional[int], typer.Option(min=2, help="Score at most this many tokens of --ppl.")] = None,
@@ -278,7 +281,13 @@ def bench(
 
     A .pte with --memory-budget and --cgroup runs under each budget's cap (it has no plan).
 
-    Example: edgectl bench fp32.pte 8da4w.pte --repeat 5 --json bench.json --plot timeline.png
+    A row that fails (an error, or an OOM kill under --cgroup) is marked "failed" or "oom" in
+    the table and the JSON, and bench exits 1: CI can gate on it. --keep-going measures the
+    other rows anyway and exits 0. A budget no plan fits is a row too ("infeasible"), not a
+    failure.
+
+    Example: edgectl bench fp32.pte 8da4w.pte --repeat 5 -o bench.json --plot timeline.png
+    Example: edgectl bench fp32.pte 8da4w.pte --json > bench.json
     Example: edgectl bench smol-shards/ smol-int8.pte --memory-budget 150MB,75MB --mode resident,pipelined --cgroup
     """
     from rich.console import Console
@@ -290,25 +299,42 @@ def bench(
         raise UsageError("--ppl-tokens needs --ppl")
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {plot}: expected a .png path")
+    _json_path_given_as_artifact(artifacts)
     settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup, ctx_size)
     cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision, plan_file)
     with ui.stages("benchmarking") as step:
-        report = run_bench(cases, settings, progress=step, warn=ui.warn)
+        report = run_bench(cases, settings, progress=step, warn=ui.warn, keep_going=keep_going)
     data = report.to_dict()
-    to_stdout = str(json_path) == "-"
-    target = sys.stderr if to_stdout else sys.stdout
-    Console(file=target, width=None if target.isatty() else 200).print(render_table(report))
-    if to_stdout:
+    target = sys.stderr if json_out else sys.stdout
+    if report.measured_rows:
+        Console(file=target, width=None if target.isatty() else 200).print(render_table(report))
+    if json_out:
         ui.emit_json(data)
-    elif json_path is not None:
+    if output is not None:
         import json
 
-        json_path.write_text(json.dumps(data, indent=2) + "\n")
-        ui.info(f"wrote {json_path}")
-    if plot is not None:
+        from edgectl.export import write_atomic
+
+        write_atomic(output, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+        ui.info(f"wrote {output}")
+    if plot is not None and report.measured_rows:
         from edgectl.plot import plot_timeline
 
         ui.info(f"wrote {plot_timeline(data['rows'], plot)}")
+    failed = report.failed_rows
+    for row in failed:
+        print(f"edgectl: error: {row.case.label}: {row.error}", file=sys.stderr)
+    if failed and not keep_going:
+        raise typer.Exit(1)
+
+
+def _json_path_given_as_artifact(artifacts: list[Path]) -> None:
+    """`bench A.pte --json out.json` was the old spelling: out.json now lands among the
+    artifacts. Say what changed instead of "no such file"."""
+    for a in artifacts:
+        if a.suffix == ".json" and not a.is_dir():
+            raise UsageError(f"{a}: not an artifact; --json is a flag now (JSON on stdout)",
+                             hint=f"write it to a file with -o {a}")
 
 
 def bench_cases(artifacts: list[Path], memory_budget: str | None, mode: str | None, cgroup: bool,

@@ -26,6 +26,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from edgectl.architectures import GGUF_ARCHITECTURES
 from edgectl.errors import EdgectlError
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def read_gguf(path) -> tuple[GGUFCheckpoint, Iterator[tuple[str, torch.Tensor]]]
     if arch_name not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise EdgectlError(f"{path}: GGUF architecture {arch_name!r} is not supported (supported: {supported})")
+    assert set(ARCHITECTURES) == set(GGUF_ARCHITECTURES), "architectures.GGUF_ARCHITECTURES is the early check's list"
     arch = ARCHITECTURES[arch_name]
     tensors = {t.name: t for t in reader.tensors}
     config = _config(meta, arch_name, arch, tensors, path)

@@ -34,10 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgectl.architectures import check_hf_config
 from edgectl.errors import EdgectlError
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 MASK_VALUE = -1e9  # additive mask; finite so a softmax row never sees NaN
 
 
@@ -62,12 +60,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        arch = (cfg.get("architectures") or [MODEL_TYPES.get(cfg.get("model_type"), cfg.get("model_type", "?"))])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise EdgectlError(
-                f"unsupported architecture {arch!r}",
-                hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
-            )
+        arch = check_hf_config(cfg)
         n_heads = cfg["num_attention_heads"]
         dim = cfg["hidden_size"]
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}

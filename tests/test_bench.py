@@ -78,6 +78,55 @@ def test_worker_error_reaches_the_user_in_one_line(capsys, tmp_path):
     rc, out, err = _run(capsys, "bench", str(bad), "--repeat", "1", "--new-tokens", "2")
     assert rc == 1 and "bad.pte" in err and "not a loadable" in err
     assert "Traceback" not in err and out == ""
+    assert [ln for ln in err.splitlines() if ln.startswith("edgectl: error:")] == [err.strip().splitlines()[-1]]
+
+
+def test_json_is_a_flag_and_a_failed_row_is_marked(capsys, tmp_path):
+    """--json prints the report on stdout even when a row failed (CI reads it), marks the
+    row, and the exit code still says it failed; -o writes the same JSON to a file."""
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(b"not a program" * 10)
+    rc, out, err = _run(capsys, "bench", str(bad), "--repeat", "2", "--new-tokens", "2", "--json", "-o", str(tmp_path / "r.json"))
+    assert rc == 1
+    rep = json.loads(out)
+    assert rep == json.loads((tmp_path / "r.json").read_text())
+    (row,) = rep["rows"]
+    assert row["failed"] is True and row["status"] == "failed 1/1" and "not a loadable" in row["error"]
+    assert len(row["runs"]) == 1  # a failed row is not run again
+    rc, out, _ = _run(capsys, "bench", str(bad), "--repeat", "1", "--new-tokens", "2", "--json", "--keep-going")
+    assert rc == 0 and json.loads(out)["rows"][0]["failed"] is True
+
+
+def test_old_json_file_spelling_says_what_changed(capsys, tmp_path):
+    rc, out, err = _run(capsys, "bench", str(tmp_path / "a.pte"), "--json", str(tmp_path / "out.json"))
+    assert rc == 2 and "-o " in err and "out.json" in err and out == ""
+
+
+def test_an_oom_row_fails_the_bench_unless_keep_going(capsys, tmp_path, monkeypatch):
+    """The exit-code logic for a row the cgroup OOM-killed (the worker's answer simulated
+    here; test_bench_budget's cgroup test has the kernel kill a real worker)."""
+    a, b = tmp_path / "a.pte", tmp_path / "b.pte"
+    for p in (a, b):
+        p.write_bytes(b"x")
+    monkeypatch.setattr(bench, "warm_page_cache", lambda p: None)
+    calls = []
+
+    def fake_worker(case, settings, **kw):
+        calls.append(case.artifact.name)
+        if case.artifact == a:
+            return {"status": "oom", "cgroup_limit": 50_000_000}
+        return {"status": "ok", **{k: 1.0 for k in bench.SUMMARY_KEYS}}
+
+    monkeypatch.setattr(bench, "worker", fake_worker)
+    rc, out, err = _run(capsys, "bench", str(a), str(b), "--repeat", "2", "--json")
+    rows = json.loads(out)["rows"]
+    assert rc == 1 and calls == ["a.pte"] and "OOM-killed" in err and "(50 MB)" in err
+    assert [r["status"] for r in rows] == ["oom 1/1", "not run"]
+    calls.clear()
+    rc, out, err = _run(capsys, "bench", str(a), str(b), "--repeat", "2", "--json", "--keep-going")
+    rows = json.loads(out)["rows"]
+    assert rc == 0 and calls == ["a.pte", "b.pte", "b.pte"]
+    assert [r["status"] for r in rows] == ["oom 1/1", "ok"] and [r["failed"] for r in rows] == [True, False]
 
 
 # ---- real model: one export, one bench run -----------------------------------------------
@@ -92,13 +141,13 @@ def s260_pte(stories_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def benched(s260_pte, corpus_dir, tmp_path_factory):
-    """`edgectl bench s260.pte s260.pte --repeat 1 --new-tokens 8 --ppl ... --json --plot`."""
+    """`edgectl bench s260.pte s260.pte --repeat 1 --new-tokens 8 --ppl ... -o b.json --plot`."""
     d = tmp_path_factory.mktemp("bench_out")
-    stories = corpus_dir / "tinystories-valid-500.txt"
+    stories = corpus_dir / "tinystories-valid-40.txt"
     argv = [
         "bench", str(s260_pte), str(s260_pte), "--repeat", "1", "--new-tokens", "8",
         "--ppl", str(stories), "--ppl-tokens", str(PPL_TOKENS),
-        "--json", str(d / "b.json"), "--plot", str(d / "t.png"),
+        "-o", str(d / "b.json"), "--plot", str(d / "t.png"),
     ]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

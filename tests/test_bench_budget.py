@@ -93,3 +93,19 @@ def test_ctx_size_row_scores_the_plan_its_generation_made(stories_dir, tmp_path)
     assert gen["plan"]["context"] == ppl["plan"]["context"] == 32
     assert ppl["plan_precisions"] == gen["plan_precisions"] and ppl["plan_placements"] == gen["plan_placements"]
     assert ppl["windows"] == 3  # 90 tokens, 31 scored per window after BOS
+
+
+@pytest.mark.real_model
+def test_a_worker_the_cgroup_kills_is_a_failed_oom_row(stories_pte):
+    """A real worker under a cap far below the interpreter's own needs: the kernel kills
+    it, and the row says so (and fails the bench, see test_bench's exit-code tests)."""
+    from edgectl.bench import BenchSettings, worker
+    from edgectl.memcap import MemCap, unavailable
+
+    if unavailable():
+        pytest.skip(unavailable())
+    with MemCap(40 * 1024 * 1024) as cap:
+        out = worker(Case(stories_pte), BenchSettings(prompt_tokens=4, new_tokens=2, repeat=1), cap=cap)
+    assert out["status"] == "oom" and out["cgroup_oom_kills"] >= 1
+    row = Row(Case(stories_pte), 1, runs=[out])
+    assert row.status == "oom 1/1" and "OOM-killed" in row.error and "(42 MB)" in row.error

@@ -91,3 +91,62 @@ def test_unsupported_architecture_in_config(stories_dir, tmp_path):
     with pytest.raises(EdgectlError) as e:
         resolve(str(d)).args
     assert "FalconForCausalLM" in str(e.value) and "LlamaForCausalLM" in e.value.hint
+
+
+def _refused_without_torch(argv: list[str]) -> tuple[int, str, bool]:
+    """Run edgectl in a fresh interpreter; (exit code, stderr, whether torch got imported)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom edgectl.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(rc, 'torch' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    rc, torch_loaded = p.stdout.split()
+    return int(rc), p.stderr, torch_loaded == "True"
+
+
+def _tiny_gguf(path: Path, arch: str) -> Path:
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_uint32(f"{arch}.block_count", 1)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    w.add_tensor("token_embd.weight", np.zeros((3, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_unsupported_gguf_architecture_is_refused_before_torch(tmp_path):
+    g = _tiny_gguf(tmp_path / "g.gguf", "gemma3")
+    rc, err, torch_loaded = _refused_without_torch(["export", str(g), "-o", str(tmp_path / "g.pte")])
+    assert rc == 1 and not torch_loaded
+    assert "'gemma3' is not supported" in err and err.count("\n") == 1
+    assert not (tmp_path / "g.pte").exists()
+
+
+def test_unsupported_config_architecture_is_refused_before_torch(stories_dir, tmp_path):
+    import json
+
+    d = _copy_model(stories_dir, tmp_path / "m")
+    (d / "config.json").chmod(0o644)
+    (d / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}))
+    rc, err, torch_loaded = _refused_without_torch(["shard", str(d), "-o", str(tmp_path / "s")])
+    assert rc == 1 and not torch_loaded and "Gemma3ForCausalLM" in err and err.count("\n") == 1
+
+
+def test_gguf_header_architecture(smol_gguf, tmp_path):
+    from edgectl.architectures import gguf_architecture
+
+    assert gguf_architecture(smol_gguf) == "llama"  # SmolLM2's release, checked with gguf-dump
+    assert gguf_architecture(_tiny_gguf(tmp_path / "q.gguf", "qwen2")) == "qwen2"
+    head = smol_gguf.read_bytes()[:40]
+    (tmp_path / "cut.gguf").write_bytes(head)
+    with pytest.raises(EdgectlError, match="truncated"):
+        gguf_architecture(tmp_path / "cut.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"GGML" + head[4:])
+    with pytest.raises(EdgectlError, match="not a GGUF file"):
+        gguf_architecture(tmp_path / "bad.gguf")
