@@ -31,12 +31,57 @@ All are checked, not assumed: tests/test_export_run.py exports with and without 
 requires byte-identical programs once debug handles are held equal (the single
 decomposition renumbers those profiling ids; nothing else changes). `EDGECTL_SLOW_EXPORT=1`
 turns them off.
+
+They patch private attributes of torch, ExecuTorch and torchao, so they are fenced: they
+apply only on the versions they were written against and checked on (`WRITTEN_FOR`). On
+any other version export takes ExecuTorch's stock path, with one notice (`enabled()`).
+`infer_view_dims` and `dedupe` are ordinary graph passes on public torch.fx API and always
+run: they change the program (more of it delegated, duplicates merged), not how it is made.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import sys
+
+# The versions these patches were written against and tested on (the project's pins).
+WRITTEN_FOR = {"torch": "2.13.0", "executorch": "1.4.1", "torchao": "0.18.0"}
+
+
+@functools.lru_cache(maxsize=1)
+def version_mismatch() -> str | None:
+    """None when the installed torch/executorch/torchao are the ones in WRITTEN_FOR (a
+    local build tag such as torch's "+cpu" aside), else what differs."""
+    import importlib.metadata as md
+
+    found = {}
+    for name in WRITTEN_FOR:
+        try:
+            found[name] = md.version(name).split("+")[0]
+        except md.PackageNotFoundError:
+            found[name] = "not installed"
+    diff = [f"{n} {found[n]} (written for {v})" for n, v in WRITTEN_FOR.items() if found[n] != v]
+    return ", ".join(diff) or None
+
+
+_noticed: list[str] = []
+
+
+def enabled() -> bool:
+    """Whether the lowering speed-ups apply: not with EDGECTL_SLOW_EXPORT=1, and only on
+    the exact versions they were written for (one notice on stderr per process if not)."""
+    if os.environ.get("EDGECTL_SLOW_EXPORT") == "1":
+        return False
+    why = version_mismatch()
+    if why is not None:
+        if not _noticed:
+            _noticed.append(why)
+            print(f"edgectl: note: ExecuTorch's stock lowering path (slower): edgectl's lowering speed-ups "
+                  f"patch private internals and were written for other versions: {why}", file=sys.stderr)
+        return False
+    return True
 
 # pass class name -> substrings of operator names; the pass runs only if one occurs.
 # Anchors read from executorch 1.4.1's backends/xnnpack/_passes (and the transforms they import).
@@ -283,7 +328,7 @@ def delegate_modules_cached():
     This is the same function, with each module built once; and a call on fake tensors
     whose program, shape env and input shapes, strides and dtypes were seen before gets
     fresh fake outputs of the shapes that call produced, without running the program."""
-    if os.environ.get("EDGECTL_SLOW_EXPORT") == "1":
+    if not enabled():
         yield
         return
     import importlib
@@ -604,7 +649,7 @@ class _BitDependencyViewer:
 
 @contextlib.contextmanager
 def fast_passes():
-    if os.environ.get("EDGECTL_SLOW_EXPORT") == "1":
+    if not enabled():
         yield
         return
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
@@ -718,7 +763,7 @@ def shape_kernels():
     fake (or meta) tensors, return only the output shapes; real tensors still run torchao's
     code. Exporting preserves these ops (XNNPACK lowers them), so under fake tensors their
     kernels are only ever asked for output shapes."""
-    if os.environ.get("EDGECTL_SLOW_EXPORT") == "1":
+    if not enabled():
         yield
         return
     import warnings
@@ -800,7 +845,9 @@ def _linear_composite_shapes():
                 and _get_dispatch_mode(_TorchDispatchModeKey.PROXY) is None
                 and _get_dispatch_mode(_TorchDispatchModeKey.FUNCTIONAL) is None):
             return input.new_empty((*input.shape[:-1], weight.shape[0]))
-        return op.decompose(input, weight, bias)
+        # the C++ composite kernel itself: op.decompose would look up this Python kernel
+        # first and call it again, forever (a backend that decomposes linear gets here)
+        return op._op_dk(key, input, weight, bias)
 
     if saved is not None:  # someone else's kernel: leave it alone
         yield

@@ -267,3 +267,33 @@ def test_constprop_runs_only_where_something_folds():
     g.output(g.call_function(torch.ops.aten.add.Tensor, (x, g.call_function(torch.ops.aten.exp.default, (c,)))))
     gm = torch.fx.GraphModule(root, g)  # exp of a get_attr constant: that one folds
     assert _foldable(type("EP", (), {"graph_module": gm})())
+
+
+def test_speedups_apply_only_on_the_versions_they_were_written_for(monkeypatch, capsys):
+    """On the pinned versions the patches apply; on any other, every patch point stays
+    ExecuTorch's own and one notice says why (the stock path's output is the reference
+    test_export_run.test_fast_lowering_changes_no_byte compares against)."""
+    import importlib
+
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+    from executorch.exir.program import _program as P
+
+    from edgectl import xnnpack_fast as xf
+
+    D = importlib.import_module("torch._higher_order_ops.executorch_call_delegate")
+    monkeypatch.delenv("EDGECTL_SLOW_EXPORT", raising=False)
+    xf.version_mismatch.cache_clear()
+    assert xf.version_mismatch() is None and xf.enabled()  # this environment has the pins
+    originals = (XNNPACKPassManager.transform, P._gen_edge_manager_for_partitioners, D.call_delegate_cpu)
+    with xf.fast_passes(), xf.delegate_modules_cached():
+        assert XNNPACKPassManager.transform is not originals[0]
+        assert D.call_delegate_cpu is not originals[2]
+
+    monkeypatch.setattr(xf, "version_mismatch", lambda: "executorch 1.5.1 (written for 1.4.1)")
+    monkeypatch.setattr(xf, "_noticed", [])
+    capsys.readouterr()
+    for _ in range(2):
+        with xf.fast_passes(), xf.delegate_modules_cached(), xf.shape_kernels():
+            assert (XNNPACKPassManager.transform, P._gen_edge_manager_for_partitioners, D.call_delegate_cpu) == originals
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "executorch 1.5.1 (written for 1.4.1)" in err and "stock lowering path" in err
