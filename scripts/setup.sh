@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv, install edgectl with its test extra, and fetch the default model.
+# Create .venv, install edgectl with its test and openvino extras, and fetch the default model.
 # Idempotent: a second run only checks that everything is in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,10 +8,12 @@ if [ ! -x .venv/bin/python ]; then
   echo "edgectl setup: creating .venv" >&2
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import edgectl, executorch, torchao, transformers" 2>/dev/null; then
+if ! .venv/bin/python -c "import edgectl, executorch, torchao, transformers, openvino, importlib.util as u; assert u.find_spec('nncf')" 2>/dev/null; then
   echo "edgectl setup: installing (about a minute)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   # torch==2.13.0 is pinned: an open range would pull GBs of CUDA packages.
-  .venv/bin/python -m pip install -q -e ".[test]"
+  # the openvino extra: tests/test_backends.py runs OpenVINO programs (~170 MB, 51 MB download)
+  .venv/bin/python -m pip install -q -e ".[test,openvino]"
 fi
+# the default model, which the tests use too (tests/conftest.py: smol_gguf)
 .venv/bin/python scripts/fetch_models.py >/dev/null

@@ -1,17 +1,22 @@
 """Shared fixtures. Markers (real_model, slow) are declared in pyproject.toml.
 
-Real models come from ../shared/models beside the checkout (as in CI) or from the
-edgectl cache that scripts/fetch_models.py fills; tests that need one skip without it.
+stories260K and the text corpus ship in tests/fixtures, so a fresh clone needs nothing
+beside it. SmolLM2-135M comes from ../shared/models beside the checkout ($EDGECTL_SHARED)
+or from the edgectl cache that scripts/fetch_models.py fills (scripts/test.sh runs it).
+A test may skip only for hardware this machine lacks, through `needs_hardware`:
+.ci/run fails on any other skip: `--skip-report PATH` writes them all (.ci/check_skips.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED = Path(os.environ.get("EDGECTL_SHARED", REPO.parent / "shared"))
 CACHE = Path(os.environ.get("EDGECTL_CACHE", Path.home() / ".cache" / "edgectl"))
 SMOL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,12 +26,63 @@ def _first(*paths: Path) -> Path | None:
     return next((p for p in paths if p.exists()), None)
 
 
+# ---------------------------------------------------------------------------------------
+# Skips: only for missing hardware, and every one recorded for .ci/check_skips.py
+
+HARDWARE_SKIP = "needs hardware: "  # the one skip reason .ci/run accepts (.ci/allowed-skips)
+
+
+def needs_hardware(what: str):
+    """Skip the calling test because this machine lacks `what` (a GPU runtime, an NPU...)."""
+    pytest.skip(HARDWARE_SKIP + what)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--skip-report", metavar="PATH", default=None,
+                     help="write every skipped test and its reason to PATH as JSON (.ci/check_skips.py reads it)")
+
+
+_SKIPPED: list[dict] = []
+
+
+def _skip_reason(report) -> str:
+    lr = report.longrepr  # (file, line, "Skipped: reason") for a skip
+    text = lr[2] if isinstance(lr, tuple) and len(lr) == 3 else str(lr)
+    return text[len("Skipped: "):] if text.startswith("Skipped: ") else text
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):  # an xfail ran: not a skip
+        _SKIPPED.append({"test": report.nodeid, "reason": _skip_reason(report)})
+
+
+def pytest_collectreport(report):
+    if report.skipped:  # a whole module (importorskip, a module-level skip)
+        _SKIPPED.append({"test": report.nodeid, "reason": _skip_reason(report)})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--skip-report")
+    if path:
+        report = {"exitstatus": int(exitstatus), "collected": session.testscollected, "skipped": _SKIPPED}
+        Path(path).write_text(json.dumps(report, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# Models and text
+
+
+def _fixture(name: str) -> Path:
+    p = FIXTURES / name
+    if not p.exists():
+        pytest.fail(f"{p} is missing: it ships with the repository")
+    return p
+
+
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
-    p = _first(SHARED / "models" / "stories260K")
-    if p is None:
-        pytest.skip("stories260K not found in ../shared/models")
-    return p
+    """stories260K (real weights, 1 MB) in tests/fixtures."""
+    return _fixture("stories260K")
 
 
 @pytest.fixture(scope="session")
@@ -36,16 +92,15 @@ def smol_gguf() -> Path:
         CACHE / "models" / "smollm2-135m-instruct" / SMOL_NAME,
     )
     if p is None:
-        pytest.skip("SmolLM2-135M GGUF not found (run scripts/fetch_models.py)")
+        pytest.skip("SmolLM2-135M GGUF in neither $EDGECTL_SHARED/models nor the edgectl cache "
+                    "(scripts/test.sh fetches it: scripts/fetch_models.py)")
     return p
 
 
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
-    p = SHARED / "corpus"
-    if not p.exists():
-        pytest.skip("../shared/corpus not found")
-    return p
+    """tests/fixtures/corpus: tinystories-valid-40.txt (calibration and perplexity text)."""
+    return _fixture("corpus")
 
 
 def _export_once(tmp_path_factory, model: Path, name: str, max_seq_len: int, prefill_chunk: int | None = None) -> Path:

@@ -133,7 +133,7 @@ def quantized_dirs(tmp_path_factory, stories_dir, corpus_dir):
                "int8-sq": QuantScheme("int8", 32, "int8", 32, smoothquant=True)}  # calibrated on the built-in paragraph
     for name, scheme in schemes.items():
         res = quantize_checkpoint(resolve(str(stories_dir)), root / name, scheme,
-                                  corpus_dir / "tinystories-valid-500.txt", 256)
+                                  corpus_dir / "tinystories-valid-40.txt", 256)
         out[name] = res
     return out
 
@@ -342,7 +342,7 @@ def test_smoothquant_checkpoint_records_and_folds(stories_dir, corpus_dir, tmp_p
     from edgectl.checkpoint import load_model, resolve
     from edgectl.quantize import load_quantized_model, quantize_checkpoint
 
-    cal = corpus_dir / "tinystories-valid-500.txt"
+    cal = corpus_dir / "tinystories-valid-40.txt"
     res = quantize_checkpoint(resolve(str(stories_dir)), tmp_path / "sq", QuantScheme("int8", smoothquant=True, smooth_alpha=0.5),
                               cal, 256, calibration=cal, calibration_tokens=300)
     ck = resolve(res.path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from edgectl.errors import EdgectlError
@@ -111,3 +113,80 @@ def test_bad_recipe_is_a_one_line_error(tmp_path, capsys):
     rc = main(["run", "x.pte", "-p", "hi", "--recipe", str(bad)])
     err = capsys.readouterr().err
     assert rc == 1 and "memroy_budget" in err and err.strip().count("\n") == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Shipped recipes: found by name, listed by `edgectl recipes`, Android ones export stock
+
+
+def test_shipped_recipes_are_package_data():
+    """They live inside the package (edgectl/recipe_files), so a wheel install has them."""
+    import edgectl
+    from edgectl.recipes import RECIPE_DIR
+
+    assert RECIPE_DIR.parent == Path(edgectl.__file__).resolve().parent and len(shipped_recipes()) >= 6
+    for p in shipped_recipes():
+        r = load_recipe(p)
+        assert r.description and r.name == p.stem
+
+
+def test_android_recipes_ask_for_the_stock_interface(monkeypatch):
+    """No Android runner loads the edgectl interface: an android recipe's export is stock."""
+    from edgectl.cli import main
+
+    android = [p for p in shipped_recipes() if "android" in p.stem]
+    assert len(android) >= 2
+    for p in android:
+        assert load_recipe(p).export.interface == "stock", p.name
+        seen = _capture_export(monkeypatch)
+        assert main(["export", "--recipe", p.stem, "-o", "x.pte"]) == 0
+        assert seen["interface"] == "stock" and seen["model"] == load_recipe(p).model.id
+
+
+@pytest.mark.parametrize("form", ["{name}", "{name}.toml", "--recipe={name}"])
+def test_recipe_by_name(monkeypatch, form):
+    from edgectl.cli import main
+
+    seen = _capture_export(monkeypatch)
+    arg = form.format(name="smollm2-135m-laptop-8da4w")
+    argv = ["export", "-o", "x.pte", *([arg] if arg.startswith("--") else ["--recipe", arg])]
+    assert main(argv) == 0
+    assert seen["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and seen["scheme"].linear == "8da4w"
+
+
+def test_a_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    from edgectl.recipes import find_recipe
+
+    local = tmp_path / "smollm2-135m-android"
+    local.write_text("[model]\nid = 'mine.gguf'\n")
+    monkeypatch.chdir(tmp_path)
+    assert find_recipe("smollm2-135m-android") == Path("smollm2-135m-android")
+    assert load_recipe("smollm2-135m-android").model.id == "mine.gguf"
+    assert load_recipe(str(local)).model.id == "mine.gguf"
+
+
+def test_unknown_recipe_name_is_a_one_line_error(capsys):
+    from edgectl.cli import main
+
+    assert main(["export", "--recipe", "no-such-recipe", "-o", "x.pte"]) == 1
+    err = capsys.readouterr().err
+    assert "no-such-recipe" in err and "smollm2-135m-android" in err and err.strip().count("\n") == 0
+    with pytest.raises(EdgectlError, match="cannot read recipe"):
+        load_recipe("no/such/dir/r.toml")  # a path is never looked up by name
+
+
+def test_recipes_command_lists_name_and_description(capsys):
+    import json
+
+    from edgectl.cli import main
+
+    stems = [p.stem for p in shipped_recipes()]
+    assert main(["recipes", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in listed] == stems
+    for r in listed:
+        assert r["description"] == load_recipe(r["path"]).description != ""
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == stems
+    assert all(load_recipe(s).description in line for s, line in zip(stems, lines))

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The built wheel, not the source tree: build it from a copy of this checkout (the files a
+# clone holds), install it (not editable) into a fresh venv, and from outside any checkout
+# list the shipped recipes, build the native shim from the installed source, export
+# stories260K (tests/fixtures) and generate from it, once with edgectl's interface and
+# once through the shipped smollm2-135m-android recipe (ExecuTorch's stock interface).
+# Prints each step's seconds on stderr; exits non-zero on the first failure.
+#   bash scripts/wheel_smoke.sh [WORKDIR]     (default: a temporary directory, removed after)
+# pip's cache is used as usual, so a second run downloads nothing. $PYTHON picks the
+# interpreter (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+if [ $# -ge 1 ]; then
+  WORK=$1; mkdir -p "$WORK"
+else
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/edgectl-wheel.XXXXXX"); trap 'rm -rf "$WORK"' EXIT
+fi
+WORK=$(cd "$WORK" && pwd)
+FIXTURE=$ROOT/tests/fixtures/stories260K
+T0=$SECONDS; LAST=$SECONDS
+step() { echo "wheel_smoke: $1 ($((SECONDS - LAST)) s)" >&2; LAST=$SECONDS; }
+
+# 1. the wheel, from the files a clone would hold (no stale build/ of this checkout)
+rm -rf "$WORK/src" "$WORK/dist" "$WORK/venv" "$WORK/run"
+mkdir -p "$WORK/src"
+git ls-files -z --cached --others --exclude-standard \
+  | while IFS= read -r -d '' f; do if [ -e "$f" ]; then printf '%s\0' "$f"; fi; done \
+  | tar --null -T - -cf - | tar -C "$WORK/src" -xf -
+"$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$WORK/src"
+WHEEL=$(ls "$WORK"/dist/edgectl-*.whl)
+"$PY" - "$WHEEL" "$ROOT" <<'PY'
+import sys, zipfile
+from pathlib import Path
+names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+root = Path(sys.argv[2])
+want = {p.relative_to(root).as_posix() for p in [*root.glob("edgectl/_native/*.cpp"), *root.glob("edgectl/recipe_files/*.toml")]}
+want |= {p.relative_to(root).as_posix() for p in root.glob("edgectl/**/*.py")}
+missing = sorted(want - names)
+if missing or not any(n.endswith(".toml") for n in want):
+    sys.exit(f"wheel_smoke: the wheel lacks {missing}")
+PY
+step "built and checked $(basename "$WHEEL")"
+
+# 2. a fresh venv with the wheel and its dependencies
+"$PY" -m venv "$WORK/venv"
+"$WORK/venv/bin/python" -m pip install -q "$WHEEL"
+step "installed into a fresh venv"
+
+# 3. from outside any checkout: the installed package, not the source
+mkdir -p "$WORK/run"; cd "$WORK/run"
+export EDGECTL_CACHE="$WORK/cache"   # the shim is built afresh, from the installed source
+BIN=$WORK/venv/bin
+"$BIN/python" - "$WORK/venv" <<'PY'
+import sys
+from pathlib import Path
+import edgectl
+from edgectl import _native
+where = Path(edgectl.__file__).resolve()
+assert where.is_relative_to(Path(sys.argv[1]).resolve()), f"edgectl imported from {where}, not the venv"
+assert _native.load() is not None, f"native shim: {_native.why_not()}"
+PY
+step "imported from the venv, native shim built"
+n_recipes=$("$BIN/edgectl" recipes | wc -l)
+[ "$n_recipes" -eq "$(ls "$ROOT"/edgectl/recipe_files/*.toml | wc -l)" ] || { echo "wheel_smoke: edgectl recipes listed $n_recipes" >&2; exit 1; }
+step "edgectl recipes: $n_recipes"
+
+check_lily() {  # greedy stories260K continues "Once upon a time" with a girl named Lily
+  "$BIN/python" -c 'import json, sys; d = json.load(open(sys.argv[1])); t = d["text"]
+assert "Lily" in t and d["stats"]["new_tokens"] == 24, t; print("wheel_smoke:  ", repr(t), file=sys.stderr)' "$1"
+}
+"$BIN/edgectl" export "$FIXTURE" -o s.pte --max-seq-len 128 >/dev/null
+"$BIN/edgectl" run s.pte -p "Once upon a time" -n 24 --json > s.json
+check_lily s.json
+step "export + run (edgectl interface)"
+"$BIN/edgectl" export "$FIXTURE" --recipe smollm2-135m-android -o a.pte >/dev/null
+ls a.tokenizer.* >/dev/null   # the tokenizer file stock runners take, beside the .pte
+"$BIN/python" -c 'import json, sys; from pathlib import Path; from edgectl.ptefile import constant_bytes
+meta = json.loads(constant_bytes(Path(sys.argv[1]), "edgectl_meta")); assert meta["interface"] == "stock", meta' a.pte
+"$BIN/edgectl" run a.pte -p "Once upon a time" -n 24 --json > a.json
+check_lily a.json
+step "export --recipe smollm2-135m-android + run (stock interface)"
+echo "wheel_smoke: ok in $((SECONDS - T0)) s" >&2
