@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgectl import RUNTIME_COMMANDS, __version__, one_blas_thread
+from edgectl.backends import HELP as BACKEND_HELP, SHARDABLE
 from edgectl.errors import EdgectlError, UsageError
 
 app = typer.Typer(
@@ -31,8 +32,8 @@ app = typer.Typer(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="Runtime threads (default: runtime's choice).")]
 RecipeOpt = Annotated[
-    Optional[Path],
-    typer.Option("--recipe", help="A recipe TOML (see recipes/): its settings become defaults; flags given here override them."),
+    Optional[str],
+    typer.Option("--recipe", metavar="FILE|NAME", help="A recipe: a TOML file, or the name of a shipped one (`edgectl recipes` lists them). Its settings become defaults; flags given here override them."),
 ]
 
 
@@ -53,7 +54,7 @@ def _root(
 def export(
     model: Annotated[str, typer.Argument(help="Hub id, Hugging Face directory or .gguf file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .pte.")],
-    backend: Annotated[str, typer.Option(help="xnnpack (ARM/x86 CPU), portable, vulkan, coreml.")] = "xnnpack",
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "xnnpack",
     max_seq_len: Annotated[Optional[int], typer.Option(help="KV cache length (default: min(model's, 2048)).")] = None,
     prefill_chunk: Annotated[Optional[int], typer.Option(help="Most tokens per call (default 128): bounds activation memory; longer prompts run in chunks.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print delegated vs non-delegated op counts.")] = False,
@@ -322,8 +323,9 @@ def bench(
 
         ui.info(f"wrote {plot_timeline(data['rows'], plot)}")
     failed = report.failed_rows
-    for row in failed:
-        print(f"edgectl: error: {row.case.label}: {row.error}", file=sys.stderr)
+    for row in failed:  # a worker's error names the row already
+        what = row.error if row.error.startswith(row.case.label) else f"{row.case.label}: {row.error}"
+        print(f"edgectl: error: {what}", file=sys.stderr)
     if failed and not keep_going:
         raise typer.Exit(1)
 
@@ -437,7 +439,7 @@ def shard(
     layers_per_shard: Annotated[int, typer.Option(min=1, help="Decoder layers per shard.")] = 1,
     calibration: Annotated[Optional[Path], typer.Option(help="Text file to measure importance on (needed with 2+ precisions).")] = None,
     calibration_tokens: Annotated[int, typer.Option(min=16, help="Calibration tokens to score.")] = 2048,
-    backend: Annotated[str, typer.Option(help="xnnpack (quantized precisions need it), portable, vulkan, coreml.")] = "xnnpack",
+    backend: Annotated[str, typer.Option(help=f"{', '.join(SHARDABLE)} (quantized precisions need xnnpack).")] = "xnnpack",
     max_seq_len: Annotated[Optional[int], typer.Option(help="KV cache length (default: min(model's, 2048)).")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Parallel export workers.")] = 2,
     chunk: Annotated[int, typer.Option(min=2, help="Most tokens per program call (activation memory is planned for it).")] = 64,
@@ -510,6 +512,46 @@ def shard(
         typer.echo(f"  {r['shard']:<12} {r['precision']:<6} KL {r['kl']:.5f}  ppl {r['ppl_delta']:+.3f}")
 
 
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="A .pte or a shard set directory.")],
+    json_out: JsonOpt = False,
+):
+    """Check a .pte or a shard set for damage: each file against its checksum, one line each (exit 1 if any is wrong).
+
+    Example: edgectl verify smollm2-shards/
+    """
+    from edgectl import ui
+    from edgectl.verify import verify as check
+
+    rows = check(path)
+    ok = all(r["ok"] for r in rows)
+    if json_out:
+        ui.emit_json({"ok": ok, "files": rows})
+    else:
+        for r in rows:
+            typer.echo(f"{r['path']}: {'OK' if r['ok'] else r['problem']}")
+    return 0 if ok else 1
+
+
+@app.command("recipes")
+def recipes_cmd(json_out: JsonOpt = False):
+    """List the recipes that ship with edgectl (use one with --recipe NAME on any command).
+
+    Example: edgectl export --recipe smollm2-135m-android -o smollm2.pte
+    """
+    from edgectl import ui
+    from edgectl.recipes import recipe_index
+
+    index = recipe_index()
+    if json_out:
+        ui.emit_json(index)
+        return
+    width = max((len(r["name"]) for r in index), default=0)
+    for r in index:
+        typer.echo(f"{r['name']:<{width}}  {r['description']}")
+
+
 def _click_modules() -> list:
     """click itself, and the copy newer typer releases vendor as typer._click."""
     import importlib
@@ -524,7 +566,7 @@ def _click_modules() -> list:
 
 
 def _recipe_defaults(argv: list[str]) -> dict | None:
-    """`--recipe FILE` on any command: the recipe's settings as that command's defaults."""
+    """`--recipe FILE|NAME` on any command: the recipe's settings as that command's defaults."""
     path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--recipe"), None)
     path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--recipe=")), None)
     if path is None:

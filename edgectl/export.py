@@ -23,36 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgectl import __version__
+from edgectl import __version__, integrity
 from edgectl.errors import EdgectlError
 
 Progress = Callable[[str], None]  # called with the name of each stage as it starts
-
-
-def _xnnpack():
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-    return [XnnpackPartitioner()]
-
-
-def _vulkan():
-    from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
-
-    return [VulkanPartitioner()]
-
-
-def _coreml():
-    from executorch.backends.apple.coreml.partition import CoreMLPartitioner
-
-    return [CoreMLPartitioner()]
-
-
-BACKENDS: dict[str, Callable[[], list]] = {
-    "xnnpack": _xnnpack,
-    "portable": lambda: [],
-    "vulkan": _vulkan,
-    "coreml": _coreml,
-}
 
 
 @dataclass
@@ -72,13 +46,11 @@ class ExportResult:
 
 
 def partitioners(backend: str) -> list:
-    if backend not in BACKENDS:
-        raise EdgectlError(f"unknown backend {backend!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
+    """The backend's partitioners (the list of backends is backends.py's)."""
+    from edgectl import backends
+
     _quiet_library_noise()  # the partitioners import torchao, which logs at import time
-    try:
-        return BACKENDS[backend]()
-    except ImportError as e:
-        raise EdgectlError(f"the {backend} backend's ahead-of-time part is not installed ({e})") from e
+    return backends.partitioners(backend)
 
 
 def _quiet_library_noise() -> None:
@@ -98,19 +70,22 @@ def _quiet_library_noise() -> None:
 
 
 def lower(module, example_args: tuple, dynamic_shapes, backend: str, constant_methods: dict | None = None,
-          progress: Progress | None = None):
-    """torch.export -> edge -> backend lowering -> ExecuTorch program. Returns (et_program, op counts)."""
+          progress: Progress | None = None, quantize_graph: Callable | None = None):
+    """torch.export -> edge -> backend lowering -> ExecuTorch program. Returns (et_program, op counts).
+    `quantize_graph(exported_program, example_args, dynamic_shapes)` quantizes the exported
+    graph first (backends.graph_quantizer)."""
     from edgectl.xnnpack_fast import delegate_modules_cached, shape_kernels
 
     with shape_kernels(), delegate_modules_cached():
-        return _lower(module, example_args, dynamic_shapes, backend, constant_methods, progress)
+        return _lower(module, example_args, dynamic_shapes, backend, constant_methods, progress, quantize_graph)
 
 
-def _lower(module, example_args, dynamic_shapes, backend, constant_methods, progress):
+def _lower(module, example_args, dynamic_shapes, backend, constant_methods, progress, quantize_graph=None):
     import torch
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
+    from edgectl.backends import library_prints_to_stderr
     from edgectl.xnnpack_fast import dedupe, fast_passes, infer_view_dims
 
     step = progress or (lambda s: None)
@@ -121,8 +96,11 @@ def _lower(module, example_args, dynamic_shapes, backend, constant_methods, prog
             module, example_args, dynamic_shapes=dynamic_shapes, strict=False,
             prefer_deferred_runtime_asserts_over_guards=True,
         )
+    if quantize_graph is not None:
+        step(f"quantizing ({backend})")
+        ep = quantize_graph(ep, example_args, dynamic_shapes)
     step(f"lowering ({backend})")
-    with fast_passes():
+    with fast_passes(), library_prints_to_stderr():
         edge = to_edge_transform_and_lower(
             ep,
             transform_passes=[infer_view_dims, dedupe] if backend == "xnnpack" else None,
@@ -223,6 +201,7 @@ def metadata(ckpt, args, max_seq_len: int, backend: str, quantization: dict | No
     tc = ckpt.tokenizer_config
     keep = ("bos_token", "eos_token", "add_bos_token", "chat_template")
     return {
+        integrity.FIELD: integrity.PLACEHOLDER,  # first: the file's own sha256, written by integrity.seal
         "edgectl_version": __version__,
         "format": "edgectl-pte/1",
         "model": args.to_dict(),
@@ -261,11 +240,17 @@ def monolithic_example(model, chunk: int, table_input: bool):
 
     `chunk` bounds the tokens per call: memory planning reserves activations for the
     largest call (attention scores grow with chunk x max_seq_len), so the runtime feeds a
-    longer prompt in chunks instead. The caches are whole [1, S, KV, D] buffers."""
+    longer prompt in chunks instead. The caches are whole [1, S, KV, D] buffers. A chunk
+    of 1 is a program of static shapes, one token per call (backends.Backend.static)."""
     import torch
     from torch.export import Dim
 
     k_caches, v_caches = model.empty_caches()
+    if chunk == 1:
+        example = (torch.zeros(1, 1, dtype=torch.long), torch.arange(1), torch.arange(1), k_caches, v_caches)
+        if table_input:
+            example += (model.embed.embed_tokens.weight.detach().clone(),)
+        return example, None
     T = Dim("T", min=1, max=chunk)
     N = Dim("N", min=1, max=chunk)
     # Example sizes of 2 and 4: a dynamic dim must not be 1 in the example, and T, N
@@ -348,7 +333,7 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     `interface`: "edgectl" (the caller owns the KV cache, see the module docstring) or
     "stock" (ExecuTorch's stock runners' calling convention, stock.py; the tokenizer file
     they take is written beside `out`)."""
-    from edgectl import stock
+    from edgectl import backends, stock
     from edgectl.model import fuse_projections
     from edgectl.quantize import check_shared_embedding, load_for_export, shared_embedding
     from edgectl.recipes import INTERFACES
@@ -362,7 +347,15 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     if max_seq_len < 2:
         raise EdgectlError("--max-seq-len must be at least 2")
     chunk = min(prefill_chunk or DEFAULT_PREFILL_CHUNK, max_seq_len)
-    if chunk < 2:
+    partitioners(backend)  # an unknown backend or a missing part of one (qnn's SDK): one line, before any work
+    if backends.get(backend).static:
+        if prefill_chunk not in (None, 1) or interface == "stock":
+            from edgectl.errors import UsageError
+
+            raise UsageError(f"{backend} programs take one token per call (static shapes): "
+                             f"no --prefill-chunk, no --interface stock")
+        chunk = 1
+    elif chunk < 2:
         raise EdgectlError("--prefill-chunk must be at least 2")
     if interface not in INTERFACES:
         raise EdgectlError(f"unknown interface {interface!r}", hint=f"choose one of: {', '.join(INTERFACES)}")
@@ -371,7 +364,11 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
         from edgectl.errors import UsageError
 
         raise UsageError("--plan takes an unquantized model and no --scheme", hint="the plan sets each layer's precision")
-    model, quant = load_for_export(ckpt, max_seq_len, scheme, backend, step, calibration, calibration_tokens)
+    in_graph = backends.graph_quantizer(backend, scheme)  # a backend that quantizes in the graph: fp32 model first
+    model, quant = load_for_export(ckpt, max_seq_len, None if in_graph else scheme, backend, step, calibration,
+                                   calibration_tokens)
+    if in_graph:
+        quant = in_graph[1]
     if plan is not None:
         if backend != "xnnpack" and any(c.precision != "fp32" for c in plan.shards):
             raise EdgectlError(f"quantized precisions export with --backend xnnpack only, not {backend}")
@@ -393,7 +390,8 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     meta["prefill_chunk"] = chunk
     meta["embedding_input"] = tied_table_key(model) if share else (qshare[1] if qshare else None)
     program = stock.InPlaceTransformer(model).eval()
-    prog, ops = lower(program, example, dynamic, backend, constant_methods(meta, ckpt.tokenizer_json), step)
+    prog, ops = lower(program, example, dynamic, backend, constant_methods(meta, ckpt.tokenizer_json), step,
+                      quantize_graph=in_graph[0] if in_graph else None)
     step("writing")
 
     def write(f):
@@ -403,6 +401,7 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
             check_tied_table(Path(f.name), meta["embedding_input"])
         if qshare:
             check_shared_embedding(Path(f.name), meta["embedding_input"])
+        integrity.seal(f.name)  # last: the file's own checksum (edgectl/integrity.py)
 
     size = write_atomic(out, write)
     return ExportResult(str(out), size, time.perf_counter() - t0, time.process_time() - c0, backend, max_seq_len, ops)
@@ -420,6 +419,6 @@ def _export_stock(ckpt, model, quant, out: Path, backend: str, max_seq_len: int,
     step("writing")
     tok_path, tok = stock.tokenizer_file(ckpt, out)
     write_atomic(Path(tok_path), lambda f: f.write(tok))
-    size = write_atomic(out, prog.write_to_file)
+    size = write_atomic(out, integrity.sealed(prog.write_to_file))
     return ExportResult(str(out), size, time.perf_counter() - t0, time.process_time() - c0, backend, max_seq_len, ops,
                         interface="stock", tokenizer=tok_path)

@@ -22,6 +22,7 @@ import queue
 import threading
 from pathlib import Path
 
+from edgectl import integrity
 from edgectl.errors import EdgectlError
 from edgectl.runtime import Trace, malloc_trim, native_stderr_captured
 
@@ -130,6 +131,7 @@ class NativeEngine:
 
 class _PyLoaded:
     def __init__(self, rt, path: Path):
+        integrity.ensure(path)  # before the runtime reads a byte of it (edgectl/integrity.py)
         with native_stderr_captured():
             try:
                 self.program = rt.load_program(str(path))

@@ -22,6 +22,8 @@ Per precision the manifest records the file, its bytes and sha256, the resident 
 and load time measured after loading it, and the importance figures measured by
 `shard` (mean KL of the next-token distribution against the all-top-precision model,
 and the perplexity change, when only this shard is lowered to that precision).
+`Manifest.load` checks its types and ranges and registers every file's size and sha256
+(and `tokenizer_sha256`), checked before a file's first use (edgectl/integrity.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgectl import __version__
+from edgectl import __version__, integrity
 from edgectl.errors import EdgectlError
 
 # 3: layer programs write the caches in place; 2: read cache windows and returned the new
@@ -83,6 +85,7 @@ class Manifest:
     shards: list[Shard]  # in forward order
     calibration: dict = field(default_factory=dict)  # {"file":..., "tokens":..., "top_ppl":...}
     max_tokens_per_call: int | None = None  # T and N of one program call at most (prefill in chunks); None: max_seq_len
+    tokenizer_sha256: str | None = None  # None: written before edgectl recorded it (not checked)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -94,6 +97,16 @@ class Manifest:
     def save_as(self, path: Path) -> None:
         Path(path).write_text(self.to_json())
 
+    def tokenizer_text(self, directory: Path) -> str:
+        """The tokenizer file's text, checked against tokenizer_sha256 when recorded."""
+        path = Path(directory) / self.tokenizer
+        if self.tokenizer_sha256:
+            integrity.check_file(path, self.tokenizer_sha256, named_by=str(Path(directory) / MANIFEST))
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgectlError(f"{path}: cannot read the tokenizer ({e})") from e
+
     @classmethod
     def load(cls, directory: Path) -> "Manifest":
         path = Path(directory) / MANIFEST
@@ -101,6 +114,8 @@ class Manifest:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise EdgectlError(f"{path}: cannot read the shard manifest ({e})") from e
+        if not isinstance(d, dict):
+            raise EdgectlError(f"{path}: malformed manifest (not a JSON object)")
         if d.get("schema_version") != SCHEMA_VERSION:
             raise EdgectlError(
                 f"{path}: manifest schema {d.get('schema_version')} is not {SCHEMA_VERSION}",
@@ -117,6 +132,27 @@ class Manifest:
                 )
                 for s in d.pop("shards")
             ]
-            return cls(**d, shards=shards)
-        except (KeyError, TypeError) as e:
-            raise EdgectlError(f"{path}: malformed manifest ({e})") from e
+            m = cls(**d, shards=shards)
+            check(m)
+            integrity.expect(directory, m)  # every file it names is checked before first use
+            return m
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise EdgectlError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
+
+
+def check(m: Manifest) -> None:
+    """Types and ranges the runtime indexes with (ValueError/TypeError otherwise): a damaged
+    manifest that is still JSON is an error here, not an IndexError or a crash later."""
+    n = m.model["n_layers"]
+    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
+        if not isinstance(m.model[k], int) or isinstance(m.model[k], bool) or m.model[k] < 1:
+            raise ValueError(f"model.{k} is {m.model[k]!r}")
+    if not isinstance(m.max_seq_len, int) or m.max_seq_len < 2 or not isinstance(m.tokenizer, str):
+        raise ValueError(f"max_seq_len {m.max_seq_len!r}, tokenizer {m.tokenizer!r}")
+    for s in m.shards:
+        if not isinstance(s.layers, list) or any(not isinstance(i, int) or not 0 <= i < n for i in s.layers):
+            raise ValueError(f"shard {s.name!r} names layers {s.layers!r} of a {n}-layer model")
+        for v in s.variants.values():
+            if not (isinstance(v.file, str) and isinstance(v.sha256, str) and isinstance(v.bytes, int)
+                    and isinstance(v.extra, dict)):
+                raise ValueError(f"shard {s.name!r}: variant {v.precision!r} has a wrong field type")

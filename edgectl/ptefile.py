@@ -7,8 +7,10 @@ Used for two things:
   (key = sha256 of its bytes); the runtime maps that blob read-only and passes it to the
   program as the embedding table, so the matrix is stored once (see export.py).
 
-Parses the flatbuffer with the readers generated inside the executorch wheel. Also
-`advise`: page-cache advice for an artifact's files (read ahead, drop).
+Parses the flatbuffer with the readers generated inside the executorch wheel. A file a
+loaded manifest names is checked against its sha256 first (integrity.ensure), and a header
+that cannot be parsed is a one-line error naming the file, never a Python exception from
+the reader. Also `advise`: page-cache advice for an artifact's files (read ahead, drop).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def _flatbuffer_classes():
 
 
 def _program(path: Path):
+    from edgectl import integrity
+
+    integrity.ensure(path)
     Program, _, _ = _flatbuffer_classes()
     with open(path, "rb") as f:
         head = f.read(64)
@@ -51,9 +56,36 @@ def _program(path: Path):
         seg_base = int.from_bytes(head[24:32], "little")
         f.seek(0)
         buf = f.read(size)
+    if len(buf) < size:
+        raise EdgectlError(f"{path}: truncated: {os.path.getsize(path)} bytes, its header needs {size} for the program alone")
     return Program.GetRootAs(buf, 0), seg_base
 
 
+def _readable(fn):
+    """Turn whatever the flatbuffer reader raises on a damaged header into one EdgectlError."""
+
+    def wrapper(path, *args):
+        try:
+            return fn(path, *args)
+        except (EdgectlError, OSError):
+            raise
+        except Exception as e:  # noqa: BLE001  struct.error, IndexError, AttributeError on None, ...
+            raise EdgectlError(f"{path}: damaged: its program header cannot be read ({type(e).__name__})",
+                               hint="re-export it, or copy it again") from e
+
+    wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
+    return wrapper
+
+
+@_readable
+def program_end(path: Path) -> int:
+    """Bytes the program occupies: its header says where the last segment ends."""
+    p, seg_base = _program(path)
+    return max([seg_base + p.Segments(i).Offset() + p.Segments(i).Size() for i in range(p.SegmentsLength())]
+               or [seg_base])
+
+
+@_readable
 def named_data(path: Path) -> dict[str, tuple[int, int]]:
     """{key: (file offset, size)} of every named-data blob."""
     p, seg_base = _program(path)
@@ -77,6 +109,7 @@ def map_blob(path: Path, key: str) -> tuple[memoryview, int]:
     return memoryview(mm)[off : off + size], off
 
 
+@_readable
 def constant_bytes(path: Path, method: str) -> bytes:
     """The bytes of a constant method returning a uint8 tensor."""
     _, Tensor, KT_TENSOR = _flatbuffer_classes()

@@ -1,6 +1,7 @@
 """Recipes: one small TOML file naming model, quantization, backend, shard precisions,
 budget and run settings. It maps onto frozen dataclasses; an unknown key or a wrong type
-is an error. Command-line flags override it (`--recipe FILE` on every command).
+is an error. Command-line flags override it (`--recipe FILE|NAME` on every command: a
+path, or the name of a recipe shipped in edgectl/recipe_files/, listed by `edgectl recipes`).
 
     [model]
     id = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -19,17 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgectl.backends import NAMES
 from edgectl.errors import EdgectlError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a package (a dependency there)
+    import tomli as tomllib
 
 PRECISIONS = ("fp32", "int8", "8da4w", "4w")
 MODES = ("auto", "resident", "pipelined", "on-demand")
-BACKENDS = ("xnnpack", "portable", "vulkan", "coreml")
+BACKENDS = NAMES  # export's backends: the one list is in backends.py
 INTERFACES = ("edgectl", "stock")  # export's program interfaces (stock.py)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.I)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -176,7 +183,8 @@ def _build(cls, data: dict, where: str):
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
+    """Load and validate a recipe: a TOML path, or the name of a shipped one (find_recipe)."""
+    path = find_recipe(path)
     try:
         data = tomllib.loads(path.read_text())
     except OSError as e:
@@ -208,8 +216,36 @@ def apply_overrides(recipe: Recipe, assignments: list[str]) -> Recipe:
     return recipe
 
 
+RECIPE_DIR = Path(__file__).resolve().parent / "recipe_files"  # package data: ships in the wheel
+
+
 def shipped_recipes() -> list[Path]:
-    return sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
+    """The recipes that ship with edgectl, sorted by name."""
+    return sorted(RECIPE_DIR.glob("*.toml"))
+
+
+def find_recipe(spec: str | Path) -> Path:
+    """`--recipe` SPEC as a file: an existing path wins; else a bare name (`smollm2-135m-android`,
+    `.toml` optional) names a shipped recipe. Anything else is a one-line error listing them."""
+    path = Path(spec)
+    if path.exists() or len(path.parts) != 1:
+        return path  # a path (a missing one is reported by load_recipe when read)
+    stem = path.name[: -len(".toml")] if path.name.endswith(".toml") else path.name
+    shipped = RECIPE_DIR / f"{stem}.toml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(p.stem for p in shipped_recipes())
+    raise EdgectlError(f"--recipe {spec}: no such file, and no shipped recipe of that name",
+                       hint=f"shipped recipes (`edgectl recipes`): {names}")
+
+
+def recipe_index() -> list[dict]:
+    """Every shipped recipe as {name, description, path}: what `edgectl recipes` lists."""
+    out = []
+    for p in shipped_recipes():
+        r = load_recipe(p)
+        out.append({"name": p.stem, "description": r.description, "path": str(p)})
+    return out
 
 
 def command_defaults(recipe: Recipe, command: str) -> dict:

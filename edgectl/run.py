@@ -8,10 +8,10 @@ from pathlib import Path
 from edgectl.generate import SamplingConfig, generate
 
 
-def _tokenizer(tokenizer_json: str, tokenizer_config: dict, model: dict):
+def _tokenizer(tokenizer_json: str, tokenizer_config: dict, model: dict, source: str = "the tokenizer"):
     from edgectl.tokenizer import Tokenizer
 
-    return Tokenizer(tokenizer_json, tokenizer_config, model["bos_token_id"], tuple(model["eos_token_ids"]))
+    return Tokenizer(tokenizer_json, tokenizer_config, model["bos_token_id"], tuple(model["eos_token_ids"]), source)
 
 
 def tokenizer_for(model):
@@ -26,7 +26,8 @@ def manifest_tokenizer(directory: str | Path):
     from edgectl.manifest import Manifest
 
     m = Manifest.load(Path(directory))
-    return _tokenizer((Path(directory) / m.tokenizer).read_text(), m.tokenizer_config, m.model)
+    return _tokenizer(m.tokenizer_text(Path(directory)), m.tokenizer_config, m.model,
+                      str(Path(directory) / m.tokenizer))
 
 
 def artifact_tokenizer(artifact: str | Path):
@@ -37,6 +38,9 @@ def artifact_tokenizer(artifact: str | Path):
 
     if is_shard_set(artifact):
         return manifest_tokenizer(artifact)
+    from edgectl.integrity import require_pte
+
+    require_pte(artifact)  # a damaged file: one line here, not a parse error
     meta = json.loads(constant_bytes(Path(artifact), "edgectl_meta"))
     return _tokenizer(constant_bytes(Path(artifact), "edgectl_tokenizer").decode(), meta["tokenizer_config"], meta["model"])
 

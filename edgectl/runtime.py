@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from edgectl import integrity
 from edgectl.errors import EdgectlError
 from edgectl.model import KV_LAYOUT, ModelArgs, cache_shapes
 from edgectl.ptefile import constant_bytes
@@ -139,6 +140,9 @@ def _load_runtime():
 
     fixed_mmap_threshold()
     quiet_import_logs()
+    from edgectl.backends import prepare_runtime
+
+    prepare_runtime()  # where the OpenVINO backend finds its library
     import torch
 
     # torch only moves KV-cache entries here; its intra-op threads would fight the
@@ -212,6 +216,9 @@ def tied_table(path: Path, spec: dict):
     with warnings.catch_warnings():  # read-only buffer: the program only reads it
         warnings.simplefilter("ignore", UserWarning)
         t = torch.frombuffer(blob, dtype=getattr(torch, spec["dtype"]))
+    if t.numel() < spec["shape"][0] * spec["shape"][1]:
+        raise EdgectlError(f"{path}: its table {spec['key'][:12]}… holds {t.numel()} values, not {spec['shape']}",
+                           hint="the shard set's manifest or the file is damaged")
     t = t[: spec["shape"][0] * spec["shape"][1]].view(*spec["shape"])
     t._edgectl_map = blob.obj  # the mmap behind it, for madvise (shards_runtime._Embed)
     t._edgectl_offset = offset  # where the table starts in it
@@ -222,7 +229,11 @@ def _load_pte(path: Path, trace: Trace):
     """(program, meta, tokenizer.json text, forward method) of an edgectl `.pte`."""
     if not path.is_file():
         raise EdgectlError(f"{path}: no such file")
+    integrity.require_pte(path)  # its own checksum, before ExecuTorch reads it (edgectl/integrity.py)
     rt = _load_runtime()
+    from edgectl.backends import check_runnable
+
+    check_runnable(path)  # a delegate this runtime lacks: one line, before loading
     with native_stderr_captured():
         with trace.span("load", "load_program"):
             try:
@@ -243,6 +254,9 @@ def _load_pte(path: Path, trace: Trace):
                 method = program.load_method("forward")
             except RuntimeError as e:
                 raise EdgectlError(f"{path}: cannot load its forward method ({e})") from e
+        from executorch.extension.pybindings import _portable_lib
+
+        _portable_lib._threadpool_get_thread_count()  # built now (it logs cpuinfo probing), not at a portable or OpenVINO program's first call
     return program, meta, tokenizer_json, method
 
 

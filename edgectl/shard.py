@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgectl import __version__
+from edgectl import __version__, integrity
 from edgectl.errors import EdgectlError, UsageError
 from edgectl.manifest import MANIFEST, Manifest, Shard, Variant
 
@@ -182,6 +182,10 @@ def shard_model(ckpt, out_dir: Path, settings: ShardSettings, step: Step | None 
     base = stored_precision(ckpt.quantization)
     if any(p != "fp32" for p in s.precisions) and s.backend != "xnnpack":
         raise UsageError(f"quantized precisions need --backend xnnpack, not {s.backend}")
+    from edgectl.backends import NAMES, SHARDABLE
+
+    if s.backend in NAMES and s.backend not in SHARDABLE:
+        raise UsageError(f"{s.backend} programs take one token per call; a shard set needs one of: {', '.join(SHARDABLE)}")
     max_seq_len = s.max_seq_len or min(args.max_position_embeddings, 2048)
     if max_seq_len < 2:
         raise UsageError("--max-seq-len must be at least 2")
@@ -224,7 +228,8 @@ def shard_model(ckpt, out_dir: Path, settings: ShardSettings, step: Step | None 
                                              __version__, fingerprint]).encode()).hexdigest()[:32]
             keys[name, p] = key
             out = cache / f"{key}.pte"
-            if out.exists() and out.with_suffix(".json").exists():
+            # a damaged cache file (its own checksum, integrity.py) is built again, not linked in
+            if out.exists() and out.with_suffix(".json").exists() and integrity.intact(out):
                 if built:
                     built(name, p, "cached")
                 continue
@@ -343,6 +348,7 @@ def _assemble(tmp: Path, ckpt, shards, keys, s: ShardSettings, max_seq_len: int,
         precisions=list(s.precisions),
         tokenizer="tokenizer.json",
         tokenizer_config={k: tc[k] for k in keep if k in tc},
+        tokenizer_sha256=file_sha256(tmp / "tokenizer.json"),
         shards=out,
         calibration={"group_size": s.group_size},
     )
@@ -366,6 +372,8 @@ def remeasure(directory: Path) -> Manifest:
     rewrite its manifest.json atomically; importance figures are kept."""
     directory = Path(directory)
     manifest = Manifest.load(directory)
+    for v in {v.file: v for s in manifest.shards for v in s.variants.values() if v.file}.values():
+        integrity.ensure(directory / v.file)  # the measuring process would load a damaged file
     _measure_load(directory, manifest)
     tmp = directory / f".manifest.json.tmp-{os.getpid()}"
     try:

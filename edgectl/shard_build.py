@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgectl import integrity
 from edgectl.errors import EdgectlError
 
 TOP = "fp32"
@@ -286,6 +287,7 @@ def export_variant(model, name: str, kind: str, layers: list[int], precision: st
     if precision == base and base_record:
         record = base_record
     meta = shard_meta(meta_head, name, kind, layers, precision, record)
+    meta = {integrity.FIELD: integrity.PLACEHOLDER, **meta}  # the file's own sha256 (edgectl/integrity.py)
     prog, ops = lower(mod, example, dynamic, backend, {"edgectl_meta": bytes_tensor(json.dumps(meta).encode())})
 
     def write(f):
@@ -293,6 +295,7 @@ def export_variant(model, name: str, kind: str, layers: list[int], precision: st
         f.flush()
         if spec is not None:
             check_table(Path(f.name), spec)
+        integrity.seal(f.name)
 
     write_atomic(out, write)
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "ops": ops,

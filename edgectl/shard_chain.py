@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgectl import integrity
 from edgectl.errors import EdgectlError
 from edgectl.manifest import Manifest
 
@@ -73,6 +74,7 @@ class ShardChain:
                 if table is not None:
                     self.steps.append((shard, "table", (table_tensors(self.dir, table), table)))
                     continue
+                integrity.ensure(self.dir / var.file)
                 prog = rt.load_program(str(self.dir / var.file))
                 self.steps.append((shard, "program", (prog, prog.load_method("forward"))))
         self.args = ModelArgs.from_dict(self.manifest.model)

@@ -146,10 +146,7 @@ class ShardModel:
                      "format": "edgectl-shards"}
         self.cache_len = m.max_seq_len  # the programs' cache shape
         self.max_seq_len = m.max_seq_len  # positions usable: the context, once known
-        try:
-            self.tokenizer_json = (self.dir / m.tokenizer).read_text()
-        except OSError as e:
-            raise EdgectlError(f"{self.dir}: cannot read {m.tokenizer} ({e})") from e
+        self.tokenizer_json = m.tokenizer_text(self.dir)  # checked against the manifest's sha256
         rt = _load_runtime()
         self.memory = {"baseline": rss_bytes()["rss"]}  # interpreter + torch + runtime, before any shard
         self.startup, self._tok = None, {}
@@ -204,7 +201,7 @@ class ShardModel:
             try:
                 mm = m.model
                 self._tok["value"] = Tokenizer(self.tokenizer_json, m.tokenizer_config, mm["bos_token_id"],
-                                               tuple(mm["eos_token_ids"]))
+                                               tuple(mm["eos_token_ids"]), str(self.dir / m.tokenizer))
             except BaseException as e:  # raised where the tokenizer is asked for
                 self._tok["error"] = e
 

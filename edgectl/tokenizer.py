@@ -18,11 +18,19 @@ class Tokenizer:
     config: dict
     bos_id: int | None
     eos_ids: tuple[int, ...]
+    source: str = "the tokenizer"  # its file, for messages
 
     def __post_init__(self):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tok = HFTokenizer.from_str(self.tokenizer_json)
+        from edgectl.errors import EdgectlError
+
+        try:
+            self._tok = HFTokenizer.from_str(self.tokenizer_json)
+        except Exception as e:  # noqa: BLE001  the tokenizers library raises a bare Exception
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise EdgectlError(f"{self.source}: damaged: not a tokenizer ({first})",
+                               hint="re-create it with `edgectl shard` or `edgectl export`") from None
         bos = _token_str(self.config.get("bos_token"))
         if bos is not None and self._tok.token_to_id(bos) is not None:
             self.bos_id = self._tok.token_to_id(bos)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgectl import integrity
 from edgectl.errors import EdgectlError
 
 SRC = Path(__file__).with_name("etshim.cpp")
@@ -109,6 +110,7 @@ class Native:
         return self.lib.ets_weight_cache_errors() if self.log_filtered else 0
 
     def planned_size(self, path: str | Path, method: str = "forward") -> int:
+        integrity.ensure(path)  # a file a loaded manifest names: checked before the runtime parses it
         n = self.lib.ets_planned_size(str(path).encode(), method.encode())
         if n < 0:
             raise EdgectlError(f"{path}: not a loadable ExecuTorch program with a {method} method")
@@ -122,6 +124,7 @@ class Native:
         packed-weight cache file for this program (written by a first load, mapped by later
         ones; None: no cache). `readahead`: read the whole file ahead; False when the cache
         holds the packed weights, so the raw constants are never read."""
+        integrity.ensure(path)
         err = ctypes.create_string_buffer(512)
         ptr, size = (arena.data_ptr(), arena.numel()) if arena is not None else (None, 0)
         cp = str(cache_path).encode() if cache_path else None

@@ -1,0 +1,35 @@
+"""The Python API (edgectl.api): `load(...).generate(...)` streams the text `edgectl run`
+prints, for a .pte and for a shard set under a memory budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgectl import api
+from edgectl.run import run_prompt
+
+PROMPT = "Once upon a time"
+
+
+@pytest.mark.real_model
+def test_generate_streams_what_run_prints(stories_pte):
+    ref = run_prompt(stories_pte, PROMPT, max_new_tokens=24)
+    with api.load(stories_pte) as llm:
+        it = llm.generate(PROMPT, max_new_tokens=24)
+        first = next(it)
+        assert llm.last_stats is None  # a generator: the rest is not produced yet
+        pieces = [first, *it]
+    assert "".join(pieces) == ref["text"] and len(pieces) > 5
+    assert llm.last_stats["new_tokens"] == ref["stats"]["new_tokens"] == len(ref["tokens"])
+
+
+@pytest.mark.real_model
+def test_a_shard_set_under_a_budget(stories_dir, tmp_path):
+    from test_shards_runtime import build_shard_set
+
+    shards = build_shard_set(stories_dir, tmp_path / "s", 64, ("fp32",))
+    ref = run_prompt(shards, PROMPT, max_new_tokens=16, budget=400_000_000, context=48)
+    with api.load(shards, memory_budget="400MB", context=48) as llm:
+        text = "".join(llm.generate(PROMPT, max_new_tokens=16))
+        assert llm.max_seq_len == 48
+    assert text == ref["text"] and ref["stats"]["new_tokens"] == 16
