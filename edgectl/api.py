@@ -24,12 +24,12 @@ def export(model: str | Path, path: str | Path, *, backend: str = "xnnpack", max
     """Export `model` (hub id, Hugging Face directory, .gguf or `edgectl quantize` output)
     to one `.pte` at `path`, as `edgectl export` does; `scheme` ("int8", "8da4w", "4w")
     quantizes in memory first. Returns the ExportResult (path, bytes, seconds, ...)."""
-    from edgectl.checkpoint import resolve
-    from edgectl.export import export_pte
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.lower.export import export_pte
 
     qs = None
     if scheme is not None:
-        from edgectl.quantize import QuantScheme
+        from edgectl.quant.quantize import QuantScheme
 
         qs = QuantScheme(scheme, group_size, embedding, 32, mapping=mapping, smoothquant=scheme == "int8")
     return export_pte(resolve(str(model)), Path(path), backend=backend, max_seq_len=max_seq_len, scheme=qs,
@@ -43,11 +43,12 @@ def load(path: str | Path, memory_budget: int | str | None = None, *, context: i
     plans a shard set under that budget; `context` is the most positions one generation
     may use (prompt + new tokens; default the artifact's max_seq_len), which is what the
     KV cache is sized, and with a budget charged, for."""
-    from edgectl.runtime import open_artifact, set_threads
+    from edgectl.runtime.artifact import open_artifact
+    from edgectl.runtime.runtime import set_threads
 
     options: dict = {}
     if memory_budget is not None:
-        from edgectl.planner import parse_bytes
+        from edgectl.runtime.planner import parse_bytes
 
         options.update(budget=parse_bytes(memory_budget) if isinstance(memory_budget, str) else int(memory_budget),
                        mode=mode, latency_target_ms=latency_target_ms)
@@ -64,7 +65,7 @@ class LLM:
     `last_stats` holds the figures of the last finished generation."""
 
     def __init__(self, model):
-        from edgectl.run import tokenizer_for
+        from edgectl.runtime.run import tokenizer_for
 
         self.model = model
         self.tokenizer = tokenizer_for(model)
@@ -78,8 +79,8 @@ class LLM:
                  seed: int | None = None, chat: bool = False, system: str | None = None) -> Iterator[str]:
         """Yield printable pieces of the continuation of `prompt` (or, with `chat`, the
         answer to it) until EOS, `max_new_tokens` or the context is full."""
-        from edgectl.generate import Generation, SamplingConfig
-        from edgectl.run import prompt_token_ids
+        from edgectl.runtime.generate import Generation, SamplingConfig
+        from edgectl.runtime.run import prompt_token_ids
 
         tok = self.tokenizer
         run = Generation(self.model, prompt_token_ids(tok, prompt, chat, system), max_new_tokens, tok.eos_ids,

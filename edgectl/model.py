@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgectl.architectures import check_hf_config
-from edgectl.errors import EdgectlError
+from edgectl.checkpoint.architectures import check_hf_config
+from edgectl.util.errors import EdgectlError
 MASK_VALUE = -1e9  # additive mask; finite so a softmax row never sees NaN
 
 
@@ -330,7 +330,7 @@ def fuse_projections(model: nn.Module) -> int:
     """For export: q/k/v, and gate/up, each become one linear (quant_modules.fuse_linears)
     where they are of one kind, in place; the separate ones are dropped. Returns how many
     fused linears there now are. The checkpoint keeps its per-linear form."""
-    from edgectl.quant_modules import fuse_linears
+    from edgectl.quant.quant_modules import fuse_linears
 
     n = 0
     for m in model.modules():

@@ -47,8 +47,8 @@ def child(args) -> dict:
 
     import torch  # noqa: F401
 
-    from edgectl import runtime
-    from edgectl.tokenizer import Tokenizer  # noqa: F401
+    from edgectl.runtime import runtime
+    from edgectl.runtime.tokenizer import Tokenizer  # noqa: F401
 
     runtime._load_runtime()
     runtime.set_threads(None)
@@ -56,16 +56,16 @@ def child(args) -> dict:
 
     portable_lib._threadpool_get_thread_count()
     mark("baseline (python, torch, runtime, thread pool)")
-    from edgectl import _native
-    from edgectl.bench_worker import prompt_ids
-    from edgectl.generate import generate
-    from edgectl.run import tokenizer_for
+    from edgectl.runtime import _native
+    from edgectl.bench.bench_worker import prompt_ids
+    from edgectl.runtime.generate import generate
+    from edgectl.runtime.run import tokenizer_for
 
     _native.load()
     mark("native shim + edgectl modules")
     kw = {}
     if args.memory_budget:
-        from edgectl.planner import parse_bytes
+        from edgectl.runtime.planner import parse_bytes
 
         kw = {"budget": parse_bytes(args.memory_budget), "mode": args.mode}
     model = runtime.open_artifact(args.artifact, **kw)

@@ -41,10 +41,10 @@ def main() -> None:
 
     import torch
 
-    from edgectl import loader as ld
-    from edgectl.manifest import Manifest
+    from edgectl.runtime import loader as ld
+    from edgectl.formats.manifest import Manifest
     from edgectl.model import ModelArgs, cache_shapes, empty_caches
-    from edgectl.runtime import _load_runtime
+    from edgectl.runtime.runtime import _load_runtime
 
     rt = _load_runtime()
     from executorch.extension.pybindings import portable_lib
@@ -63,7 +63,7 @@ def main() -> None:
         paths = [a.shards / s.variants[prec].file for s in layers]
         n_per, S_ = len(layers[0].layers), m.max_seq_len
     if a.engine == "native":
-        from edgectl import _native
+        from edgectl.runtime import _native
 
         native = _native.load()
         if native is None:

@@ -1,4 +1,4 @@
-"""What checking files before loading costs (edgectl/integrity.py): ms per 100 MB.
+"""What checking files before loading costs (edgectl/formats/integrity.py): ms per 100 MB.
 
     python scripts/verify_cost.py ARTIFACT [--repeat 5]
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 def _files(artifact: Path):
-    from edgectl.manifest import Manifest
+    from edgectl.formats.manifest import Manifest
 
     if artifact.is_dir():
         m = Manifest.load(artifact)
@@ -40,7 +40,7 @@ def _files(artifact: Path):
 
 
 def _check(files) -> float:
-    from edgectl import integrity
+    from edgectl.formats import integrity
 
     integrity._seen.clear()  # what a new process starts with
     t0 = time.perf_counter()
@@ -86,9 +86,9 @@ def main() -> int:
                 out["ms"][mode] = {"median": med, "min": min(times), "max": max(times),
                                    "per_100mb": med * 1e8 / total}
         if a.artifact.is_dir():  # as a run does it: executorch's flatbuffer reader loaded already
-            from edgectl import integrity
-            from edgectl.manifest import Manifest
-            from edgectl.ptefile import _flatbuffer_classes
+            from edgectl.formats import integrity
+            from edgectl.formats.manifest import Manifest
+            from edgectl.formats.ptefile import _flatbuffer_classes
 
             _flatbuffer_classes()
             times = []

@@ -35,7 +35,7 @@ import sys, zipfile
 from pathlib import Path
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 root = Path(sys.argv[2])
-want = {p.relative_to(root).as_posix() for p in [*root.glob("edgectl/_native/*.cpp"), *root.glob("edgectl/recipe_files/*.toml")]}
+want = {p.relative_to(root).as_posix() for p in [*root.glob("edgectl/runtime/_native/*.cpp"), *root.glob("edgectl/recipes/*.toml")]}
 want |= {p.relative_to(root).as_posix() for p in root.glob("edgectl/**/*.py")}
 missing = sorted(want - names)
 if missing or not any(n.endswith(".toml") for n in want):
@@ -56,14 +56,14 @@ BIN=$WORK/venv/bin
 import sys
 from pathlib import Path
 import edgectl
-from edgectl import _native
+from edgectl.runtime import _native
 where = Path(edgectl.__file__).resolve()
 assert where.is_relative_to(Path(sys.argv[1]).resolve()), f"edgectl imported from {where}, not the venv"
 assert _native.load() is not None, f"native shim: {_native.why_not()}"
 PY
 step "imported from the venv, native shim built"
 n_recipes=$("$BIN/edgectl" recipes | wc -l)
-[ "$n_recipes" -eq "$(ls "$ROOT"/edgectl/recipe_files/*.toml | wc -l)" ] || { echo "wheel_smoke: edgectl recipes listed $n_recipes" >&2; exit 1; }
+[ "$n_recipes" -eq "$(ls "$ROOT"/edgectl/recipes/*.toml | wc -l)" ] || { echo "wheel_smoke: edgectl recipes listed $n_recipes" >&2; exit 1; }
 step "edgectl recipes: $n_recipes"
 
 check_lily() {  # greedy stories260K continues "Once upon a time" with a girl named Lily
@@ -76,7 +76,7 @@ check_lily s.json
 step "export + run (edgectl interface)"
 "$BIN/edgectl" export "$FIXTURE" --recipe smollm2-135m-android -o a.pte >/dev/null
 ls a.tokenizer.* >/dev/null   # the tokenizer file stock runners take, beside the .pte
-"$BIN/python" -c 'import json, sys; from pathlib import Path; from edgectl.ptefile import constant_bytes
+"$BIN/python" -c 'import json, sys; from pathlib import Path; from edgectl.formats.ptefile import constant_bytes
 meta = json.loads(constant_bytes(Path(sys.argv[1]), "edgectl_meta")); assert meta["interface"] == "stock", meta' a.pte
 "$BIN/edgectl" run a.pte -p "Once upon a time" -n 24 --json > a.json
 check_lily a.json

@@ -104,8 +104,8 @@ def corpus_dir() -> Path:
 
 
 def _export_once(tmp_path_factory, model: Path, name: str, max_seq_len: int, prefill_chunk: int | None = None) -> Path:
-    from edgectl.checkpoint import resolve
-    from edgectl.export import export_pte
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.lower.export import export_pte
 
     out = tmp_path_factory.mktemp("pte") / name
     export_pte(resolve(str(model)), out, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
@@ -131,7 +131,7 @@ def smol_hf_model(smol_gguf):
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from edgectl.checkpoint import resolve
+    from edgectl.checkpoint.checkpoint import resolve
 
     ckpt = resolve(str(smol_gguf))
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ckpt.config)).eval()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edgectl import api
-from edgectl.run import run_prompt
+from edgectl.runtime.run import run_prompt
 
 PROMPT = "Once upon a time"
 

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from edgectl import backends
-from edgectl.cli import main
-from edgectl.errors import EdgectlError
+from edgectl.backends import registry as backends
+from edgectl.cli.main import main
+from edgectl.util.errors import EdgectlError
 
 # ExecuTorch's Core ML partitioner asks coremltools about each op through a deprecated call (~1000 warnings)
 pytestmark = pytest.mark.filterwarnings("ignore:Function _TORCH_OPS_REGISTRY.__contains__ is deprecated:DeprecationWarning")
@@ -33,8 +33,8 @@ def _export(tmp_path_factory, stories_dir, backend, *extra):
 @pytest.fixture(scope="module")
 def eager_logits(stories_dir):
     """edgectl's own model in eager PyTorch, the whole sequence in one call."""
-    from edgectl.checkpoint import load_model, resolve
-    from edgectl.stock import InPlaceTransformer
+    from edgectl.checkpoint.checkpoint import load_model, resolve
+    from edgectl.lower.stock import InPlaceTransformer
 
     model = load_model(resolve(str(stories_dir)), MAX_SEQ_LEN)
     k, v = model.empty_caches()
@@ -44,7 +44,7 @@ def eager_logits(stories_dir):
 
 
 def _pte_logits(path):
-    from edgectl.runtime import open_pte
+    from edgectl.runtime.runtime import open_pte
 
     model = open_pte(path)
     try:
@@ -113,7 +113,7 @@ def test_openvino_fp32_matches_eager(openvino_pte, eager_logits):
 
 
 def test_openvino_int8_stays_close_to_eager(tmp_path_factory, stories_dir, openvino_pte, eager_logits):
-    from edgectl.ptefile import constant_bytes
+    from edgectl.formats.ptefile import constant_bytes
 
     path = _export(tmp_path_factory, stories_dir, "openvino", "--scheme", "int8")
     meta = json.loads(constant_bytes(path, "edgectl_meta"))
@@ -131,7 +131,7 @@ def test_openvino_int8_stays_close_to_eager(tmp_path_factory, stories_dir, openv
 def test_openvino_without_its_runtime_library_is_one_line(openvino_pte, tmp_path):
     env = {**os.environ, "OPENVINO_LIB_PATH": str(tmp_path / "libopenvino_c.so")}  # nothing there
     # a fresh process: the runtime opens OpenVINO's library once per process
-    r = subprocess.run([sys.executable, "-c", "import sys; from edgectl.cli import main; sys.exit(main())",
+    r = subprocess.run([sys.executable, "-c", "import sys; from edgectl.cli.main import main; sys.exit(main())",
                         "run", str(openvino_pte), "-p", "Once", "-n", "2"], capture_output=True, text=True, env=env,
                        timeout=300)
     err = r.stderr.strip()
@@ -171,7 +171,7 @@ def test_linear_still_decomposes_under_the_fast_shape_rules():
     """The root cause of `--backend portable`'s (and vulkan's) RecursionError: the fast
     export path's Python kernel for linear fell back to `op.decompose`, which calls that
     same kernel again. Backends that decompose linear reach the fallback; XNNPACK never did."""
-    from edgectl.xnnpack_fast import shape_kernels
+    from edgectl.lower.xnnpack_fast import shape_kernels
 
     x, w, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(4)
     with shape_kernels():

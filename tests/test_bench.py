@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from edgectl import bench
-from edgectl.bench_worker import ppl_windows
-from edgectl.cli import main
+from edgectl.bench import bench
+from edgectl.bench.bench_worker import ppl_windows
+from edgectl.cli.main import main
 
 PPL_TOKENS = 2000
 
@@ -268,8 +268,8 @@ def test_plot_writes_a_png(benched):
 def test_ppl_window_scored_in_pieces_matches_the_whole_window(s260_pte):
     import random
 
-    from edgectl.bench_worker import model_chunk, nll_sum, window_nll
-    from edgectl.runtime import PteModel
+    from edgectl.bench.bench_worker import model_chunk, nll_sum, window_nll
+    from edgectl.runtime.runtime import PteModel
 
     m = PteModel(s260_pte)
     rng = random.Random(0)
@@ -292,7 +292,7 @@ def test_sigterm_stops_the_worker_and_exits_143(stories_pte, tmp_path):
     import sys
     import time
 
-    code = "import sys; from edgectl.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from edgectl.cli.main import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, "bench", str(stories_pte), "--repeat", "50", "--new-tokens", "200"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
@@ -320,6 +320,6 @@ def test_reading_an_artifacts_tokenizer_prints_nothing(stories_pte):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "EDGECTL_DEBUG"}
-    code = f"from edgectl.run import artifact_tokenizer; print(len(artifact_tokenizer({str(stories_pte)!r}).encode(\"Once upon a time\")))"
+    code = f"from edgectl.runtime.run import artifact_tokenizer; print(len(artifact_tokenizer({str(stories_pte)!r}).encode(\"Once upon a time\")))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip().isdigit() and out.stderr == ""

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgectl.checkpoint import load_model, resolve
-from edgectl.errors import EdgectlError
+from edgectl.checkpoint.checkpoint import load_model, resolve
+from edgectl.util.errors import EdgectlError
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def _refused_without_torch(argv: list[str]) -> tuple[int, str, bool]:
     import subprocess
     import sys
 
-    code = ("import sys\nfrom edgectl.cli import main\nrc = main(sys.argv[1:])\n"
+    code = ("import sys\nfrom edgectl.cli.main import main\nrc = main(sys.argv[1:])\n"
             "print(rc, 'torch' in sys.modules)\n")
     p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     rc, torch_loaded = p.stdout.split()
@@ -139,7 +139,7 @@ def test_unsupported_config_architecture_is_refused_before_torch(stories_dir, tm
 
 
 def test_gguf_header_architecture(smol_gguf, tmp_path):
-    from edgectl.architectures import gguf_architecture
+    from edgectl.checkpoint.architectures import gguf_architecture
 
     assert gguf_architecture(smol_gguf) == "llama"  # SmolLM2's release, checked with gguf-dump
     assert gguf_architecture(_tiny_gguf(tmp_path / "q.gguf", "qwen2")) == "qwen2"

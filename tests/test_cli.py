@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgectl.cli import main
+from edgectl.cli.main import main
 
 
 def _run(capsys, *argv):
@@ -54,7 +54,7 @@ def test_offline_unknown_hub_id(capsys, tmp_path, monkeypatch):
 
 
 def test_debug_shows_traceback(capsys):
-    from edgectl.errors import EdgectlError
+    from edgectl.util.errors import EdgectlError
 
     with pytest.raises(EdgectlError):
         main(["export", "./does-not-exist", "-o", "x.pte", "--debug"])

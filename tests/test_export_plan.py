@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from edgectl.errors import EdgectlError
-from edgectl.planner import Plan, ShardChoice
+from edgectl.util.errors import EdgectlError
+from edgectl.runtime.planner import Plan, ShardChoice
 
 PROMPT = [1, 403, 11, 57, 300, 4, 91, 17, 230, 61]
 
@@ -22,7 +22,7 @@ def _plan(layer_precisions: list[str], head: str) -> Plan:
 
 @pytest.fixture(scope="module")
 def fp32_model(stories_dir):
-    from edgectl.checkpoint import load_model, resolve
+    from edgectl.checkpoint.checkpoint import load_model, resolve
 
     return load_model(resolve(str(stories_dir)), 128).eval()
 
@@ -38,7 +38,7 @@ def _logits(model):
 
 @pytest.mark.real_model
 def test_plan_quantizes_exactly_the_layers_it_names(fp32_model):
-    from edgectl.export import quantize_by_plan
+    from edgectl.lower.export import quantize_by_plan
 
     m = copy.deepcopy(fp32_model)
     rec = quantize_by_plan(m, _plan(["int8", "fp32", "8da4w", "fp32", "fp32"], "int8"))
@@ -57,7 +57,7 @@ def test_plan_quantizes_exactly_the_layers_it_names(fp32_model):
 
 @pytest.mark.real_model
 def test_plan_must_cover_the_model(fp32_model):
-    from edgectl.export import quantize_by_plan
+    from edgectl.lower.export import quantize_by_plan
 
     with pytest.raises(EdgectlError, match="does not cover"):
         quantize_by_plan(copy.deepcopy(fp32_model), _plan(["int8", "fp32"], "fp32"))
@@ -66,9 +66,9 @@ def test_plan_must_cover_the_model(fp32_model):
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_mixed_pte_matches_the_eager_mix(fp32_model, stories_dir, tmp_path):
-    from edgectl.checkpoint import resolve
-    from edgectl.export import export_pte, quantize_by_plan
-    from edgectl.runtime import PteModel
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.lower.export import export_pte, quantize_by_plan
+    from edgectl.runtime.runtime import PteModel
 
     plan = _plan(["8da4w", "int8", "fp32", "int8", "fp32"], "int8")
     out = export_pte(resolve(str(stories_dir)), tmp_path / "mixed.pte", max_seq_len=128, plan=plan)

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from edgectl.cli import main
-from edgectl.generate import generate
-from edgectl.run import tokenizer_for
-from edgectl.runtime import PteModel
+from edgectl.cli.main import main
+from edgectl.runtime.generate import generate
+from edgectl.runtime.run import tokenizer_for
+from edgectl.runtime.runtime import PteModel
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.real_model
@@ -121,7 +121,7 @@ def test_export_json_and_verbose(stories_dir, tmp_path, capsys):
 
 
 def test_failed_export_leaves_nothing(stories_dir, tmp_path, monkeypatch, capsys):
-    import edgectl.export as E
+    import edgectl.lower.export as E
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -133,7 +133,7 @@ def test_failed_export_leaves_nothing(stories_dir, tmp_path, monkeypatch, capsys
 
 
 def test_write_atomic_interrupted_mid_write(tmp_path):
-    from edgectl.export import write_atomic
+    from edgectl.util.files import write_atomic
 
     target = tmp_path / "x.pte"
 
@@ -147,7 +147,7 @@ def test_write_atomic_interrupted_mid_write(tmp_path):
 
 
 def test_fast_lowering_changes_no_byte(stories_dir, tmp_path, monkeypatch):
-    # edgectl.xnnpack_fast drops XNNPACK preprocess passes whose anchor ops a partition
+    # edgectl.lower.xnnpack_fast drops XNNPACK preprocess passes whose anchor ops a partition
     # lacks and the re-traces of those that changed nothing, answers torchao's ops' and
     # linear's shape queries without running them, decomposes once instead of three
     # times, fuses the aten-to-edge rewrites into two re-traces and caches the
@@ -157,9 +157,9 @@ def test_fast_lowering_changes_no_byte(stories_dir, tmp_path, monkeypatch):
     from executorch.exir.passes.debug_handle_generator_pass import DebugHandleGeneratorPass
     from torch.fx.passes.infra.pass_base import PassResult
 
-    from edgectl.checkpoint import resolve
-    from edgectl.export import export_pte
-    from edgectl.quantize import QuantScheme
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.lower.export import export_pte
+    from edgectl.quant.quantize import QuantScheme
 
     def one_handle(self, gm):
         for node in gm.graph.nodes:
@@ -188,8 +188,8 @@ def test_decode_reads_only_the_cache_window(stories_pte, assert_reads_only_the_c
 def test_pte_from_an_older_edgectl_is_refused(stories_pte, tmp_path, monkeypatch):
     """A .pte whose programs attend over the whole cache (no kv_layout in its meta) is a
     clear error, not wrong output."""
-    from edgectl import runtime
-    from edgectl.errors import EdgectlError
+    from edgectl.runtime import runtime
+    from edgectl.util.errors import EdgectlError
 
     real = runtime.constant_bytes
 

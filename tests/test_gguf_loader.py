@@ -1,4 +1,4 @@
-"""edgectl.gguf_loader: tiny GGUF files written here, and the real SmolLM2 Q4_1 file against transformers."""
+"""edgectl.checkpoint.gguf_loader: tiny GGUF files written here, and the real SmolLM2 Q4_1 file against transformers."""
 
 import json
 
@@ -9,8 +9,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from tokenizers import Tokenizer
 
-from edgectl.errors import EdgectlError
-from edgectl.gguf_loader import read_gguf
+from edgectl.util.errors import EdgectlError
+from edgectl.checkpoint.gguf_loader import read_gguf
 
 # ------------------------------------------------------------------------------ tiny GGUF files
 
@@ -24,7 +24,7 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _byte_level_vocab():
-    from edgectl.gguf_loader import _bytes_to_unicode
+    from edgectl.checkpoint.gguf_loader import _bytes_to_unicode
 
     merges = ["Ġ t", "h e", "Ġt he", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld"]
     tokens = SPECIALS + sorted(set(_bytes_to_unicode().values())) + [m.replace(" ", "") for m in merges]

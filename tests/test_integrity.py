@@ -1,5 +1,5 @@
 """Damaged, truncated, swapped or missing files: `run`, `bench` and `verify` give one line
-naming the file and exit 1, never a crash (edgectl/integrity.py); stamps spare the hash of
+naming the file and exit 1, never a crash (edgectl/formats/integrity.py); stamps spare the hash of
 an unchanged file and never a changed one."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from edgectl import integrity
-from edgectl.cli import main
+from edgectl.formats import integrity
+from edgectl.cli.main import main
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -36,7 +36,7 @@ def _swap(a: Path, b: Path) -> None:
 
 def _cli(*argv, timeout=300):
     """`edgectl ARGV` in a fresh process: a crash is a negative return code, not a dead test run."""
-    return subprocess.run([sys.executable, "-c", "import sys; from edgectl.cli import entry; sys.argv[0] = 'edgectl'; entry()",
+    return subprocess.run([sys.executable, "-c", "import sys; from edgectl.cli.main import entry; sys.argv[0] = 'edgectl'; entry()",
                            *map(str, argv)], capture_output=True, text=True, timeout=timeout)
 
 
@@ -59,8 +59,8 @@ def _stamps(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory, stories_dir):
     """stories260K cut by `edgectl shard` (fp32): sealed programs and a tokenizer sha256."""
-    from edgectl.checkpoint import resolve
-    from edgectl.shard import ShardSettings, shard_model
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.shard.shard import ShardSettings, shard_model
 
     mp = pytest.MonkeyPatch()
     mp.setenv("EDGECTL_CACHE", str(tmp_path_factory.mktemp("cache")))  # its own shard cache
@@ -134,11 +134,12 @@ def test_run_on_a_damaged_shard_set_is_one_line_exit_1(copy, case):
 @pytest.mark.real_model
 def test_streamed_shards_are_checked_in_the_loader_thread(copy, monkeypatch):
     """A pipelined run loads its streamed shards on the loader thread: the check runs there."""
-    from edgectl import _native
-    from edgectl import loader as ld
-    from edgectl.errors import EdgectlError
-    from edgectl.manifest import Manifest
-    from edgectl.runtime import Trace, _load_runtime
+    from edgectl.runtime import _native
+    from edgectl.runtime import loader as ld
+    from edgectl.util.errors import EdgectlError
+    from edgectl.formats.manifest import Manifest
+    from edgectl.runtime.trace import Trace
+    from edgectl.runtime.runtime import _load_runtime
 
     monkeypatch.setenv("EDGECTL_PACKED_CACHE", "0")
     _load_runtime()
@@ -209,8 +210,8 @@ def test_a_damaged_pte_is_one_line_exit_1(pte, capsys, where):
     if where in ("weights", "header", "truncated"):  # in a fresh process: a crash fails the test
         _one_error_line(_cli("run", pte, "-p", "hi", "-n", "4"), "model.pte")
     else:
-        from edgectl.errors import EdgectlError
-        from edgectl.runtime import open_pte
+        from edgectl.util.errors import EdgectlError
+        from edgectl.runtime.runtime import open_pte
 
         with pytest.raises(EdgectlError, match="model.pte: damaged"):
             open_pte(pte)
@@ -219,7 +220,7 @@ def test_a_damaged_pte_is_one_line_exit_1(pte, capsys, where):
 @pytest.mark.real_model
 def test_a_pte_without_a_checksum_warns_once_and_runs(pte, capsys):
     """A file exported before sealing (its meta starts with edgectl_version) still runs."""
-    from edgectl.runtime import open_pte
+    from edgectl.runtime.runtime import open_pte
 
     data = bytearray(pte.read_bytes())
     off = integrity._digest_offset(str(pte)) - len(integrity.PREFIX)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgectl.checkpoint import Checkpoint, load_model, resolve
-from edgectl.errors import EdgectlError
+from edgectl.checkpoint.checkpoint import Checkpoint, load_model, resolve
+from edgectl.util.errors import EdgectlError
 from edgectl.model import ModelArgs, windows, write_cache
 
 transformers = pytest.importorskip("transformers")

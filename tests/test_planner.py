@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from edgectl.errors import EdgectlError, UsageError
-from edgectl.manifest import Importance, Manifest, Shard, Variant
-from edgectl.planner import Plan, _simulate, _State, kv_cache_bytes, parse_bytes, plan
+from edgectl.util.errors import EdgectlError, UsageError
+from edgectl.formats.manifest import Importance, Manifest, Shard, Variant
+from edgectl.runtime.planner import Plan, _simulate, _State, kv_cache_bytes, parse_bytes, plan
 
 MB = 10**6
 PRECS = ["fp32", "int8", "8da4w"]
@@ -232,7 +232,7 @@ def test_without_latency_target_streamed_shards_do_not_trade_speed_for_accuracy(
     # slower than int8/8da4w at nearly the same size. Accuracy alone streams fp32 (120 ms a
     # token); with no target a raise must keep the step within STREAM_SLACK: int8 (same
     # load time) is taken, fp32 is not.
-    from edgectl.planner import STREAM_SLACK
+    from edgectl.runtime.planner import STREAM_SLACK
 
     head = Shard("head", "head", [], {p: _variant(p, 0.5, k) for p, k in zip(PRECS, (0, 0.5, 0.9))})
     m = _manifest([_layer(i, (0, .1, .2), sizes=(7, 6, 5), loads=(40, 5, 5), compute=0.5) for i in range(3)], head=head)
@@ -283,7 +283,7 @@ def test_streaming_plan_keeps_the_important_head_up():
     # streaming needed, the greedy alone lowers everything first and can buy precision back
     # only through loader slots (streamed layers), leaving the head low; plan() also tries
     # the head held higher and keeps the more accurate plan (here also no slower).
-    from edgectl.planner import _plan
+    from edgectl.runtime.planner import _plan
 
     m = _manifest([_layer(i, (0, .01, .02), compute=0.5) for i in range(12)])
     budget = int(4 * 1.5 * MB + 2 * 1.5 * MB + 0.5 * MB + kv_cache_bytes(m))
@@ -299,7 +299,7 @@ def test_without_latency_target_a_plan_is_no_less_accurate_than_a_uniform_precis
     # SmolLM2 at 125 MB (session 8): the STREAM_SLACK rule kept a streamed plan at 8da4w
     # (the fastest), less accurate than all-int8, which streams 35% slower. Here: 8da4w
     # loads in 4 ms, int8 in 5 ms, fp32 in 40 ms; eight layers, most must stream.
-    from edgectl.planner import STREAM_SLACK, UNIFORM_SLOWDOWN
+    from edgectl.runtime.planner import STREAM_SLACK, UNIFORM_SLOWDOWN
 
     head = Shard("head", "head", [], {p: _variant(p, 0.5, k) for p, k in zip(PRECS, (0, 0.5, 0.9))})
     layers = [_layer(i, (0, .1, .3), sizes=(7, 3, 1.5), loads=(40, 5, 4), compute=0.5) for i in range(8)]
@@ -323,7 +323,7 @@ def test_without_latency_target_a_plan_is_no_less_accurate_than_a_uniform_precis
 
 
 def test_check_budget_refuses_exactly_what_plan_refuses():
-    from edgectl.planner import check_budget
+    from edgectl.runtime.planner import check_budget
 
     m = _manifest([_layer(i, (0, .1, .2)) for i in range(6)])
     for mode in ("auto", "resident", "pipelined", "on-demand"):

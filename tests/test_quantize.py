@@ -12,9 +12,9 @@ import logging
 import pytest
 import torch
 
-from edgectl.errors import EdgectlError, UsageError
-from edgectl.quantize import QuantScheme, codes_asym4, codes_int4, pick_group, quantize_module
-from edgectl.quant_modules import pack4, unpack4
+from edgectl.util.errors import EdgectlError, UsageError
+from edgectl.quant.quantize import QuantScheme, codes_asym4, codes_int4, pick_group, quantize_module
+from edgectl.quant.quant_modules import pack4, unpack4
 
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
@@ -123,8 +123,8 @@ def test_quantized_block_alone():
 
 @pytest.fixture(scope="module")
 def quantized_dirs(tmp_path_factory, stories_dir, corpus_dir):
-    from edgectl.checkpoint import resolve
-    from edgectl.quantize import quantize_checkpoint
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.quant.quantize import quantize_checkpoint
 
     root = tmp_path_factory.mktemp("q")
     out = {}
@@ -139,8 +139,8 @@ def quantized_dirs(tmp_path_factory, stories_dir, corpus_dir):
 
 
 def test_checkpoint_roundtrip_and_record(quantized_dirs, stories_dir):
-    from edgectl.checkpoint import resolve, load_model
-    from edgectl.quantize import load_quantized_model
+    from edgectl.checkpoint.checkpoint import resolve, load_model
+    from edgectl.quant.quantize import load_quantized_model
 
     res = quantized_dirs["8da4w"]
     ck = resolve(res.path)
@@ -162,8 +162,8 @@ def test_checkpoint_roundtrip_and_record(quantized_dirs, stories_dir):
 
 
 def test_requantizing_is_refused(quantized_dirs):
-    from edgectl.checkpoint import resolve
-    from edgectl.quantize import quantize_checkpoint
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.quant.quantize import quantize_checkpoint
 
     with pytest.raises(EdgectlError, match="already quantized"):
         quantize_checkpoint(resolve(quantized_dirs["4w"].path), quantized_dirs["4w"].path, QuantScheme("int8"))
@@ -171,11 +171,11 @@ def test_requantizing_is_refused(quantized_dirs):
 
 @pytest.mark.parametrize("name", ["8da4w", "4w", "8da4w-sym", "int8-sq"])
 def test_export_parity_delegation_and_tied_matrix_once(quantized_dirs, name, tmp_path):
-    from edgectl.checkpoint import resolve
-    from edgectl.export import export_pte
-    from edgectl.ptefile import named_data
-    from edgectl.quantize import load_quantized_model
-    from edgectl.runtime import PteModel
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.lower.export import export_pte
+    from edgectl.formats.ptefile import named_data
+    from edgectl.quant.quantize import load_quantized_model
+    from edgectl.runtime.runtime import PteModel
 
     ck = resolve(quantized_dirs[name].path)
     res = export_pte(ck, tmp_path / "m.pte", max_seq_len=64)
@@ -191,7 +191,7 @@ def test_export_parity_delegation_and_tied_matrix_once(quantized_dirs, name, tmp
     code_bytes = v * d // (2 if ck.quantization["weights"]["embed.embed_tokens"]["bits"] == 4 else 1)
     assert blobs[spec["tensors"][0]["key"]][1] >= code_bytes
     assert sum(1 for _, size in blobs.values() if size >= code_bytes) == 1
-    from edgectl.ptefile import _program, constant_bytes
+    from edgectl.formats.ptefile import _program, constant_bytes
 
     # and no second copy among the program's own constants (there: metadata, tokenizer, norms)
     prog, _ = _program(res.path)
@@ -223,7 +223,7 @@ def test_export_parity_delegation_and_tied_matrix_once(quantized_dirs, name, tmp
 def test_cli_errors(stories_dir, tmp_path):
     from typer.testing import CliRunner
 
-    from edgectl.cli import main
+    from edgectl.cli.main import main
 
     assert main(["quantize", str(stories_dir), "-o", str(tmp_path / "x"), "--scheme", "int3"]) == 2
     assert main(["quantize", str(stories_dir), "-o", str(tmp_path / "x"), "--scheme", "8da4w", "--group-size", "100"]) == 2
@@ -234,7 +234,7 @@ def test_cli_errors(stories_dir, tmp_path):
     assert main(["quantize", str(stories_dir), "-o", str(tmp_path / "x"), "--scheme", "8da4w", "--smoothquant"]) == 2
     assert main(["quantize", str(stories_dir), "-o", str(tmp_path / "x"), "--scheme", "int8", "--smooth-alpha", "1"]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.pte").exists()
-    r = CliRunner().invoke(__import__("edgectl.cli", fromlist=["app"]).app, ["quantize", "--help"])
+    r = CliRunner().invoke(__import__("edgectl.cli.main", fromlist=["app"]).app, ["quantize", "--help"])
     assert r.exit_code == 0 and "--scheme" in r.output
 
 
@@ -288,7 +288,7 @@ def _prefill_then_decode(m, toks: list[int], split: int):
 def test_smoothquant_fold_preserves_fp32_outputs(tie):
     import copy
 
-    from edgectl import smoothquant as sq
+    from edgectl.quant import smoothquant as sq
 
     m = _with_outliers(_tiny(tie=tie))  # GQA: 4 query heads on 2 kv heads
     windows = [torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(3)]
@@ -311,7 +311,7 @@ def test_smoothquant_fold_preserves_fp32_outputs(tie):
 def test_smoothquant_lowers_int8_error_on_outliers():
     import copy
 
-    from edgectl import smoothquant as sq
+    from edgectl.quant import smoothquant as sq
 
     base = _with_outliers(_tiny())
     windows = [torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(3)]
@@ -326,7 +326,7 @@ def test_smoothquant_lowers_int8_error_on_outliers():
 
 
 def test_smoothquant_scheme_rules():
-    from edgectl.cli import _smoothquant
+    from edgectl.cli.main import _smoothquant
 
     with pytest.raises(UsageError, match="int8 only"):
         QuantScheme("8da4w", smoothquant=True)  # the 4-bit grid must stay the source's
@@ -339,8 +339,8 @@ def test_smoothquant_scheme_rules():
 
 
 def test_smoothquant_checkpoint_records_and_folds(stories_dir, corpus_dir, tmp_path):
-    from edgectl.checkpoint import load_model, resolve
-    from edgectl.quantize import load_quantized_model, quantize_checkpoint
+    from edgectl.checkpoint.checkpoint import load_model, resolve
+    from edgectl.quant.quantize import load_quantized_model, quantize_checkpoint
 
     cal = corpus_dir / "tinystories-valid-40.txt"
     res = quantize_checkpoint(resolve(str(stories_dir)), tmp_path / "sq", QuantScheme("int8", smoothquant=True, smooth_alpha=0.5),
@@ -389,7 +389,7 @@ def test_fused_projections_compute_what_the_separate_linears_did(scheme):
 
 
 def test_linears_of_different_kinds_are_not_fused():
-    from edgectl.quant_modules import fuse_linears
+    from edgectl.quant.quant_modules import fuse_linears
 
     a = _tiny(hidden=192).layers[0].self_attn
     q4, q8 = _tiny(hidden=192), _tiny(hidden=192)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edgectl.errors import EdgectlError
+from edgectl.util.errors import EdgectlError
 from edgectl.recipes import Recipe, apply_overrides, load_recipe, parse_size, shipped_recipes
 
 
@@ -71,8 +71,8 @@ def test_parse_size(text, n):
 
 
 def _capture_export(monkeypatch):
-    import edgectl.checkpoint as C
-    import edgectl.export as E
+    import edgectl.checkpoint.checkpoint as C
+    import edgectl.lower.export as E
 
     seen = {}
 
@@ -89,7 +89,7 @@ def _capture_export(monkeypatch):
 
 
 def test_recipe_gives_defaults_and_flags_override(monkeypatch, capsys):
-    from edgectl.cli import main
+    from edgectl.cli.main import main
     from edgectl.recipes import shipped_recipes
 
     recipe = next(p for p in shipped_recipes() if p.stem == "smollm2-135m-laptop-8da4w")
@@ -106,7 +106,7 @@ def test_recipe_gives_defaults_and_flags_override(monkeypatch, capsys):
 
 
 def test_bad_recipe_is_a_one_line_error(tmp_path, capsys):
-    from edgectl.cli import main
+    from edgectl.cli.main import main
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[run]\nmemroy_budget = '1MB'\n")
@@ -120,7 +120,7 @@ def test_bad_recipe_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_shipped_recipes_are_package_data():
-    """They live inside the package (edgectl/recipe_files), so a wheel install has them."""
+    """They live inside the package (edgectl/recipes), so a wheel install has them."""
     import edgectl
     from edgectl.recipes import RECIPE_DIR
 
@@ -132,7 +132,7 @@ def test_shipped_recipes_are_package_data():
 
 def test_android_recipes_ask_for_the_stock_interface(monkeypatch):
     """No Android runner loads the edgectl interface: an android recipe's export is stock."""
-    from edgectl.cli import main
+    from edgectl.cli.main import main
 
     android = [p for p in shipped_recipes() if "android" in p.stem]
     assert len(android) >= 2
@@ -145,7 +145,7 @@ def test_android_recipes_ask_for_the_stock_interface(monkeypatch):
 
 @pytest.mark.parametrize("form", ["{name}", "{name}.toml", "--recipe={name}"])
 def test_recipe_by_name(monkeypatch, form):
-    from edgectl.cli import main
+    from edgectl.cli.main import main
 
     seen = _capture_export(monkeypatch)
     arg = form.format(name="smollm2-135m-laptop-8da4w")
@@ -166,7 +166,7 @@ def test_a_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
 
 
 def test_unknown_recipe_name_is_a_one_line_error(capsys):
-    from edgectl.cli import main
+    from edgectl.cli.main import main
 
     assert main(["export", "--recipe", "no-such-recipe", "-o", "x.pte"]) == 1
     err = capsys.readouterr().err
@@ -178,7 +178,7 @@ def test_unknown_recipe_name_is_a_one_line_error(capsys):
 def test_recipes_command_lists_name_and_description(capsys):
     import json
 
-    from edgectl.cli import main
+    from edgectl.cli.main import main
 
     stems = [p.stem for p in shipped_recipes()]
     assert main(["recipes", "--json"]) == 0

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgectl.cli import main
-from edgectl.errors import UsageError
+from edgectl.cli.main import main
+from edgectl.util.errors import UsageError
 
 
 def _run(capsys, *argv):
@@ -28,7 +28,7 @@ def _debris(parent: Path) -> list[str]:
 
 
 def test_plan_names_and_groups():
-    from edgectl.shard import plan
+    from edgectl.shard.shard import plan
 
     assert plan(5, 1) == [("embed", "embed", []), *[(f"layers.{i}", "layers", [i]) for i in range(5)], ("head", "head", [])]
     assert [n for n, _, _ in plan(5, 2)] == ["embed", "layers.0-1", "layers.2-3", "layers.4", "head"]
@@ -37,7 +37,7 @@ def test_plan_names_and_groups():
 
 
 def test_parse_precisions():
-    from edgectl.shard import parse_precisions
+    from edgectl.shard.shard import parse_precisions
 
     assert parse_precisions("fp32, int8,8da4w") == ("fp32", "int8", "8da4w")
     for bad in ("fp16", "", "int8,int8"):
@@ -100,8 +100,8 @@ def shard_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stories_shards(tmp_path_factory, stories_dir, corpus_dir, shard_cache):
-    from edgectl.checkpoint import resolve
-    from edgectl.shard import ShardSettings, shard_model
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.shard.shard import ShardSettings, shard_model
 
     mp = pytest.MonkeyPatch()
     mp.setenv("EDGECTL_CACHE", str(shard_cache))
@@ -116,10 +116,10 @@ def stories_shards(tmp_path_factory, stories_dir, corpus_dir, shard_cache):
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_manifest_contract(stories_shards):
-    from edgectl.manifest import Manifest
-    from edgectl.shard_build import file_sha256
+    from edgectl.formats.manifest import Manifest
+    from edgectl.shard.shard_build import file_sha256
 
-    from edgectl import _native
+    from edgectl.runtime import _native
 
     out, res, _ = stories_shards
     native = _native.load()
@@ -155,9 +155,9 @@ def test_remeasure_rewrites_costs_and_keeps_importance(stories_shards, tmp_path,
     import json
     import shutil
 
-    from edgectl import _native
-    from edgectl.cli import main
-    from edgectl.manifest import Manifest
+    from edgectl.runtime import _native
+    from edgectl.cli.main import main
+    from edgectl.formats.manifest import Manifest
 
     if _native.load() is None:
         pytest.skip(f"native shim unavailable: {_native.why_not()}")
@@ -215,8 +215,8 @@ def _greedy(model, prompt: list[int], n: int) -> tuple[list[int], "torch.Tensor"
 
 
 def _chain_matches_monolithic(shard_dir: Path, pte: Path, prompt: list[int]):
-    from edgectl.runtime import PteModel
-    from edgectl.shard_chain import ShardChain
+    from edgectl.runtime.runtime import PteModel
+    from edgectl.shard.chain import ShardChain
 
     mono, chain = PteModel(pte), ShardChain(shard_dir)
     t_mono, l_mono = _greedy(mono, prompt, 64)
@@ -237,8 +237,8 @@ def test_stories_chain_reproduces_monolithic(stories_shards, stories_pte):
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_rerun_reuses_cache_and_replaces_atomically(stories_shards, stories_dir, shard_cache, monkeypatch):
-    from edgectl.checkpoint import resolve
-    from edgectl.shard import shard_model
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.shard.shard import shard_model
 
     out, first, settings = stories_shards
     monkeypatch.setenv("EDGECTL_CACHE", str(shard_cache))
@@ -252,8 +252,8 @@ def test_rerun_reuses_cache_and_replaces_atomically(stories_shards, stories_dir,
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_interrupt_leaves_nothing(stories_shards, stories_dir, shard_cache, monkeypatch, tmp_path):
-    from edgectl import shard as shard_mod
-    from edgectl.checkpoint import resolve
+    from edgectl.shard import shard as shard_mod
+    from edgectl.checkpoint.checkpoint import resolve
 
     _, _, settings = stories_shards
     monkeypatch.setenv("EDGECTL_CACHE", str(shard_cache))
@@ -275,9 +275,9 @@ def test_interrupt_leaves_nothing(stories_shards, stories_dir, shard_cache, monk
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_smol_chain_reproduces_monolithic(smol_gguf, smol_pte, tmp_path, shard_cache, monkeypatch):
-    from edgectl.checkpoint import resolve
-    from edgectl.shard import ShardSettings, shard_model
-    from edgectl.tokenizer import Tokenizer
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.shard.shard import ShardSettings, shard_model
+    from edgectl.runtime.tokenizer import Tokenizer
 
     monkeypatch.setenv("EDGECTL_CACHE", str(shard_cache))
     ckpt = resolve(str(smol_gguf))
@@ -296,8 +296,8 @@ def test_smol_chain_reproduces_monolithic(smol_gguf, smol_pte, tmp_path, shard_c
 
 @pytest.fixture(scope="session")
 def stories_8da4w(tmp_path_factory, stories_dir):
-    from edgectl.checkpoint import resolve
-    from edgectl.quantize import QuantScheme, quantize_checkpoint
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.quant.quantize import QuantScheme, quantize_checkpoint
 
     out = tmp_path_factory.mktemp("quant") / "stories-8da4w"
     quantize_checkpoint(resolve(str(stories_dir)), out, QuantScheme("8da4w", 32, "int8", 32))
@@ -307,8 +307,8 @@ def stories_8da4w(tmp_path_factory, stories_dir):
 @pytest.fixture(scope="session")
 def stories_int8_sq(tmp_path_factory, stories_dir):
     """int8 with SmoothQuant folded in (norms and v_proj rows stored rescaled)."""
-    from edgectl.checkpoint import resolve
-    from edgectl.quantize import QuantScheme, quantize_checkpoint
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.quant.quantize import QuantScheme, quantize_checkpoint
 
     out = tmp_path_factory.mktemp("quant") / "stories-int8-sq"
     quantize_checkpoint(resolve(str(stories_dir)), out, QuantScheme("int8", 32, "int8", 32, smoothquant=True))
@@ -319,8 +319,8 @@ def stories_int8_sq(tmp_path_factory, stories_dir):
 def test_quantized_model_refuses_other_precisions(capsys, tmp_path, stories_8da4w, monkeypatch):
     """fp32 (or int8) cannot come back from 8da4w codes, and 4w would re-quantize them:
     a one-line usage error before any work, nothing written."""
-    from edgectl.checkpoint import resolve
-    from edgectl.shard import ShardSettings, shard_model
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.shard.shard import ShardSettings, shard_model
 
     monkeypatch.setenv("EDGECTL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
@@ -340,14 +340,14 @@ def test_quantized_model_shards_reproduce_its_monolithic_export(quantized, reque
     """A quantize output shards at its one stored precision (the codes exported as they
     are, never re-quantized), the manifest records where it came from, and the chain
     reproduces the monolithic export of the same checkpoint."""
-    from edgectl.checkpoint import resolve
-    from edgectl.export import export_pte
-    from edgectl.manifest import Manifest
-    from edgectl.quantize import QUANT_FILE
-    from edgectl.runtime import PteModel
-    from edgectl.shard import ShardSettings, shard_model
-    from edgectl.shard_build import file_sha256
-    from edgectl.shard_chain import ShardChain
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.lower.export import export_pte
+    from edgectl.formats.manifest import Manifest
+    from edgectl.quant.quantize import QUANT_FILE
+    from edgectl.runtime.runtime import PteModel
+    from edgectl.shard.shard import ShardSettings, shard_model
+    from edgectl.shard.shard_build import file_sha256
+    from edgectl.shard.chain import ShardChain
 
     monkeypatch.setenv("EDGECTL_CACHE", str(shard_cache))
     stored = request.getfixturevalue(quantized)

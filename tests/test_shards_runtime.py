@@ -41,11 +41,11 @@ def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisio
     import torch
     from torch.export import Dim
 
-    from edgectl.checkpoint import load_model, resolve
-    from edgectl.export import check_tied_table, lower, tied_table_key
-    from edgectl.manifest import Importance, Manifest, Shard, Variant
-    from edgectl.shard_build import LayersProgram, layer_example
-    from edgectl.quantize import QuantScheme, quantize_module, shared_embedding
+    from edgectl.checkpoint.checkpoint import load_model, resolve
+    from edgectl.lower.export import check_tied_table, lower, tied_table_key
+    from edgectl.formats.manifest import Importance, Manifest, Shard, Variant
+    from edgectl.shard.shard_build import LayersProgram, layer_example
+    from edgectl.quant.quantize import QuantScheme, quantize_module, shared_embedding
 
     ckpt = resolve(str(model_dir))
     args = ckpt.args
@@ -82,14 +82,14 @@ def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisio
             check_tied_table(out / f, table)
         shards["embed"][p] = {"file": f, **table}
 
-    from edgectl.runtime import _load_runtime
+    from edgectl.runtime.runtime import _load_runtime
 
     _load_runtime()
-    from edgectl import _native
+    from edgectl.runtime import _native
 
     lib = _native.load()
 
-    from edgectl.runtime import malloc_trim
+    from edgectl.util.native import malloc_trim
 
     def rss():
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -196,8 +196,8 @@ def _greedy(model, n=6):
 
 
 def _streamed_plan(directory, mode, names):
-    from edgectl.manifest import Manifest
-    from edgectl.planner import plan
+    from edgectl.formats.manifest import Manifest
+    from edgectl.runtime.planner import plan
 
     p = plan(Manifest.load(directory), 1 << 40, mode="resident")
     for c in p.shards:
@@ -212,15 +212,15 @@ def _streamed_plan(directory, mode, names):
 @pytest.mark.parametrize("engine", ["native", "python"])
 @pytest.mark.parametrize("mode", ["resident", "on-demand", "pipelined"])
 def test_shard_set_reproduces_the_monolithic_pte(stories_shards, stories_pte, engine, mode):
-    from edgectl.runtime import PteModel
-    from edgectl.shards_runtime import ShardModel
+    from edgectl.runtime.runtime import PteModel
+    from edgectl.runtime.shards_runtime import ShardModel
 
     mono = PteModel(stories_pte)
     ref_toks, ref_logits = _greedy(mono)
     plan = _streamed_plan(stories_shards, mode, set() if mode == "resident" else {"layers.2", "layers.3", "layers.4", "head"})
     # what the preload buffer reads: a shard's packed-weight cache file once one exists, else its .pte
-    from edgectl import packed_cache
-    from edgectl.manifest import Manifest
+    from edgectl.runtime import packed_cache
+    from edgectl.formats.manifest import Manifest
 
     pc = packed_cache.default() if engine == "native" else None
     by_name = {s.name: s for s in Manifest.load(stories_shards).shards}
@@ -259,9 +259,9 @@ def test_budget_below_minimum_is_one_line_error(stories_shards, monkeypatch):
     """Refused before the first-execute probe loads a shard (the probe on top of the
     tokenizer is what got capped runs OOM-killed before they could refuse), with the
     minimum so far as a lower bound."""
-    from edgectl import loader
-    from edgectl.errors import EdgectlError
-    from edgectl.shards_runtime import ShardModel
+    from edgectl.runtime import loader
+    from edgectl.util.errors import EdgectlError
+    from edgectl.runtime.shards_runtime import ShardModel
 
     loads = []
     for eng in (loader.NativeEngine, loader.PyEngine):
@@ -276,7 +276,7 @@ def test_budget_below_minimum_is_one_line_error(stories_shards, monkeypatch):
 def test_long_prompt_runs_in_chunks_of_max_tokens_per_call(stories_shards, tmp_path):
     import json
 
-    from edgectl.shards_runtime import ShardModel
+    from edgectl.runtime.shards_runtime import ShardModel
 
     for f in stories_shards.iterdir():
         (tmp_path / f.name).symlink_to(f)
@@ -297,8 +297,8 @@ def test_long_prompt_runs_in_chunks_of_max_tokens_per_call(stories_shards, tmp_p
 def test_logits_sink_hands_over_every_row_once_and_scores_as_the_whole(stories_shards):
     import torch
 
-    from edgectl.bench_worker import model_chunk, nll_sum, window_nll
-    from edgectl.shards_runtime import ShardModel
+    from edgectl.bench.bench_worker import model_chunk, nll_sum, window_nll
+    from edgectl.runtime.shards_runtime import ShardModel
 
     m = ShardModel(stories_shards)
     w = (PROMPT * 8)[: min(60, m.max_seq_len)]
@@ -319,10 +319,10 @@ def test_logits_sink_hands_over_every_row_once_and_scores_as_the_whole(stories_s
 def test_plan_file_and_uniform_precision(stories_shards, tmp_path, capsys):
     import json
 
-    from edgectl.cli import main
-    from edgectl.errors import UsageError
-    from edgectl.manifest import Manifest
-    from edgectl.planner import plan
+    from edgectl.cli.main import main
+    from edgectl.util.errors import UsageError
+    from edgectl.formats.manifest import Manifest
+    from edgectl.runtime.planner import plan
 
     # a saved plan is followed as it is: same placements and precisions as printed
     p = _streamed_plan(stories_shards, "pipelined", {"layers.3"})
@@ -343,9 +343,9 @@ def test_plan_file_and_uniform_precision(stories_shards, tmp_path, capsys):
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_context_plans_a_smaller_kv_cache_and_is_enforced(stories_shards):
-    from edgectl.errors import EdgectlError
-    from edgectl.planner import kv_cache_bytes
-    from edgectl.shards_runtime import ShardModel
+    from edgectl.util.errors import EdgectlError
+    from edgectl.runtime.planner import kv_cache_bytes
+    from edgectl.runtime.shards_runtime import ShardModel
 
     full = ShardModel(stories_shards, budget=1 << 40)
     n = len(PROMPT) + 2
@@ -368,8 +368,8 @@ def _files(d: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["on-demand", "pipelined"])
 def test_packed_weight_cache_same_outputs_and_reused(stories_shards, tmp_path, monkeypatch, capfd, mode):
-    from edgectl import packed_cache
-    from edgectl.shards_runtime import ShardModel
+    from edgectl.runtime import packed_cache
+    from edgectl.runtime.shards_runtime import ShardModel
 
     streamed = {"layers.2", "layers.3", "layers.4", "head"}
     mapped = []  # cache files mapped in this process while each model was open
@@ -424,7 +424,7 @@ def torch_equal(a, b) -> bool:
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_packed_weight_cache_unwritable_dir_runs_uncached_with_one_warning(stories_shards, tmp_path, monkeypatch, capfd):
-    from edgectl.shards_runtime import ShardModel
+    from edgectl.runtime.shards_runtime import ShardModel
 
     plan = lambda: _streamed_plan(stories_shards, "pipelined", {"layers.3", "head"})  # noqa: E731
     monkeypatch.setenv("EDGECTL_PACKED_CACHE", "0")
@@ -446,9 +446,9 @@ def test_packed_weight_cache_unwritable_dir_runs_uncached_with_one_warning(stori
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_packed_weight_cache_broken_or_leftover_files(stories_shards, tmp_path, monkeypatch):
-    from edgectl import packed_cache
-    from edgectl.manifest import Manifest
-    from edgectl.shards_runtime import ShardModel
+    from edgectl.runtime import packed_cache
+    from edgectl.formats.manifest import Manifest
+    from edgectl.runtime.shards_runtime import ShardModel
 
     monkeypatch.setenv("EDGECTL_PACKED_CACHE", str(tmp_path / "packed"))
     pc = packed_cache.default()
@@ -474,7 +474,7 @@ def test_packed_weight_cache_broken_or_leftover_files(stories_shards, tmp_path, 
 
 def test_kv_cache_reset_gives_pages_back_and_reads_zeros():
     from edgectl.model import ModelArgs
-    from edgectl.runtime import KVCache
+    from edgectl.runtime.runtime import KVCache
 
     def anon():
         for line in open("/proc/self/status"):
@@ -500,7 +500,7 @@ def test_shard_programs_read_only_the_filled_cache(stories_shards, engine, asser
     """Resident layers (one chained native call, or Python calls) and streamed ones are
     handed the whole cache and read the positions up to the one they write, nothing past
     it."""
-    from edgectl.shards_runtime import ShardModel
+    from edgectl.runtime.shards_runtime import ShardModel
 
     streamed = {"layers.2", "head"}
     assert_reads_only_the_cache_window(
@@ -513,8 +513,8 @@ def test_loader_reads_the_next_shard_ahead():
     read: one file ahead, in the loader's cyclic order."""
     from types import SimpleNamespace
 
-    from edgectl.loader import Loader
-    from edgectl.runtime import Trace
+    from edgectl.runtime.loader import Loader
+    from edgectl.runtime.trace import Trace
 
     calls = []
 

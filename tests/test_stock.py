@@ -16,7 +16,7 @@ from tests.test_export_plan import PROMPT, _logits, _plan
 
 @pytest.fixture(scope="module")
 def fp32_model(stories_dir):
-    from edgectl.checkpoint import load_model, resolve
+    from edgectl.checkpoint.checkpoint import load_model, resolve
 
     return load_model(resolve(str(stories_dir)), 128).eval()
 
@@ -28,7 +28,7 @@ def test_stock_model_matches_ours_step_by_step_across_cache_windows(fp32_model):
     import torch
 
     from edgectl.model import KV_WINDOW, windows, write_cache
-    from edgectl.stock import StockTransformer
+    from edgectl.lower.stock import StockTransformer
 
     m = fp32_model
     st = StockTransformer(copy.deepcopy(m), 128).eval()
@@ -52,10 +52,11 @@ def test_plan_export_runs_on_executorchs_text_llm_runner(fp32_model, stories_dir
     equal the eager mix's, and ExecuTorch's TextLLMRunner (the C++ runner llama_main and
     the mobile apps use) generates, greedily, exactly what `edgectl run` does from it,
     with a prompt longer than the prefill chunk (the runner splits it by get_max_seq_len)."""
-    from edgectl.cli import main
-    from edgectl.export import quantize_by_plan
-    from edgectl.run import tokenizer_for
-    from edgectl.runtime import StockPteModel, open_artifact
+    from edgectl.cli.main import main
+    from edgectl.lower.export import quantize_by_plan
+    from edgectl.runtime.run import tokenizer_for
+    from edgectl.runtime.runtime import StockPteModel
+    from edgectl.runtime.artifact import open_artifact
 
     plan = _plan(["8da4w", "int8", "fp32", "int8", "fp32"], "int8")
     (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))
@@ -72,12 +73,12 @@ def test_plan_export_runs_on_executorchs_text_llm_runner(fp32_model, stories_dir
     assert (model.forward(PROMPT, 0, all_logits=True) - _logits(eager)).abs().max().item() < 1e-3
 
     # Both in fresh processes with one MKL thread (what `edgectl run` sets up; see
-    # edgectl.one_blas_thread): custom_sdpa's MKL calls on several threads sum in a
+    # edgectl.util.env.one_blas_thread): custom_sdpa's MKL calls on several threads sum in a
     # varying order, and greedy text then varies run to run at near-ties.
     prompt, n = "Once upon a time, there was a little dog named Max who lived in a big house", 40
     assert len(tokenizer_for(model).encode(prompt)) > 16
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    ours = subprocess.run([sys.executable, "-c", "import sys; from edgectl.cli import main; sys.exit(main(sys.argv[1:]))",
+    ours = subprocess.run([sys.executable, "-c", "import sys; from edgectl.cli.main import main; sys.exit(main(sys.argv[1:]))",
                            "run", str(out), "--prompt", prompt, "-n", str(n)],
                           capture_output=True, text=True, env=env, check=True).stdout.strip()
     theirs = subprocess.run([sys.executable, "-c", TEXT_LLM_RUNNER, str(out), str(tok), prompt, str(n)],

@@ -1,4 +1,4 @@
-"""The pieces of edgectl.xnnpack_fast, each against what executorch does without it.
+"""The pieces of edgectl.lower.xnnpack_fast, each against what executorch does without it.
 (The end-to-end check, byte-identical programs, is test_export_run.py's
 test_fast_lowering_changes_no_byte.)"""
 
@@ -32,7 +32,7 @@ def _ops(ep):
 def test_fused_edge_passes_give_the_same_graph(monkeypatch):
     from executorch.exir.program import _program as P
 
-    from edgectl import xnnpack_fast
+    from edgectl.lower import xnnpack_fast
 
     example = (torch.randn(4, 3), torch.arange(3))
     dynamic = ({0: Dim("a", min=2, max=8)}, None)
@@ -61,7 +61,7 @@ def test_only_passes_that_rewrite_in_call_skip_their_retrace():
     from executorch.exir.passes.memory_format_ops_pass import DimOrderOpsRevertPass
     from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
 
-    from edgectl.xnnpack_fast import _rewrites_only_in_call
+    from edgectl.lower.xnnpack_fast import _rewrites_only_in_call
 
     def bare(cls):
         return cls.__new__(cls)
@@ -78,7 +78,7 @@ def test_a_pass_that_edits_the_graph_is_still_retraced():
     from executorch.exir.pass_base import ExportPass
     from torch.fx.passes.infra.pass_base import PassResult
 
-    from edgectl.xnnpack_fast import _skip_idle_retraces
+    from edgectl.lower.xnnpack_fast import _skip_idle_retraces
 
     retraced = []
 
@@ -123,7 +123,7 @@ def test_linear_shape_rule_matches_the_decomposition():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from edgectl.xnnpack_fast import shape_kernels
+    from edgectl.lower.xnnpack_fast import shape_kernels
 
     mode = FakeTensorMode(shape_env=ShapeEnv())
     cases = [((1, 5, 16), (8, 16), None), ((3, 16), (8, 16), (8,)), ((16,), (8, 16), None), ((2, 1, 5, 16), (8, 16), (8,))]
@@ -146,7 +146,7 @@ def test_in_place_sort_orders_nodes_as_legalize_graph_does():
 
     from torch.fx.passes.tools_common import legalize_graph
 
-    from edgectl.xnnpack_fast import _partitions_sorted_in_place
+    from edgectl.lower.xnnpack_fast import _partitions_sorted_in_place
 
     class M(torch.nn.Module):
         def forward(self, x, y):
@@ -183,7 +183,7 @@ def test_in_place_sort_orders_nodes_as_legalize_graph_does():
 def test_forked_preprocess_returns_results_in_order_and_survives_a_failing_child(capsys):
     import os
 
-    from edgectl.xnnpack_fast import _preprocess_forked
+    from edgectl.lower.xnnpack_fast import _preprocess_forked
 
     parent = os.getpid()
 
@@ -224,7 +224,7 @@ def test_forked_preprocess_returns_results_in_order_and_survives_a_failing_child
 def test_bitset_dependencies_equal_executorchs():
     from executorch.exir.backend.canonical_partitioners.group_partitioner import _DependencyViewer
 
-    from edgectl.xnnpack_fast import _BitDependencyViewer
+    from edgectl.lower.xnnpack_fast import _BitDependencyViewer
 
     class M(torch.nn.Module):
         def forward(self, x, y):
@@ -244,7 +244,7 @@ def test_bitset_dependencies_equal_executorchs():
 def test_constprop_runs_only_where_something_folds():
     from executorch.exir.passes.const_prop_pass import ConstPropPass
 
-    from edgectl.xnnpack_fast import _foldable
+    from edgectl.lower.xnnpack_fast import _foldable
 
     class Params(torch.nn.Module):
         def __init__(self):
@@ -278,7 +278,7 @@ def test_speedups_apply_only_on_the_versions_they_were_written_for(monkeypatch, 
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
     from executorch.exir.program import _program as P
 
-    from edgectl import xnnpack_fast as xf
+    from edgectl.lower import xnnpack_fast as xf
 
     D = importlib.import_module("torch._higher_order_ops.executorch_call_delegate")
     monkeypatch.delenv("EDGECTL_SLOW_EXPORT", raising=False)

@@ -1,0 +1,1 @@
+"""The one list of ExecuTorch backends (registry.py), consulted by export and by the runtime."""

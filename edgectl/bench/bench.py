@@ -1,0 +1,642 @@
+"""Bench stage: measure artifacts the way `edgectl run` runs them, each run in a fresh process.
+
+`run_bench(cases, settings)` returns a `BenchReport`; it never prints. Each `Case` (an
+artifact plus options; later issues add modes and memory budgets as options) is measured
+`repeat` times, each time in a new `python -m edgectl.bench.bench_worker` process, so load time
+and peak memory are that run's own. Runs go round-robin over the cases (case 1 run 1,
+case 2 run 1, case 1 run 2, ...) so slow drift on a shared machine hits every case alike.
+
+Warm (default): before the runs the artifact's files are read once (page cache warm), and
+inside each process one generation runs before the measured one (first-call costs such as
+XNNPACK set-up are out of the measured figures; they are in `warmup`, which is what
+`edgectl run` would print). Cold (`cold=True`): the page cache is dropped before every run
+(root only) and there is no warm-up generation: each run is a first run after boot.
+
+JSON schema (`BenchReport.to_dict()`, written by `edgectl bench --json`), schema_version 1.
+Sizes in bytes, times in ms, rates in tokens per second:
+
+    schema_version: int                 1; bumped on any incompatible change
+    edgectl_version: str
+    created: str                        ISO 8601, UTC
+    versions: {python, torch, executorch, torchao: str | null}
+    machine: {platform, machine, cpu: str, cpu_count: int, mem_total_bytes: int | null}
+    settings: {prompt_tokens, new_tokens, repeat: int, threads: int | null,
+               cold_requested, cold, warmup: bool, ppl_file: str | null,
+               ppl_tokens: int | null, cgroup: bool, cgroup_baseline: int | null,
+               ctx_size: int | null}
+    notes: [str]                        e.g. why --cold fell back to warm, a busy machine
+    rows: [{
+        label: str                      file name plus options (#n for repeats), as in the table
+        artifact: str                   absolute path (.pte file or shard-set directory)
+        options: {str: any}             the Case's options ({} for a plain artifact)
+        file_bytes: int                 the .pte, or all files of a directory
+        runs: [{                        one per repeat, in order
+            cache_dropped: bool
+            loadavg_1m: float           the machine's 1-minute load average before the run
+            prompt_tokens, new_tokens: int
+            ttft_ms, prefill_ms, decode_ms, prefill_tok_s, decode_tok_s: float
+            load_ms: float              sum of the trace's "load" lane (as `edgectl run`)
+            open_ms: float              wall time of opening the artifact and its tokenizer
+            first_token_ms: float       open_ms + TTFT of the process's first generation (the
+                                        warm-up's when there is one): start to first token
+            rss_before_load: int        VmRSS after torch + runtime import, before load
+            rss_after_load, rss_end, rss_anon_end, rss_file_end: int
+            peak_rss: int               VmHWM at the end of the run
+            model_rss: int              peak_rss - rss_before_load
+            max_seq_len: int            the artifact's KV cache length
+            context: int                positions the run could use (--ctx-size; its KV
+                                        cache was planned and charged for these)
+            plan: {...} | null          a shard set's plan (planner.Plan.to_dict), also as
+                                        plan_mode, plan_total_bytes, plan_precisions, ...
+            warmup: {prompt_tokens, new_tokens, ttft_ms, prefill_ms, decode_ms,
+                     prefill_tok_s, decode_tok_s} | null
+            phases: {warmup?: [start_s, end_s], measured: [start_s, end_s]}
+            trace: [{lane, name: str, start, end: float seconds from the trace origin}]
+        }]
+        summary: {load_ms, ttft_ms, first_token_ms, prefill_tok_s, decode_tok_s, peak_rss, model_rss:
+                  {mean: float, sd: float | null (null when n < 2), min, max: float, n: int}}
+        decode_ratio: float             mean decode tok/s over the first row's
+        ppl: {file: str, ppl, nll: float, tokens_scored, text_tokens, windows,
+              window_tokens: int, bos_prefixed: bool, seconds, load_ms: float,
+              cgroup_scoring_allowance: int (with --cgroup: added to the cap of this run,
+              see scoring_allowance),
+              followed_generation_plan: bool (a budget row with --ctx-size scores the
+              plan its first generation run made, see _same_plan),
+              peak_rss, model_rss: int, ...} | null
+    }]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgectl.util.version import __version__
+from edgectl.util.errors import EdgectlError, UsageError
+
+FAILED = ("failed", "oom")  # run statuses that fail a row (and the bench, without --keep-going)
+
+SCHEMA_VERSION = 1
+SUMMARY_KEYS = ("load_ms", "ttft_ms", "first_token_ms", "prefill_tok_s", "decode_tok_s", "peak_rss", "model_rss")
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One table row: an artifact and the options it runs with.
+
+    Options: `budget` (bytes; a shard set is planned into it, and with --cgroup any
+    artifact runs under a cap of budget + the measured interpreter baseline) and `mode`
+    (a shard set's placement mode, planner.MODES)."""
+
+    artifact: Path
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        def fmt(k, v):
+            if k == "plan_file":
+                return f"plan={Path(v).name}"
+            return f"{k}={v / 1e6:g}MB" if k == "budget" else f"{k}={v}"
+
+        opts = " ".join(fmt(k, v) for k, v in sorted(self.options.items()))
+        return f"{self.artifact.name} {opts}".strip()
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    prompt_tokens: int = 64
+    new_tokens: int = 128
+    repeat: int = 3
+    threads: int | None = None
+    cold: bool = False
+    ppl_file: Path | None = None
+    ppl_tokens: int | None = None
+    cgroup: bool = False
+    ctx_size: int | None = None  # positions per run (bench_worker --ctx-size)
+
+
+@dataclass
+class Row:
+    case: Case
+    file_bytes: int
+    runs: list[dict] = field(default_factory=list)
+    ppl: dict | None = None
+    decode_ratio: float = float("nan")
+
+    @property
+    def ok_runs(self) -> list[dict]:
+        return [r for r in self.runs if r.get("status", "ok") == "ok"]
+
+    @property
+    def status(self) -> str:
+        """"ok", or what stopped some runs ("oom 2/3": the cgroup OOM-killed 2 of 3;
+        "failed 1/1": the worker failed, see `error`; "infeasible": the planner found no
+        plan within the budget), or "not run" (an earlier row failed without --keep-going)."""
+        if not self.runs:
+            return "not run"
+        bad = [r["status"] for r in self.runs if r.get("status", "ok") != "ok"]
+        if not bad and self.ppl and self.ppl.get("status", "ok") in FAILED:
+            return f"ppl {self.ppl['status']}"
+        return "ok" if not bad else f"{bad[0]} {len(bad)}/{len(self.runs)}"
+
+    @property
+    def error(self) -> str | None:
+        """Why the row failed (a worker's error, or an OOM kill), None if it did not."""
+        for r in [*self.runs, *([self.ppl] if self.ppl else [])]:
+            if r.get("status") == "failed":
+                return r["error"]
+            if r.get("status") == "oom":
+                cap = r.get("cgroup_limit")
+                return "OOM-killed under its memory cgroup cap" + (f" ({cap / 1e6:.0f} MB)" if cap else "")
+        return None
+
+    @property
+    def summary(self) -> dict | None:
+        ok = self.ok_runs
+        if not ok:
+            return None
+        return {k: summarise([r[k] for r in ok]) if all(k in r for r in ok) else None for k in SUMMARY_KEYS}
+
+    def to_dict(self, label: str | None = None) -> dict:
+        return {
+            "label": label or self.case.label,
+            "artifact": str(self.case.artifact),
+            "options": dict(self.case.options),
+            "file_bytes": self.file_bytes,
+            "status": self.status,
+            "failed": self.error is not None,
+            "error": self.error,
+            "runs": self.runs,
+            "summary": self.summary,
+            "decode_ratio": self.decode_ratio,
+            "ppl": self.ppl,
+        }
+
+
+@dataclass
+class BenchReport:
+    settings: BenchSettings
+    rows: list[Row]
+    cold: bool  # whether the page cache really was dropped
+    notes: list[str] = field(default_factory=list)
+    cgroup_baseline: int | None = None  # peak cgroup charge of a worker that loads no model
+
+    @property
+    def failed_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.error is not None]
+
+    @property
+    def measured_rows(self) -> list[Row]:
+        """Rows with at least one run that finished (ok or infeasible): what a table shows."""
+        return [r for r in self.rows if any(x.get("status", "ok") not in FAILED for x in r.runs)]
+
+    def labels(self) -> list[str]:
+        """Row labels, with #1, #2... where the same case is listed more than once."""
+        base = [r.case.label for r in self.rows]
+        seen: dict[str, int] = {}
+        out = []
+        for b in base:
+            seen[b] = seen.get(b, 0) + 1
+            out.append(f"{b} #{seen[b]}" if base.count(b) > 1 else b)
+        return out
+
+    def to_dict(self) -> dict:
+        s = self.settings
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "edgectl_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": versions(),
+            "machine": machine(),
+            "settings": {
+                "prompt_tokens": s.prompt_tokens,
+                "new_tokens": s.new_tokens,
+                "repeat": s.repeat,
+                "threads": s.threads,
+                "cold_requested": s.cold,
+                "cold": self.cold,
+                "warmup": not self.cold,
+                "ppl_file": str(s.ppl_file) if s.ppl_file else None,
+                "ppl_tokens": s.ppl_tokens,
+                "cgroup": s.cgroup,
+                "cgroup_baseline": self.cgroup_baseline,
+                "ctx_size": s.ctx_size,
+            },
+            "notes": self.notes,
+            "rows": [r.to_dict(label) for r, label in zip(self.rows, self.labels())],
+        }
+
+
+def summarise(xs: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(xs),
+        "sd": statistics.stdev(xs) if len(xs) > 1 else None,
+        "min": min(xs),
+        "max": max(xs),
+        "n": len(xs),
+    }
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "executorch", "torchao"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def machine() -> dict:
+    cpu, mem = platform.processor() or platform.machine(), None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(), "mem_total_bytes": mem}
+
+
+def artifact_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in artifact_files(path))
+
+
+def warm_page_cache(path: Path) -> None:
+    for p in artifact_files(path):
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def evict_page_cache(path: Path) -> int:
+    """Drop `path`'s files and the packed-weight cache's files from the page cache (only
+    pages nobody maps go), so a memory cgroup run next is charged for every file page it
+    touches: cgroup v1 charges a cached page to whoever read it first, and a page read
+    by an earlier run, or by `warm_page_cache`, would cost the capped run nothing.
+    Returns the number of files advised."""
+    from edgectl.runtime import packed_cache
+
+    files = list(artifact_files(path))
+    root = packed_cache.default_root()
+    if root is not None and root.is_dir():
+        files += [p for p in root.iterdir() if p.is_file()]
+    from edgectl.util.files import advise
+
+    for p in files:
+        advise(p, os.POSIX_FADV_DONTNEED)
+    return len(files)
+
+
+def drop_page_cache() -> str | None:
+    """Write back dirty pages and drop the page cache. Returns why it could not, or None."""
+    if os.geteuid() != 0:
+        return f"dropping the page cache needs root (writing {DROP_CACHES})"
+    try:
+        os.sync()
+        with open(DROP_CACHES, "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        return f"cannot write {DROP_CACHES} ({e.strerror})"
+    return None
+
+
+def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool = False, cap=None,
+           ppl_ids: Path | None = None) -> dict:
+    """Run one measurement in a fresh `python -m edgectl.bench.bench_worker` and return its figures.
+
+    With `cap` (a memcap.MemCap) the worker runs in that memory cgroup; its figures gain
+    the group's (cgroup_peak, ...), and a worker the group OOM-killed returns
+    {"status": "oom", ...} instead of raising."""
+    cmd = [
+        sys.executable, "-m", "edgectl.bench.bench_worker", "--artifact", str(case.artifact), "--mode", mode,
+        "--prompt-tokens", str(settings.prompt_tokens), "--new-tokens", str(settings.new_tokens),
+        "--options", json.dumps(case.options),
+    ]
+    if settings.threads:
+        cmd += ["--threads", str(settings.threads)]
+    if settings.ctx_size:
+        cmd += ["--ctx-size", str(settings.ctx_size)]
+    if warmup:
+        cmd.append("--warmup")
+    if mode == "ppl":
+        cmd += ["--ppl-file", str(settings.ppl_file)]
+        if settings.ppl_tokens:
+            cmd += ["--ppl-tokens", str(settings.ppl_tokens)]
+        if ppl_ids is not None:
+            cmd += ["--ppl-ids", str(ppl_ids)]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if cap is not None and cap.limit is not None:
+        evict_page_cache(case.artifact)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=cap.preexec if cap else None)
+    if os.environ.get("EDGECTL_DEBUG") == "1" and proc.stderr:
+        sys.stderr.write(proc.stderr)
+    group = cap.figures() if cap else {}
+    if cap and proc.returncode < 0 and (group["cgroup_oom_kills"] or group["cgroup_failcnt"]):
+        return {"status": "oom", "exit_signal": -proc.returncode, **group}
+    lines = proc.stdout.strip().splitlines()
+    try:
+        out = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        out = None
+    if not isinstance(out, dict):
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgectlError(f"bench worker for {case.label} failed (exit {proc.returncode}): {last}", hint="rerun with --debug for its stderr")
+    if not out.pop("ok", False):
+        err = str(out.get("error"))
+        if case.options.get("budget") is not None and err.startswith(("a budget of", "no plan")):
+            return {"status": "infeasible", "error": err, **group}  # the planner's answer for this budget: a row
+        raise EdgectlError(f"{case.label}: {err}", hint=out.get("hint"))
+    return {"status": "ok", **out, **group}
+
+
+def _capped(case: Case, settings: BenchSettings, baseline: int | None, extra: int = 0):
+    """The memory cgroup a run of `case` goes in: budget + baseline (+ `extra`), or
+    uncapped (still measured) when the case has no budget. None without --cgroup."""
+    if not settings.cgroup:
+        return None
+    from edgectl.bench.memcap import MemCap
+
+    budget = case.options.get("budget")
+    return MemCap(budget + baseline + extra if budget is not None and baseline is not None else None)
+
+
+def scoring_allowance(artifact: Path, ctx_size: int | None = None) -> int:
+    """Memory the perplexity harness itself needs beyond a generation run, added to the cap
+    of --ppl runs under --cgroup, and reported: it is the scorer's cost, not the model's.
+    A shard set hands the scorer ShardModel.SINK_ROWS rows of logits at a time (staged
+    fp32); a `.pte` returns one program call's logits for every position, which are copied
+    out. Plus the float64 log-softmax buffers of bench_worker.log_prob_chunks."""
+    from edgectl.bench.bench_worker import SCORE_ROWS
+
+    if artifact.is_dir():
+        from edgectl.formats.manifest import Manifest
+        from edgectl.runtime.shards_runtime import ShardModel
+
+        m = Manifest.load(artifact)
+        vocab, rows = m.model["vocab_size"], ShardModel.SINK_ROWS
+    else:
+        from edgectl.formats.ptefile import constant_bytes
+
+        meta = json.loads(constant_bytes(artifact, "edgectl_meta"))
+        vocab, piece = meta["model"]["vocab_size"], meta.get("prefill_chunk") or meta["max_seq_len"]
+        rows = 2 * min(piece, ctx_size or piece)
+    return rows * vocab * 4 + 2 * SCORE_ROWS * vocab * 8
+
+
+def write_packed_caches(rows: list[Row], settings: BenchSettings, progress: Callable[[str], None]) -> list[str]:
+    """A shard set's first run writes its packed-weight cache files (XNNPACK's packed
+    weights, one file per program, see packed_cache): a one-time cost per machine and
+    precision, which a capped or cold measurement would otherwise count in whichever run
+    comes first. Under a cgroup cap the new file pages are charged to that run (SmolLM2's
+    int8 plan at 250 MB decoded at 2.6 tok/s in the run that wrote them, 120 in the next).
+    So each shard-set row runs once first, one new token, unmeasured and uncapped. Returns
+    the note saying so (none when there is no shard set or the cache is disabled)."""
+    from edgectl.runtime import packed_cache
+
+    sets = [r for r in rows if r.case.artifact.is_dir()]
+    if not sets or packed_cache.default_root() is None:
+        return []
+    t0 = time.perf_counter()
+    once = dataclasses.replace(settings, new_tokens=1)
+    for row in sets:
+        progress(f"{row.case.label}: writing its packed-weight cache (unmeasured, uncapped)")
+        try:
+            worker(row.case, once)
+        except EdgectlError:
+            pass  # the measured runs report what fails
+    return [f"each shard-set row ran once before the measured runs, unmeasured and uncapped, so its packed-weight "
+            f"cache files exist ({time.perf_counter() - t0:.0f} s): writing them is a first run's one-time cost"]
+
+
+def cgroup_baseline(settings: BenchSettings, cold: bool = False) -> int:
+    """Peak cgroup charge of a worker that imports torch, the runtime and the tokenizer
+    library and starts the thread pool, but opens no model: what --cgroup adds to a budget,
+    measured the way the runs will be charged. Warm: measured twice, keeping the second:
+    the first may read the libraries from disk and be charged for their page cache
+    (measured: 630 MB against 290 MB warm), which a model run, finding them cached, is not.
+    Cold (`cold`): once, with the page cache dropped first, as before each cold run, which
+    is charged for every library page it reads (a cap on the warm baseline left a resident
+    int8 plan at 250 MB thrashing at 7 tok/s against 110 warm)."""
+    from edgectl.bench.memcap import MemCap
+
+    for _ in range(1 if cold else 2):
+        if cold and (why := drop_page_cache()):
+            raise EdgectlError(f"--cold: {why}")
+        with MemCap(None) as cap:
+            out = worker(Case(Path(sys.executable)), settings, mode="baseline", cap=cap)
+    return out["cgroup_peak"]
+
+
+def _ppl_ids(artifact: Path, settings: BenchSettings, tmp: Path, encoded: dict) -> Path:
+    """The --ppl text encoded here, once per tokenizer, for the workers to read: the
+    tokenizer's working memory (tens of MB for 160k characters) stays out of the
+    measured, possibly capped, process."""
+    import hashlib
+
+    from edgectl.bench.bench_worker import encode_for_ppl, write_ids
+    from edgectl.runtime.run import artifact_tokenizer
+
+    tok = artifact_tokenizer(artifact)
+    key = hashlib.sha256(tok.tokenizer_json.encode()).hexdigest()[:16]
+    if key not in encoded:
+        encoded[key] = tmp / f"{key}.ids"
+        write_ids(encode_for_ppl(tok, str(settings.ppl_file), settings.ppl_tokens), encoded[key])
+    return encoded[key]
+
+
+@contextlib.contextmanager
+def _same_plan(row: Row, settings: BenchSettings):
+    """The case a row's perplexity run measures: with a budget and a fixed --ctx-size, the
+    plan its generation runs followed (a fresh process measures its own start-up costs,
+    which can tip the planner to another mix), so the row's speed and perplexity belong
+    to one plan. Otherwise the row's own case."""
+    plan = next((r["plan"] for r in row.ok_runs if r.get("plan")), None)
+    if plan is None or not settings.ctx_size or row.case.options.get("budget") is None:
+        yield row.case
+        return
+    with tempfile.TemporaryDirectory(prefix="edgectl-bench-") as d:
+        path = Path(d) / "plan.json"
+        path.write_text(json.dumps(plan))
+        yield dataclasses.replace(row.case, options={"plan_file": str(path)})
+
+
+def _measure(row: Row, run, record: Callable[[dict], None]) -> bool:
+    """Call `run()` (one worker) and hand its figures to `record`; a worker error becomes
+    a "failed" result. True if the row still stands (not failed, not OOM-killed)."""
+    try:
+        got = run()
+    except EdgectlError as e:
+        got = {"status": "failed", "error": f"{e} ({e.hint})" if e.hint else str(e)}
+    record(got)
+    return got.get("status", "ok") not in FAILED
+
+
+def run_bench(
+    cases: list[Case],
+    settings: BenchSettings,
+    progress: Callable[[str], None] = lambda msg: None,
+    warn: Callable[[str], None] = lambda msg: None,
+    keep_going: bool = False,
+) -> BenchReport:
+    """Measure every case `settings.repeat` times (and its perplexity with `ppl_file`).
+    A row that fails or is OOM-killed is marked and measured no further; without
+    `keep_going` it also stops the bench (the rows after it stay "not run")."""
+    if not cases:
+        raise UsageError("give at least one artifact")
+    if settings.repeat < 1 or settings.prompt_tokens < 1 or settings.new_tokens < 2:
+        raise UsageError("--repeat and --prompt-tokens must be >= 1, --new-tokens >= 2")
+    for c in cases:
+        if not c.artifact.exists():
+            raise EdgectlError(f"{c.artifact}: no such file or directory")
+    if settings.ppl_file is not None and not settings.ppl_file.is_file():
+        raise EdgectlError(f"--ppl {settings.ppl_file}: no such file")
+    rows = [Row(c, file_bytes(c.artifact)) for c in cases]
+    notes, cold = [], settings.cold
+    baseline = None
+    if settings.cgroup:
+        from edgectl.bench.memcap import unavailable
+
+        if why := unavailable():
+            raise EdgectlError(f"--cgroup: {why}")
+    if cold and (why := drop_page_cache()):
+        notes.append(f"--cold: {why}; measured warm instead")
+        warn(notes[-1])
+        cold = False
+    if settings.cgroup:
+        progress(f"measuring the interpreter baseline (cgroup{', cold' if cold else ''})")
+        baseline = cgroup_baseline(settings, cold)
+    if settings.cgroup or cold:
+        notes += write_packed_caches(rows, settings, progress)
+    if not cold:
+        for c in cases:
+            warm_page_cache(c.artifact)
+    stopped = False
+    for i in range(settings.repeat):
+        for row in rows:
+            if stopped or row.error is not None:
+                continue
+            progress(f"{row.case.label}: run {i + 1}/{settings.repeat}{' (cold)' if cold else ''}")
+            dropped = cold and drop_page_cache() is None
+            if cold and not dropped:
+                raise EdgectlError("the page cache could be dropped once but not again")
+            load_avg = os.getloadavg()[0]
+            cap = _capped(row.case, settings, baseline)
+            try:
+                ok = _measure(row, lambda: worker(row.case, settings, warmup=not cold, cap=cap),
+                              lambda got: row.runs.append({"cache_dropped": dropped, "loadavg_1m": load_avg, **got}))
+            finally:
+                if cap:
+                    cap.close()
+            stopped = not ok and not keep_going
+    busiest = max((r["loadavg_1m"] for row in rows for r in row.runs), default=0.0)
+    if busiest > (os.cpu_count() or 1):
+        notes.append(f"1-minute load average up to {busiest:.1f} on {os.cpu_count()} CPUs: other work shared the CPUs, expect noise")
+        warn(notes[-1])
+    if settings.ppl_file is not None:
+        encoded: dict[str, Path] = {}
+        tmp = tempfile.TemporaryDirectory(prefix="edgectl-ppl-")
+        for row in rows:
+            if stopped:
+                break
+            if not row.runs or row.error is not None or any(r.get("status") == "infeasible" for r in row.runs):
+                continue
+            progress(f"{row.case.label}: perplexity on {settings.ppl_file.name}")
+            allowance = scoring_allowance(row.case.artifact, settings.ctx_size) if settings.cgroup else 0
+            cap = _capped(row.case, settings, baseline, allowance)
+            ids = _ppl_ids(row.case.artifact, settings, Path(tmp.name), encoded)
+            with _same_plan(row, settings) as case:
+                try:
+                    ok = _measure(row, lambda: worker(case, settings, mode="ppl", cap=cap, ppl_ids=ids),
+                                  lambda got: setattr(row, "ppl", got))
+                finally:
+                    if cap:
+                        cap.close()
+            stopped = not ok and not keep_going
+            row.ppl["followed_generation_plan"] = case is not row.case
+            if settings.cgroup:
+                row.ppl["cgroup_scoring_allowance"] = allowance
+            row.ppl.pop("trace", None)
+        tmp.cleanup()
+    base = next((r.summary["decode_tok_s"]["mean"] for r in rows if r.summary), None)
+    for row in rows:
+        row.decode_ratio = row.summary["decode_tok_s"]["mean"] / base if base and row.summary else float("nan")
+    return BenchReport(settings, rows, cold, notes, baseline)
+
+
+def _pm(s: dict, fmt: str = ".1f") -> str:
+    return f"{s['mean']:{fmt}}" + (f" ± {s['sd']:{fmt}}" if s["sd"] is not None else "")
+
+
+def render_table(report: BenchReport):
+    """The results as a rich Table (the caller prints it)."""
+    from rich.table import Table
+
+    s = report.settings
+    mode = "cold" if report.cold else "warm"
+    title = f"edgectl bench: {s.prompt_tokens} prompt + {s.new_tokens} new tokens, {s.repeat} run(s), {mode}, threads {s.threads or 'default'}"
+    t = Table(title=title, title_justify="left")
+    if report.cgroup_baseline is not None:
+        title += f", cgroup cap = budget + {report.cgroup_baseline / 1e6:.0f} MB baseline"
+    cols = ["artifact", "size MB", "load ms", "TTFT ms", "open→1st token ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model RSS MB"]
+    planned = any(r.get("plan_total_bytes") is not None for row in report.rows for r in row.runs)
+    if planned:
+        cols.append("plan MB")
+    if s.cgroup:
+        cols.append("cgroup peak MB")
+    show_status = s.cgroup or any(r.status != "ok" for r in report.rows)
+    if show_status:
+        cols.append("status")
+    if any(r.ppl for r in report.rows):
+        cols.append("ppl")
+    cols.append("decode ×")
+    for name in cols:
+        t.add_column(name, justify="left" if name == "artifact" else "right", no_wrap=True)
+    for r, label in zip(report.rows, report.labels()):
+        m = r.summary
+        cells = [label, f"{r.file_bytes / 1e6:.1f}"]
+        if m is None:
+            cells += ["-"] * 7
+        else:
+            cells += [
+                _pm(m["load_ms"]), _pm(m["ttft_ms"]), (_pm(m["first_token_ms"]) if m["first_token_ms"] else "-"), _pm(m["prefill_tok_s"]), _pm(m["decode_tok_s"]),
+                f"{m['peak_rss']['mean'] / 1e6:.0f}", f"{m['model_rss']['mean'] / 1e6:.0f}",
+            ]
+        if planned:
+            p = [x["plan_total_bytes"] for x in r.ok_runs if x.get("plan_total_bytes") is not None]
+            cells.append(f"{p[0] / 1e6:.1f}" if p else "")
+        if s.cgroup:
+            peaks = [x["cgroup_peak"] for x in r.runs if "cgroup_peak" in x]
+            cells.append(f"{max(peaks) / 1e6:.0f}" if peaks else "")
+        if show_status:
+            cells.append(r.status)
+        if "ppl" in cols:
+            pp = r.ppl if r.ppl and r.ppl.get("status", "ok") == "ok" else None
+            cells.append(f"{pp['ppl']:.3f} ({pp['tokens_scored']} tok)" if pp else (r.ppl or {}).get("status", ""))
+        cells.append(f"{r.decode_ratio:.2f}×")
+        t.add_row(*cells)
+    return t

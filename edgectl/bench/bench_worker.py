@@ -1,0 +1,396 @@
+"""One bench measurement in a fresh process: `python -m edgectl.bench.bench_worker ...`.
+
+`edgectl bench` starts this module once per measured run, so every run pays its own load
+and its peak memory is its own. It prints exactly one JSON object on stdout (anything else
+the libraries write to stdout is sent to stderr) and exits 0, or prints
+`{"ok": false, "error": ..., "hint": ...}` and exits 1.
+
+Modes:
+  gen  open the artifact, encode a fixed prompt, generate exactly --new-tokens tokens
+       through the same code path as `edgectl run` (runtime.open_artifact + generate).
+       With --warmup, one generation first (its figures are reported as `warmup`: they
+       are what `edgectl run` shows, first-call costs included), then the measured one.
+  ppl  perplexity of the artifact itself on a text file (see `ppl_windows`).
+  baseline  set up torch, the runtime, the tokenizer library and the thread pool, open
+       nothing, and report the process's memory: the interpreter baseline that
+       `bench --cgroup` adds to a budget.
+
+Options (--options, JSON): `budget` (bytes) and `mode` go to `runtime.open_artifact` for
+a shard set, which plans under them; a `.pte` ignores them here (bench caps its memory
+with a cgroup instead). The plan's figures are reported as plan_*. --ctx-size is the
+positions a run uses (its KV cache is planned and charged for those, and perplexity
+windows are that long): by default the prompt plus the new tokens for gen, the
+artifact's max_seq_len for ppl.
+
+Memory: the baseline is VmRSS read from /proc/self/status after torch, the ExecuTorch
+runtime, the tokenizer library and the thread pool are set up, but before the artifact is
+opened. Linux cannot reset VmHWM, so the peak is VmHWM read at the end of the run; as the
+baseline is below the peak, `model_rss = peak - baseline` is what opening and running the
+model added (weights, packed weights, KV cache, activations, tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+# An original paragraph, so the prompt is real text wherever edgectl is installed.
+PROMPT_TEXT = (
+    "The harbour town woke slowly on winter mornings. Before the sun cleared the hills, the "
+    "baker had already lit his ovens, and the smell of warm bread drifted down the narrow "
+    "streets towards the water. Fishermen checked their nets by lamplight, talking quietly "
+    "about the weather and the price of fuel. A girl named Mira walked along the quay with her "
+    "grandfather every day before school. He told her the names of the boats, which families "
+    "owned them, and which ones had survived the great storm forty years ago. Mira liked the "
+    "small blue boat best, because its paint was peeling in the shape of a bird. One morning "
+    "the blue boat was gone. Her grandfather frowned at the empty mooring and said nothing for "
+    "a long time. Then he took her hand, turned away from the school, and led her up the hill "
+    "to the old lighthouse, where the keeper kept a book of every ship that came and went. "
+    "They climbed the spiral stairs together, counting the steps out loud, and at the top the "
+    "keeper opened the heavy book on a table by the window and ran his finger down the page. "
+)
+
+
+def read_status() -> dict[str, int]:
+    """VmRSS, VmHWM (peak RSS), RssAnon and RssFile of this process, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def prompt_ids(tok, n: int) -> list[int]:
+    """The first `n` tokens of PROMPT_TEXT (repeated as needed) in the artifact's tokenizer,
+    with its BOS if it adds one."""
+    text = PROMPT_TEXT
+    ids = tok.encode(text)
+    while len(ids) < n:
+        text += PROMPT_TEXT
+        ids = tok.encode(text)
+    return ids[:n]
+
+
+def ppl_windows(ids: list[int], max_seq_len: int, bos_id: int | None) -> list[list[int]]:
+    """Split a token stream into non-overlapping windows of at most `max_seq_len` tokens.
+
+    With a BOS id (tokenizers that add BOS), each window is BOS + the next max_seq_len - 1
+    text tokens, and every text token is scored once. Without, each window is max_seq_len
+    text tokens and the first token of each window is context only. A last, shorter window
+    is kept if it scores at least one token. Position 0 of a window is never scored.
+    """
+    step = max_seq_len - 1 if bos_id is not None else max_seq_len
+    wins = []
+    for i in range(0, len(ids), step):
+        w = ids[i : i + step]
+        if bos_id is not None:
+            w = [bos_id, *w]
+        if len(w) >= 2:
+            wins.append(w)
+    return wins
+
+
+SCORE_ROWS = 8  # positions scored at once: float64 log-probs of 8 x 49152 are 3.1 MB
+
+
+def log_prob_chunks(logits, rows: int = SCORE_ROWS, n: int | None = None):
+    """(start, float64 log_softmax of logits[start:start + rows]) over the scored rows
+    logits[:n] (default logits[:-1]), a chunk at a time: a whole window in float64 (513 x 49152 x 8 bytes, plus
+    copies) is what got a memory-capped worker killed. log_softmax is per row, so each
+    row's values are those of the whole-window computation.
+
+    The chunks live in two buffers reused for every chunk (fresh chunk-sized tensors each
+    time leave glibc holding several of them resident), so a yielded chunk is valid until
+    the next one, and the caller may overwrite it."""
+    import torch
+
+    n = logits.shape[0] - 1 if n is None else n
+    if n < 1:
+        return
+    src = torch.empty(min(rows, n), logits.shape[1], dtype=torch.float64)
+    out = torch.empty_like(src)
+    for a in range(0, n, rows):
+        k = min(rows, n - a)
+        src[:k].copy_(logits[a : a + k])
+        torch.log_softmax(src[:k], dim=-1, out=out[:k])
+        yield a, out[:k]
+
+
+def target_log_probs(logits, window: list[int]):
+    """log p(window[t] | window[:t]) for t = 1..T-1 as float64 [T-1, 1], given logits [T, vocab]."""
+    return picked_log_probs(logits, window[1:])
+
+
+def picked_log_probs(logits, targets: list[int]):
+    """log_softmax(logits[i])[targets[i]] for i < len(targets), float64 [len(targets), 1]."""
+    import torch
+
+    target = torch.tensor(targets).unsqueeze(1)
+    out = torch.empty(len(targets), 1, dtype=torch.float64)
+    for a, lp in log_prob_chunks(logits, n=len(targets)):
+        out[a : a + len(lp)] = lp.gather(1, target[a : a + len(lp)])
+    return out
+
+
+def model_chunk(model) -> int:
+    """Most tokens the artifact takes per program call (what its forward splits a long
+    input into): scoring a window in pieces of this size computes the same logits."""
+    manifest = getattr(model, "manifest", None)
+    return (manifest.max_tokens_per_call if manifest is not None else getattr(model, "chunk", None)) or model.max_seq_len
+
+
+def window_nll(model, window: list[int], piece: int) -> float:
+    """Sum of -log p(window[t] | window[:t]) for t = 1..T-1, feeding the window `piece`
+    tokens at a time and scoring each piece's logits at once: a whole window's logits
+    (2048 x 49152 fp32 = 403 MB) never exist, so a memory-capped run can score it (a shard
+    set hands them over SINK_ROWS rows at a time, see ShardModel.forward). The
+    picked log-probs are summed in one reduction, as nll_sum does."""
+    import torch
+
+    picked = []
+    sinks = getattr(model, "SINK_ROWS", None) is not None  # a shard set hands over a few rows at a time
+    for a in range(0, len(window), piece):
+        part = window[a : a + piece]
+        targets = window[a + 1 : a + len(part) + 1]  # the last piece's last row predicts nothing
+        if sinks:
+            def sink(r, logits, targets=targets):
+                if r < len(targets):
+                    picked.append(picked_log_probs(logits, targets[r : r + len(logits)]))
+
+            model.forward(part, a, all_logits=True, sink=sink)
+            continue
+        logits = model.forward(part, a, all_logits=True)
+        if targets:
+            picked.append(picked_log_probs(logits, targets))
+    return float(-torch.cat(picked).sum())
+
+
+def nll_sum(logits, window: list[int]) -> float:
+    """Sum of -log p(window[t] | window[:t]) for t = 1..T-1, given logits [T, vocab].
+    Scored in chunks of SCORE_ROWS positions; the picked log-probs are summed in one
+    reduction, as when the whole window was one tensor (same result to the bit)."""
+    return float(-target_log_probs(logits, window).sum())
+
+
+def _gen_figures(stats) -> dict:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "new_tokens": stats.new_tokens,
+        "ttft_ms": stats.ttft_s * 1e3,
+        "prefill_ms": stats.prefill_s * 1e3,
+        "decode_ms": stats.decode_s * 1e3,
+        "prefill_tok_s": stats.prefill_tok_s,
+        "decode_tok_s": stats.decode_tok_s,
+    }
+
+
+def measure_gen(args, model, tok) -> dict:
+    from edgectl.runtime.generate import generate
+
+    ids = prompt_ids(tok, args.prompt_tokens)
+    need = len(ids) + args.new_tokens
+    if need > model.max_seq_len:
+        from edgectl.util.errors import EdgectlError
+
+        raise EdgectlError(
+            f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens exceed this artifact's max_seq_len {model.max_seq_len}",
+            hint="lower --prompt-tokens or --new-tokens",
+        )
+    phases, warm = {}, None
+    o = model.trace.origin
+    if args.warmup:
+        t0 = time.perf_counter()
+        warm = _gen_figures(generate(model, ids, args.new_tokens, eos_ids=()))
+        phases["warmup"] = [t0 - o, time.perf_counter() - o]
+    t0 = time.perf_counter()
+    stats = generate(model, ids, args.new_tokens, eos_ids=())
+    phases["measured"] = [t0 - o, time.perf_counter() - o]
+    return {**_gen_figures(stats), "warmup": warm, "phases": phases}
+
+
+def encode_for_ppl(tok, path: str, n_tokens: int | None) -> list[int]:
+    """The token ids perplexity scores: the first `n_tokens` of the file's text (all of it
+    when None), encoded without BOS. Only a long enough prefix is encoded (a whole
+    corpus' encoding costs ~100 MB)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not n_tokens:
+        return tok.encode(text, bos=False)
+    n_chars = 8 * n_tokens
+    while True:
+        ids = tok.encode(text[:n_chars], bos=False)
+        # two tokens to spare: only the last pre-token can differ from the full text's
+        if len(ids) >= n_tokens + 2 or n_chars >= len(text):
+            return ids[:n_tokens]
+        n_chars *= 2
+
+
+def write_ids(ids: list[int], path) -> None:
+    import array
+
+    with open(path, "wb") as f:
+        array.array("i", ids).tofile(f)
+
+
+def read_ids(path) -> list[int]:
+    import array
+    import os
+
+    a = array.array("i")
+    with open(path, "rb") as f:
+        a.fromfile(f, os.path.getsize(path) // a.itemsize)
+    return a.tolist()
+
+
+def measure_ppl(args, model, tok) -> dict:
+    if args.ppl_ids:  # encoded by `edgectl bench` itself, outside this (possibly capped) process
+        ids = read_ids(args.ppl_ids)
+    else:
+        ids = encode_for_ppl(tok, args.ppl_file, args.ppl_tokens)
+        from edgectl.util.native import malloc_trim
+
+        malloc_trim()  # the tokenizer's working memory: measured +32 MB of heap kept after a 160k-char encode
+    wins = ppl_windows(ids, model.max_seq_len, tok.bos_id if tok.add_bos else None)
+    if not wins:
+        from edgectl.util.errors import EdgectlError
+
+        raise EdgectlError(f"{args.ppl_file}: too little text to score")
+    t0 = time.perf_counter()
+    nll, n = 0.0, 0
+    piece = model_chunk(model)
+    from edgectl.util.native import malloc_trim
+
+    for w in wins:
+        model.reset()
+        nll += window_nll(model, w, piece)
+        n += len(w) - 1
+        # glibc's main heap keeps freed logits/score buffers in holes it never returns
+        # (a memory-capped run measured up to +110 MB of [heap] that way): hand them back
+        malloc_trim()
+    return {
+        "file": os.path.abspath(args.ppl_file),
+        "ppl": math.exp(nll / n),
+        "nll": nll,
+        "tokens_scored": n,
+        "text_tokens": len(ids),
+        "windows": len(wins),
+        "window_tokens": model.max_seq_len,
+        "bos_prefixed": tok.add_bos,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def measure(args) -> dict:
+    import torch  # noqa: F401  (part of the baseline, as in `edgectl run`)
+
+    from edgectl.runtime import runtime
+    from edgectl.runtime.run import tokenizer_for
+    from edgectl.runtime.tokenizer import Tokenizer  # noqa: F401  (imports `tokenizers`)
+
+    options = json.loads(args.options)
+    if unknown := set(options) - {"budget", "mode", "precision", "plan_file"}:
+        from edgectl.util.errors import EdgectlError
+
+        raise EdgectlError(f"unsupported bench options for {args.artifact}: {sorted(unknown)}")
+    runtime._load_runtime()
+    runtime.set_threads(args.threads)
+    if args.mode == "baseline":
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._threadpool_get_thread_count()  # the pool, as a shard set starts it
+        from edgectl import _native, generate, run  # noqa: F401  (code every run imports: not the model's)
+
+        _native.load()
+        s = read_status()
+        return {"rss": s["VmRSS"], "peak_rss": s["VmHWM"]}
+    before = read_status()
+    trace = runtime.Trace()
+    shard_set = os.path.isdir(args.artifact)
+    kw = {k: options[k] for k in ("budget", "mode", "precision") if k in options} if shard_set else {}
+    if shard_set and "plan_file" in options:
+        from edgectl.runtime.planner import Plan
+
+        kw["plan"] = Plan.load(options["plan_file"])
+    # positions this run uses: the KV cache a shard set plans for, and the perplexity window
+    kw["context"] = args.ctx_size or (args.prompt_tokens + args.new_tokens if args.mode == "gen" else None)
+    t_open = time.perf_counter()
+    model = runtime.open_artifact(args.artifact, trace=trace, **kw)
+    after_load = read_status()
+    tok = tokenizer_for(model)
+    open_ms = (time.perf_counter() - t_open) * 1e3
+    result = measure_gen(args, model, tok) if args.mode == "gen" else measure_ppl(args, model, tok)
+    result["open_ms"] = open_ms
+    if args.mode == "gen":  # wall time from opening the artifact to its first generated token
+        result["first_token_ms"] = open_ms + (result["warmup"] or result)["ttft_ms"]
+    end = read_status()
+    result.update(
+        load_ms=trace.total("load") * 1e3,
+        rss_before_load=before["VmRSS"],
+        rss_anon_before_load=before["RssAnon"],
+        rss_anon_after_load=after_load["RssAnon"],
+        rss_after_load=after_load["VmRSS"],
+        rss_end=end["VmRSS"],
+        rss_anon_end=end["RssAnon"],
+        rss_file_end=end["RssFile"],
+        peak_rss=end["VmHWM"],
+        model_rss=end["VmHWM"] - before["VmRSS"],
+        max_seq_len=getattr(model, "cache_len", model.max_seq_len),
+        context=model.max_seq_len,
+        trace=trace.to_dict()["spans"],
+    )
+    plan = getattr(model, "plan", None)
+    if plan is not None:
+        result.update(plan_mode=plan.mode, plan_total_bytes=plan.total_bytes, plan_budget_bytes=plan.budget_bytes,
+                      plan_precisions={c.name: c.precision for c in plan.shards},
+                      plan_placements={c.name: c.placement for c in plan.shards},
+                      plan=plan.to_dict(),
+                      engine=model.engine_name)
+    return result
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m edgectl.bench.bench_worker")
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--mode", choices=("gen", "ppl", "baseline"), default="gen")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--warmup", action="store_true", help="one unmeasured generation before the measured one")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--options", default="{}", help="the Case's options, as JSON")
+    p.add_argument("--ppl-file")
+    p.add_argument("--ppl-tokens", type=int, default=None)
+    p.add_argument("--ppl-ids", help="the --ppl-file's token ids, already encoded (int32, as write_ids writes)")
+    p.add_argument("--ctx-size", type=int, default=None,
+                   help="positions the run uses (default: prompt + new tokens for gen, max_seq_len for ppl)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edgectl.util.env import one_blas_thread
+
+    one_blas_thread()  # before torch loads (see edgectl/__init__.py)
+    args = parse(argv)
+    # Keep stdout for our one JSON object: whatever else writes to fd 1 goes to stderr.
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    from edgectl.util.errors import EdgectlError
+
+    try:
+        out, rc = {"ok": True, **measure(args)}, 0
+    except EdgectlError as e:
+        out, rc = {"ok": False, "error": str(e), "hint": e.hint}, 1
+    sys.stdout.flush()
+    with os.fdopen(real_stdout, "w") as f:
+        f.write(json.dumps(out) + "\n")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Checkpoint stage: a Hugging Face directory, hub id or GGUF file into the one model definition."""

@@ -1,0 +1,1 @@
+"""The contracts between stages: manifest.json, the .pte metadata reader, and the checksums of both."""

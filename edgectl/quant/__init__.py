@@ -1,0 +1,1 @@
+"""Quantize stage: weight schemes (int8, 8da4w, 4w), SmoothQuant, and their stored format."""

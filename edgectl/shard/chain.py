@@ -1,0 +1,128 @@
+"""A minimal resident chain over a shard set: every chosen variant loaded, run in order.
+
+This is what `shard` itself uses to check its figures through the exported programs
+(and the tests use to check the chain against the monolithic `.pte`); `run`/`bench` go
+through `edgectl.runtime.shards_runtime.ShardModel`, which adds budgets and streaming.
+
+`embed_rows(directory, spec, tokens)` is the embedding gather for a shard set whose
+embed shard reads the head's matrix (manifest `extra["table"]`); the runtime may reuse it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgectl.formats import integrity
+from edgectl.util.errors import EdgectlError
+from edgectl.formats.manifest import Manifest
+
+
+def table_tensors(directory: Path, spec: dict) -> list:
+    """Zero-copy views of the blob(s) a `table` spec names, in the file it names."""
+    from edgectl.runtime.runtime import tied_table
+
+    path = Path(directory) / spec["file"]
+    return [tied_table(path, t) for t in spec.get("tensors", [spec])]
+
+
+def embed_rows(tensors: list, spec: dict, tokens):
+    """Rows for `tokens` [1,T] from the mapped table: fp32 rows as they are; int8 rows
+    times their row scale; int4 rows (two codes a byte, low nibble = even column, code - 8)
+    times their group's bfloat16 scale, plus the group's offset when the table has a third
+    tensor (4-bit asymmetric, as QuantEmbedding). Returns [1, T, dim] fp32."""
+    import torch
+
+    idx = tokens.reshape(-1)
+    if "tensors" not in spec:
+        return tensors[0].index_select(0, idx).unsqueeze(0)
+    codes, scales, *offsets = tensors
+    rows, s = codes.index_select(0, idx), scales.index_select(0, idx).to(torch.float32)
+    if spec["bits"] == 8:
+        return (rows.to(torch.float32) * s).unsqueeze(0)
+    r = rows.to(torch.int32)
+    q = torch.stack([r & 15, r >> 4], dim=-1).to(torch.float32) - 8.0  # [T, D/2, 2]
+    gs = spec["group_size"]
+    e = q.reshape(len(idx), -1, gs) * s.unsqueeze(-1)
+    if offsets:
+        e = e + offsets[0].index_select(0, idx).unsqueeze(-1)
+    return e.reshape(1, len(idx), -1)
+
+
+class ShardChain:
+    """forward(tokens, start, all_logits) -> logits [N, vocab], like runtime.PteModel."""
+
+    def __init__(self, directory: str | Path, choice: dict[str, str] | None = None,
+                 manifest: Manifest | None = None):
+        import torch
+
+        from edgectl.model import ModelArgs, empty_caches
+        from edgectl.runtime.runtime import _load_runtime
+        from edgectl.util.native import native_stderr_captured
+
+        self.dir = Path(directory)
+        self.manifest = manifest or Manifest.load(self.dir)
+        top = self.manifest.precisions[0]
+        choice = choice or {}
+        rt = _load_runtime()
+        self.steps = []  # (kind, program method or table, variant)
+        with native_stderr_captured():
+            for shard in self.manifest.shards:
+                p = choice.get(shard.name, top)
+                if p not in shard.variants:
+                    raise EdgectlError(f"shard {shard.name} has no {p} variant")
+                var = shard.variants[p]
+                table = var.extra.get("table")
+                if table is not None:
+                    self.steps.append((shard, "table", (table_tensors(self.dir, table), table)))
+                    continue
+                integrity.ensure(self.dir / var.file)
+                prog = rt.load_program(str(self.dir / var.file))
+                self.steps.append((shard, "program", (prog, prog.load_method("forward"))))
+        self.args = ModelArgs.from_dict(self.manifest.model)
+        self.max_seq_len = self.manifest.max_seq_len
+        self.meta = {"model": self.manifest.model, "max_seq_len": self.max_seq_len,
+                     "tokenizer_config": self.manifest.tokenizer_config}
+        self.k, self.v = empty_caches(self.args, self.max_seq_len, self.args.n_layers)
+        self._torch = torch
+
+    def reset(self) -> None:
+        for t in self.k + self.v:
+            t.zero_()
+
+    def forward(self, tokens: list[int], start: int, all_logits: bool = False):
+        """Logits [N, vocab] of the last token (or of all), in calls of at most
+        `max_tokens_per_call` tokens."""
+        T = len(tokens)
+        if start + T > self.max_seq_len:
+            raise EdgectlError(f"sequence of {start + T} tokens exceeds max_seq_len {self.max_seq_len}")
+        c = self.manifest.max_tokens_per_call or self.max_seq_len
+        outs = []
+        for a in range(0, T, c):
+            last = a + c >= T
+            if all_logits or last:
+                outs.append(self._call(tokens[a : a + c], start + a, all_logits))
+            else:
+                self._call(tokens[a : a + c], start + a, False)
+        return self._torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _call(self, tokens: list[int], start: int, all_logits: bool):
+        from edgectl.util.native import native_stderr_captured
+
+        torch = self._torch
+        T = len(tokens)
+        tok = torch.tensor([tokens])
+        pos = torch.arange(start, start + T)
+        idx = torch.arange(T) if all_logits else torch.tensor([T - 1])
+        h = None
+        for shard, how, obj in self.steps:
+            if shard.kind == "embed":
+                h = embed_rows(*obj, tok) if how == "table" else obj[1].execute([tok])[0]
+            elif shard.kind == "layers":  # writes its layers' new entries into the caches
+                with native_stderr_captured():  # custom_sdpa's "No temp allocator provided", every call
+                    h = obj[1].execute([h, pos, *[t for i in shard.layers for t in (self.k[i], self.v[i])]])[0]
+            else:
+                return obj[1].execute([h, idx])[0][0]
+        raise EdgectlError("the shard set has no head shard")
+
+    def close(self) -> None:
+        self.steps = []

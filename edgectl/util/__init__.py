@@ -1,0 +1,1 @@
+"""Helpers every stage may use: errors, terminal output, atomic files, process settings; imports no stage."""
