@@ -393,14 +393,3 @@ def write_cache(k_cache, v_cache, k_new, v_new, start: int) -> None:
     v_cache[:, start : start + T] = v_new
 
 
-def hf_key_to_ours(key: str) -> str | None:
-    """Map a Hugging Face state-dict key onto this module tree (None: not a weight we use)."""
-    if key == "model.embed_tokens.weight":
-        return "embed.embed_tokens.weight"
-    if key == "model.norm.weight":
-        return "head.norm.weight"
-    if key == "lm_head.weight":
-        return "head.lm_head.weight"
-    if key.startswith("model.layers."):
-        return key[len("model.") :]
-    return None

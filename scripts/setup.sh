@@ -12,7 +12,7 @@ if ! .venv/bin/python -c "import edgectl, executorch, torchao, transformers, ope
   echo "edgectl setup: installing (about a minute)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   # torch==2.13.0 is pinned: an open range would pull GBs of CUDA packages.
-  # the openvino extra: tests/test_backends.py runs OpenVINO programs (~170 MB, 51 MB download)
+  # the openvino extra: tests/backends/test_backends.py runs OpenVINO programs (~170 MB, 51 MB download)
   .venv/bin/python -m pip install -q -e ".[test,openvino]"
 fi
 # the default model, which the tests use too (tests/conftest.py: smol_gguf)

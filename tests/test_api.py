@@ -25,7 +25,7 @@ def test_generate_streams_what_run_prints(stories_pte):
 
 @pytest.mark.real_model
 def test_a_shard_set_under_a_budget(stories_dir, tmp_path):
-    from test_shards_runtime import build_shard_set
+    from helpers import build_shard_set
 
     shards = build_shard_set(stories_dir, tmp_path / "s", 64, ("fp32",))
     ref = run_prompt(shards, PROMPT, max_new_tokens=16, budget=400_000_000, context=48)
@@ -33,3 +33,17 @@ def test_a_shard_set_under_a_budget(stories_dir, tmp_path):
         text = "".join(llm.generate(PROMPT, max_new_tokens=16))
         assert llm.max_seq_len == 48
     assert text == ref["text"] and ref["stats"]["new_tokens"] == 16
+
+
+def test_package_exposes_the_api_functions_after_every_submodule_is_imported():
+    """`edgectl.export`/`edgectl.load` are the API's functions; no submodule shadows them
+    (the export stage is `edgectl.lower` for that reason)."""
+    import importlib
+    import pkgutil
+
+    import edgectl
+
+    for m in pkgutil.walk_packages(edgectl.__path__, "edgectl."):
+        if not m.name.endswith("__main__"):
+            importlib.import_module(m.name)
+    assert edgectl.export is api.export and edgectl.load is api.load

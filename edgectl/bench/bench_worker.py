@@ -304,7 +304,7 @@ def measure(args) -> dict:
         from executorch.extension.pybindings import portable_lib
 
         portable_lib._threadpool_get_thread_count()  # the pool, as a shard set starts it
-        from edgectl import _native, generate, run  # noqa: F401  (code every run imports: not the model's)
+        from edgectl.runtime import _native, generate, run  # noqa: F401  (code every run imports: not the model's)
 
         _native.load()
         s = read_status()

@@ -193,7 +193,7 @@ def load_model(ckpt: Checkpoint, max_seq_len: int | None = None):
     """
     import torch
 
-    from edgectl.model import Transformer, hf_key_to_ours, reset_buffers
+    from edgectl.model import Transformer, reset_buffers
 
     args = ckpt.args
     max_seq_len = max_seq_len or min(args.max_position_embeddings, 2048)
@@ -222,3 +222,16 @@ def _assign(model, name: str, value) -> None:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("EDGECTL_CACHE", Path.home() / ".cache" / "edgectl"))
+
+
+def hf_key_to_ours(key: str) -> str | None:
+    """Map a Hugging Face state-dict key onto this module tree (None: not a weight we use)."""
+    if key == "model.embed_tokens.weight":
+        return "embed.embed_tokens.weight"
+    if key == "model.norm.weight":
+        return "head.norm.weight"
+    if key == "lm_head.weight":
+        return "head.lm_head.weight"
+    if key.startswith("model.layers."):
+        return key[len("model.") :]
+    return None

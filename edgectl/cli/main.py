@@ -524,7 +524,7 @@ def verify(
     Example: edgectl verify smollm2-shards/
     """
     from edgectl.util import ui
-    from edgectl.formats.verify import verify as check
+    from edgectl.runtime.verify import verify as check
 
     rows = check(path)
     ok = all(r["ok"] for r in rows)

@@ -27,7 +27,7 @@ for every quantized linear) the whole Python implementation runs op by op on fak
 a third of an 8da4w export. `shape_kernels()` gives them Meta kernels that compute only the
 output shapes and dtypes, following torchao 0.18's own code.
 
-All are checked, not assumed: tests/test_export_run.py exports with and without them and
+All are checked, not assumed: tests/lower/test_export_run.py exports with and without them and
 requires byte-identical programs once debug handles are held equal (the single
 decomposition renumbers those profiling ids; nothing else changes). `EDGECTL_SLOW_EXPORT=1`
 turns them off.

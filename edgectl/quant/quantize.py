@@ -493,7 +493,7 @@ def apply_recorded_quantization(model, ckpt) -> dict | None:
     quiet_import_logs()
     import torch
 
-    from edgectl.model import hf_key_to_ours
+    from edgectl.checkpoint.checkpoint import hf_key_to_ours
     from edgectl.quant.quant_modules import Asym4Linear, QuantEmbedding, dynamic_linear, unpack4
 
     rec = ckpt.quantization

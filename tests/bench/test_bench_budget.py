@@ -48,7 +48,7 @@ def test_a_budget_below_the_minimum_is_an_infeasible_row(stories_dir, tmp_path):
     """Through a real worker: the planner's refusal becomes the row's status."""
     from edgectl.bench.bench import BenchSettings, worker
 
-    from test_shards_runtime import build_shard_set
+    from helpers import build_shard_set
 
     shards = build_shard_set(stories_dir, tmp_path / "s", 64, ("fp32",))
     out = worker(Case(shards, {"budget": 1000}), BenchSettings(prompt_tokens=4, new_tokens=2, repeat=1))
@@ -80,7 +80,7 @@ def test_ctx_size_row_scores_the_plan_its_generation_made(stories_dir, tmp_path)
     plan, both plan the KV cache for ctx-size positions, and windows are ctx-size long."""
     from edgectl.bench.bench import BenchSettings, run_bench
 
-    from test_shards_runtime import build_shard_set
+    from helpers import build_shard_set
 
     shards = build_shard_set(stories_dir, tmp_path / "s", 64, ("fp32",))
     text = tmp_path / "t.txt"
