@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.test_export_plan import PROMPT, _logits, _plan
+from test_export_plan import PROMPT, _logits, _plan  # tests/lower/, beside this file
 
 
 @pytest.fixture(scope="module")
