@@ -47,7 +47,7 @@ def child(args) -> dict:
 
     import torch  # noqa: F401
 
-    from edgectl.runtime import runtime
+    from edgectl.runtime import artifact, runtime
     from edgectl.runtime.tokenizer import Tokenizer  # noqa: F401
 
     runtime._load_runtime()
@@ -68,7 +68,7 @@ def child(args) -> dict:
         from edgectl.runtime.planner import parse_bytes
 
         kw = {"budget": parse_bytes(args.memory_budget), "mode": args.mode}
-    model = runtime.open_artifact(args.artifact, **kw)
+    model = artifact.open_artifact(args.artifact, **kw)
     mark("model opened (resident shards, KV cache, arena)")
     tok = tokenizer_for(model)
     mark("tokenizer")

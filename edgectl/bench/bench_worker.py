@@ -7,7 +7,7 @@ the libraries write to stdout is sent to stderr) and exits 0, or prints
 
 Modes:
   gen  open the artifact, encode a fixed prompt, generate exactly --new-tokens tokens
-       through the same code path as `edgectl run` (runtime.open_artifact + generate).
+       through the same code path as `edgectl run` (artifact.open_artifact + generate).
        With --warmup, one generation first (its figures are reported as `warmup`: they
        are what `edgectl run` shows, first-call costs included), then the measured one.
   ppl  perplexity of the artifact itself on a text file (see `ppl_windows`).
@@ -15,7 +15,7 @@ Modes:
        nothing, and report the process's memory: the interpreter baseline that
        `bench --cgroup` adds to a budget.
 
-Options (--options, JSON): `budget` (bytes) and `mode` go to `runtime.open_artifact` for
+Options (--options, JSON): `budget` (bytes) and `mode` go to `artifact.open_artifact` for
 a shard set, which plans under them; a `.pte` ignores them here (bench caps its memory
 with a cgroup instead). The plan's figures are reported as plan_*. --ctx-size is the
 positions a run uses (its KV cache is planned and charged for those, and perplexity
@@ -289,7 +289,7 @@ def measure_ppl(args, model, tok) -> dict:
 def measure(args) -> dict:
     import torch  # noqa: F401  (part of the baseline, as in `edgectl run`)
 
-    from edgectl.runtime import runtime
+    from edgectl.runtime import artifact, runtime
     from edgectl.runtime.run import tokenizer_for
     from edgectl.runtime.tokenizer import Tokenizer  # noqa: F401  (imports `tokenizers`)
 
@@ -320,7 +320,7 @@ def measure(args) -> dict:
     # positions this run uses: the KV cache a shard set plans for, and the perplexity window
     kw["context"] = args.ctx_size or (args.prompt_tokens + args.new_tokens if args.mode == "gen" else None)
     t_open = time.perf_counter()
-    model = runtime.open_artifact(args.artifact, trace=trace, **kw)
+    model = artifact.open_artifact(args.artifact, trace=trace, **kw)
     after_load = read_status()
     tok = tokenizer_for(model)
     open_ms = (time.perf_counter() - t_open) * 1e3

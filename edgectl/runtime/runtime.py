@@ -203,7 +203,7 @@ class PteModel:
         self.path, self.trace = path, trace or Trace()
         self.program, self.meta, self.tokenizer_json, self.method = _load_pte(path, self.trace)
         if self.meta.get("interface", "edgectl") != "edgectl":
-            raise EdgectlError(f"{path}: a {self.meta['interface']}-interface .pte", hint="open it with runtime.open_artifact")
+            raise EdgectlError(f"{path}: a {self.meta['interface']}-interface .pte", hint="open it with artifact.open_artifact")
         emb = self.meta.get("embedding_input")  # fp32: one table; quantized: {"tensors": [codes, scales]}
         self.extra_inputs = [tied_table(path, t) for t in emb.get("tensors", [emb])] if emb else []
         args = ModelArgs.from_dict(self.meta["model"])
