@@ -12,58 +12,8 @@ XNNPACK set-up are out of the measured figures; they are in `warmup`, which is w
 `edgectl run` would print). Cold (`cold=True`): the page cache is dropped before every run
 (root only) and there is no warm-up generation: each run is a first run after boot.
 
-JSON schema (`BenchReport.to_dict()`, written by `edgectl bench --json`), schema_version 1.
-Sizes in bytes, times in ms, rates in tokens per second:
-
-    schema_version: int                 1; bumped on any incompatible change
-    edgectl_version: str
-    created: str                        ISO 8601, UTC
-    versions: {python, torch, executorch, torchao: str | null}
-    machine: {platform, machine, cpu: str, cpu_count: int, mem_total_bytes: int | null}
-    settings: {prompt_tokens, new_tokens, repeat: int, threads: int | null,
-               cold_requested, cold, warmup: bool, ppl_file: str | null,
-               ppl_tokens: int | null, cgroup: bool, cgroup_baseline: int | null,
-               ctx_size: int | null}
-    notes: [str]                        e.g. why --cold fell back to warm, a busy machine
-    rows: [{
-        label: str                      file name plus options (#n for repeats), as in the table
-        artifact: str                   absolute path (.pte file or shard-set directory)
-        options: {str: any}             the Case's options ({} for a plain artifact)
-        file_bytes: int                 the .pte, or all files of a directory
-        runs: [{                        one per repeat, in order
-            cache_dropped: bool
-            loadavg_1m: float           the machine's 1-minute load average before the run
-            prompt_tokens, new_tokens: int
-            ttft_ms, prefill_ms, decode_ms, prefill_tok_s, decode_tok_s: float
-            load_ms: float              sum of the trace's "load" lane (as `edgectl run`)
-            open_ms: float              wall time of opening the artifact and its tokenizer
-            first_token_ms: float       open_ms + TTFT of the process's first generation (the
-                                        warm-up's when there is one): start to first token
-            rss_before_load: int        VmRSS after torch + runtime import, before load
-            rss_after_load, rss_end, rss_anon_end, rss_file_end: int
-            peak_rss: int               VmHWM at the end of the run
-            model_rss: int              peak_rss - rss_before_load
-            max_seq_len: int            the artifact's KV cache length
-            context: int                positions the run could use (--ctx-size; its KV
-                                        cache was planned and charged for these)
-            plan: {...} | null          a shard set's plan (planner.Plan.to_dict), also as
-                                        plan_mode, plan_total_bytes, plan_precisions, ...
-            warmup: {prompt_tokens, new_tokens, ttft_ms, prefill_ms, decode_ms,
-                     prefill_tok_s, decode_tok_s} | null
-            phases: {warmup?: [start_s, end_s], measured: [start_s, end_s]}
-            trace: [{lane, name: str, start, end: float seconds from the trace origin}]
-        }]
-        summary: {load_ms, ttft_ms, first_token_ms, prefill_tok_s, decode_tok_s, peak_rss, model_rss:
-                  {mean: float, sd: float | null (null when n < 2), min, max: float, n: int}}
-        decode_ratio: float             mean decode tok/s over the first row's
-        ppl: {file: str, ppl, nll: float, tokens_scored, text_tokens, windows,
-              window_tokens: int, bos_prefixed: bool, seconds, load_ms: float,
-              cgroup_scoring_allowance: int (with --cgroup: added to the cap of this run,
-              see scoring_allowance),
-              followed_generation_plan: bool (a budget row with --ctx-size scores the
-              plan its first generation run made, see _same_plan),
-              peak_rss, model_rss: int, ...} | null
-    }]
+The results (`Case`, `BenchSettings`, `Row`, `BenchReport`, their JSON schema and table) are
+in edgectl.bench.report.
 """
 
 from __future__ import annotations
@@ -72,208 +22,17 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgectl.util.version import __version__
+from edgectl.bench.report import FAILED, BenchReport, BenchSettings, Case, Row
 from edgectl.util.errors import EdgectlError, UsageError
 
-FAILED = ("failed", "oom")  # run statuses that fail a row (and the bench, without --keep-going)
-
-SCHEMA_VERSION = 1
-SUMMARY_KEYS = ("load_ms", "ttft_ms", "first_token_ms", "prefill_tok_s", "decode_tok_s", "peak_rss", "model_rss")
 DROP_CACHES = "/proc/sys/vm/drop_caches"
-
-
-@dataclass(frozen=True)
-class Case:
-    """One table row: an artifact and the options it runs with.
-
-    Options: `budget` (bytes; a shard set is planned into it, and with --cgroup any
-    artifact runs under a cap of budget + the measured interpreter baseline) and `mode`
-    (a shard set's placement mode, planner.MODES)."""
-
-    artifact: Path
-    options: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        def fmt(k, v):
-            if k == "plan_file":
-                return f"plan={Path(v).name}"
-            return f"{k}={v / 1e6:g}MB" if k == "budget" else f"{k}={v}"
-
-        opts = " ".join(fmt(k, v) for k, v in sorted(self.options.items()))
-        return f"{self.artifact.name} {opts}".strip()
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    prompt_tokens: int = 64
-    new_tokens: int = 128
-    repeat: int = 3
-    threads: int | None = None
-    cold: bool = False
-    ppl_file: Path | None = None
-    ppl_tokens: int | None = None
-    cgroup: bool = False
-    ctx_size: int | None = None  # positions per run (bench_worker --ctx-size)
-
-
-@dataclass
-class Row:
-    case: Case
-    file_bytes: int
-    runs: list[dict] = field(default_factory=list)
-    ppl: dict | None = None
-    decode_ratio: float = float("nan")
-
-    @property
-    def ok_runs(self) -> list[dict]:
-        return [r for r in self.runs if r.get("status", "ok") == "ok"]
-
-    @property
-    def status(self) -> str:
-        """"ok", or what stopped some runs ("oom 2/3": the cgroup OOM-killed 2 of 3;
-        "failed 1/1": the worker failed, see `error`; "infeasible": the planner found no
-        plan within the budget), or "not run" (an earlier row failed without --keep-going)."""
-        if not self.runs:
-            return "not run"
-        bad = [r["status"] for r in self.runs if r.get("status", "ok") != "ok"]
-        if not bad and self.ppl and self.ppl.get("status", "ok") in FAILED:
-            return f"ppl {self.ppl['status']}"
-        return "ok" if not bad else f"{bad[0]} {len(bad)}/{len(self.runs)}"
-
-    @property
-    def error(self) -> str | None:
-        """Why the row failed (a worker's error, or an OOM kill), None if it did not."""
-        for r in [*self.runs, *([self.ppl] if self.ppl else [])]:
-            if r.get("status") == "failed":
-                return r["error"]
-            if r.get("status") == "oom":
-                cap = r.get("cgroup_limit")
-                return "OOM-killed under its memory cgroup cap" + (f" ({cap / 1e6:.0f} MB)" if cap else "")
-        return None
-
-    @property
-    def summary(self) -> dict | None:
-        ok = self.ok_runs
-        if not ok:
-            return None
-        return {k: summarise([r[k] for r in ok]) if all(k in r for r in ok) else None for k in SUMMARY_KEYS}
-
-    def to_dict(self, label: str | None = None) -> dict:
-        return {
-            "label": label or self.case.label,
-            "artifact": str(self.case.artifact),
-            "options": dict(self.case.options),
-            "file_bytes": self.file_bytes,
-            "status": self.status,
-            "failed": self.error is not None,
-            "error": self.error,
-            "runs": self.runs,
-            "summary": self.summary,
-            "decode_ratio": self.decode_ratio,
-            "ppl": self.ppl,
-        }
-
-
-@dataclass
-class BenchReport:
-    settings: BenchSettings
-    rows: list[Row]
-    cold: bool  # whether the page cache really was dropped
-    notes: list[str] = field(default_factory=list)
-    cgroup_baseline: int | None = None  # peak cgroup charge of a worker that loads no model
-
-    @property
-    def failed_rows(self) -> list[Row]:
-        return [r for r in self.rows if r.error is not None]
-
-    @property
-    def measured_rows(self) -> list[Row]:
-        """Rows with at least one run that finished (ok or infeasible): what a table shows."""
-        return [r for r in self.rows if any(x.get("status", "ok") not in FAILED for x in r.runs)]
-
-    def labels(self) -> list[str]:
-        """Row labels, with #1, #2... where the same case is listed more than once."""
-        base = [r.case.label for r in self.rows]
-        seen: dict[str, int] = {}
-        out = []
-        for b in base:
-            seen[b] = seen.get(b, 0) + 1
-            out.append(f"{b} #{seen[b]}" if base.count(b) > 1 else b)
-        return out
-
-    def to_dict(self) -> dict:
-        s = self.settings
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "edgectl_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": versions(),
-            "machine": machine(),
-            "settings": {
-                "prompt_tokens": s.prompt_tokens,
-                "new_tokens": s.new_tokens,
-                "repeat": s.repeat,
-                "threads": s.threads,
-                "cold_requested": s.cold,
-                "cold": self.cold,
-                "warmup": not self.cold,
-                "ppl_file": str(s.ppl_file) if s.ppl_file else None,
-                "ppl_tokens": s.ppl_tokens,
-                "cgroup": s.cgroup,
-                "cgroup_baseline": self.cgroup_baseline,
-                "ctx_size": s.ctx_size,
-            },
-            "notes": self.notes,
-            "rows": [r.to_dict(label) for r, label in zip(self.rows, self.labels())],
-        }
-
-
-def summarise(xs: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(xs),
-        "sd": statistics.stdev(xs) if len(xs) > 1 else None,
-        "min": min(xs),
-        "max": max(xs),
-        "n": len(xs),
-    }
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "executorch", "torchao"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def machine() -> dict:
-    cpu, mem = platform.processor() or platform.machine(), None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model")):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(), "mem_total_bytes": mem}
 
 
 def artifact_files(path: Path) -> list[Path]:
@@ -330,23 +89,13 @@ def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool 
     With `cap` (a memcap.MemCap) the worker runs in that memory cgroup; its figures gain
     the group's (cgroup_peak, ...), and a worker the group OOM-killed returns
     {"status": "oom", ...} instead of raising."""
-    cmd = [
-        sys.executable, "-m", "edgectl.bench.bench_worker", "--artifact", str(case.artifact), "--mode", mode,
-        "--prompt-tokens", str(settings.prompt_tokens), "--new-tokens", str(settings.new_tokens),
-        "--options", json.dumps(case.options),
-    ]
-    if settings.threads:
-        cmd += ["--threads", str(settings.threads)]
-    if settings.ctx_size:
-        cmd += ["--ctx-size", str(settings.ctx_size)]
-    if warmup:
-        cmd.append("--warmup")
+    job = {"artifact": str(case.artifact), "mode": mode, "prompt_tokens": settings.prompt_tokens,
+           "new_tokens": settings.new_tokens, "options": case.options, "threads": settings.threads or None,
+           "ctx_size": settings.ctx_size or None, "warmup": warmup}
     if mode == "ppl":
-        cmd += ["--ppl-file", str(settings.ppl_file)]
-        if settings.ppl_tokens:
-            cmd += ["--ppl-tokens", str(settings.ppl_tokens)]
-        if ppl_ids is not None:
-            cmd += ["--ppl-ids", str(ppl_ids)]
+        job.update(ppl_file=str(settings.ppl_file), ppl_tokens=settings.ppl_tokens or None,
+                   ppl_ids=None if ppl_ids is None else str(ppl_ids))
+    cmd = [sys.executable, "-m", "edgectl.bench.bench_worker", json.dumps(job)]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -586,57 +335,3 @@ def run_bench(
     for row in rows:
         row.decode_ratio = row.summary["decode_tok_s"]["mean"] / base if base and row.summary else float("nan")
     return BenchReport(settings, rows, cold, notes, baseline)
-
-
-def _pm(s: dict, fmt: str = ".1f") -> str:
-    return f"{s['mean']:{fmt}}" + (f" ± {s['sd']:{fmt}}" if s["sd"] is not None else "")
-
-
-def render_table(report: BenchReport):
-    """The results as a rich Table (the caller prints it)."""
-    from rich.table import Table
-
-    s = report.settings
-    mode = "cold" if report.cold else "warm"
-    title = f"edgectl bench: {s.prompt_tokens} prompt + {s.new_tokens} new tokens, {s.repeat} run(s), {mode}, threads {s.threads or 'default'}"
-    t = Table(title=title, title_justify="left")
-    if report.cgroup_baseline is not None:
-        title += f", cgroup cap = budget + {report.cgroup_baseline / 1e6:.0f} MB baseline"
-    cols = ["artifact", "size MB", "load ms", "TTFT ms", "open→1st token ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model RSS MB"]
-    planned = any(r.get("plan_total_bytes") is not None for row in report.rows for r in row.runs)
-    if planned:
-        cols.append("plan MB")
-    if s.cgroup:
-        cols.append("cgroup peak MB")
-    show_status = s.cgroup or any(r.status != "ok" for r in report.rows)
-    if show_status:
-        cols.append("status")
-    if any(r.ppl for r in report.rows):
-        cols.append("ppl")
-    cols.append("decode ×")
-    for name in cols:
-        t.add_column(name, justify="left" if name == "artifact" else "right", no_wrap=True)
-    for r, label in zip(report.rows, report.labels()):
-        m = r.summary
-        cells = [label, f"{r.file_bytes / 1e6:.1f}"]
-        if m is None:
-            cells += ["-"] * 7
-        else:
-            cells += [
-                _pm(m["load_ms"]), _pm(m["ttft_ms"]), (_pm(m["first_token_ms"]) if m["first_token_ms"] else "-"), _pm(m["prefill_tok_s"]), _pm(m["decode_tok_s"]),
-                f"{m['peak_rss']['mean'] / 1e6:.0f}", f"{m['model_rss']['mean'] / 1e6:.0f}",
-            ]
-        if planned:
-            p = [x["plan_total_bytes"] for x in r.ok_runs if x.get("plan_total_bytes") is not None]
-            cells.append(f"{p[0] / 1e6:.1f}" if p else "")
-        if s.cgroup:
-            peaks = [x["cgroup_peak"] for x in r.runs if "cgroup_peak" in x]
-            cells.append(f"{max(peaks) / 1e6:.0f}" if peaks else "")
-        if show_status:
-            cells.append(r.status)
-        if "ppl" in cols:
-            pp = r.ppl if r.ppl and r.ppl.get("status", "ok") == "ok" else None
-            cells.append(f"{pp['ppl']:.3f} ({pp['tokens_scored']} tok)" if pp else (r.ppl or {}).get("status", ""))
-        cells.append(f"{r.decode_ratio:.2f}×")
-        t.add_row(*cells)
-    return t

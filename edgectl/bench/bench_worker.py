@@ -1,23 +1,23 @@
-"""One bench measurement in a fresh process: `python -m edgectl.bench.bench_worker ...`.
+"""One bench measurement in a fresh process: `python -m edgectl.bench.bench_worker JOB_JSON`.
 
 `edgectl bench` starts this module once per measured run, so every run pays its own load
-and its peak memory is its own. It prints exactly one JSON object on stdout (anything else
-the libraries write to stdout is sent to stderr) and exits 0, or prints
-`{"ok": false, "error": ..., "hint": ...}` and exits 1.
+and its peak memory is its own. Its one argument is a `Job` as a JSON object. It prints
+exactly one JSON object on stdout (anything else the libraries write to stdout is sent to
+stderr) and exits 0, or prints `{"ok": false, "error": ..., "hint": ...}` and exits 1.
 
 Modes:
-  gen  open the artifact, encode a fixed prompt, generate exactly --new-tokens tokens
+  gen  open the artifact, encode a fixed prompt, generate exactly new_tokens tokens
        through the same code path as `edgectl run` (artifact.open_artifact + generate).
-       With --warmup, one generation first (its figures are reported as `warmup`: they
+       With warmup, one generation first (its figures are reported as `warmup`: they
        are what `edgectl run` shows, first-call costs included), then the measured one.
   ppl  perplexity of the artifact itself on a text file (see `ppl_windows`).
   baseline  set up torch, the runtime, the tokenizer library and the thread pool, open
        nothing, and report the process's memory: the interpreter baseline that
        `bench --cgroup` adds to a budget.
 
-Options (--options, JSON): `budget` (bytes) and `mode` go to `artifact.open_artifact` for
+Options (`options`, a dict): `budget` (bytes) and `mode` go to `artifact.open_artifact` for
 a shard set, which plans under them; a `.pte` ignores them here (bench caps its memory
-with a cgroup instead). The plan's figures are reported as plan_*. --ctx-size is the
+with a cgroup instead). The plan's figures are reported as plan_*. ctx_size is the
 positions a run uses (its KV cache is planned and charged for those, and perplexity
 windows are that long): by default the prompt plus the new tokens for gen, the
 artifact's max_seq_len for ppl.
@@ -31,12 +31,43 @@ model added (weights, packed weights, KV cache, activations, tokenizer).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field, fields
+
+MODES = ("gen", "ppl", "baseline")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One measurement: `python -m edgectl.bench.bench_worker '{"artifact": ..., "mode": ...}'`."""
+
+    artifact: str
+    mode: str = "gen"  # gen, ppl or baseline
+    prompt_tokens: int = 64
+    new_tokens: int = 128
+    warmup: bool = False  # one unmeasured generation before the measured one
+    threads: int | None = None
+    options: dict = field(default_factory=dict)  # the Case's options
+    ppl_file: str | None = None
+    ppl_tokens: int | None = None
+    ppl_ids: str | None = None  # the ppl_file's token ids, already encoded (int32, as write_ids writes)
+    ctx_size: int | None = None  # positions the run uses (default: prompt + new tokens for gen, max_seq_len for ppl)
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        if not isinstance(d := json.loads(text), dict):
+            raise ValueError("expected a JSON object")
+        if unknown := set(d) - {f.name for f in fields(cls)}:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        job = cls(**d)
+        if job.mode not in MODES:
+            raise ValueError(f"mode {job.mode!r}: expected one of {', '.join(MODES)}")
+        return job
+
 
 # An original paragraph, so the prompt is real text wherever edgectl is installed.
 PROMPT_TEXT = (
@@ -190,26 +221,26 @@ def _gen_figures(stats) -> dict:
     }
 
 
-def measure_gen(args, model, tok) -> dict:
+def measure_gen(job: Job, model, tok) -> dict:
     from edgectl.runtime.generate import generate
 
-    ids = prompt_ids(tok, args.prompt_tokens)
-    need = len(ids) + args.new_tokens
+    ids = prompt_ids(tok, job.prompt_tokens)
+    need = len(ids) + job.new_tokens
     if need > model.max_seq_len:
         from edgectl.util.errors import EdgectlError
 
         raise EdgectlError(
-            f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens exceed this artifact's max_seq_len {model.max_seq_len}",
+            f"{job.prompt_tokens} prompt + {job.new_tokens} new tokens exceed this artifact's max_seq_len {model.max_seq_len}",
             hint="lower --prompt-tokens or --new-tokens",
         )
     phases, warm = {}, None
     o = model.trace.origin
-    if args.warmup:
+    if job.warmup:
         t0 = time.perf_counter()
-        warm = _gen_figures(generate(model, ids, args.new_tokens, eos_ids=()))
+        warm = _gen_figures(generate(model, ids, job.new_tokens, eos_ids=()))
         phases["warmup"] = [t0 - o, time.perf_counter() - o]
     t0 = time.perf_counter()
-    stats = generate(model, ids, args.new_tokens, eos_ids=())
+    stats = generate(model, ids, job.new_tokens, eos_ids=())
     phases["measured"] = [t0 - o, time.perf_counter() - o]
     return {**_gen_figures(stats), "warmup": warm, "phases": phases}
 
@@ -248,11 +279,11 @@ def read_ids(path) -> list[int]:
     return a.tolist()
 
 
-def measure_ppl(args, model, tok) -> dict:
-    if args.ppl_ids:  # encoded by `edgectl bench` itself, outside this (possibly capped) process
-        ids = read_ids(args.ppl_ids)
+def measure_ppl(job: Job, model, tok) -> dict:
+    if job.ppl_ids:  # encoded by `edgectl bench` itself, outside this (possibly capped) process
+        ids = read_ids(job.ppl_ids)
     else:
-        ids = encode_for_ppl(tok, args.ppl_file, args.ppl_tokens)
+        ids = encode_for_ppl(tok, job.ppl_file, job.ppl_tokens)
         from edgectl.util.native import malloc_trim
 
         malloc_trim()  # the tokenizer's working memory: measured +32 MB of heap kept after a 160k-char encode
@@ -260,7 +291,7 @@ def measure_ppl(args, model, tok) -> dict:
     if not wins:
         from edgectl.util.errors import EdgectlError
 
-        raise EdgectlError(f"{args.ppl_file}: too little text to score")
+        raise EdgectlError(f"{job.ppl_file}: too little text to score")
     t0 = time.perf_counter()
     nll, n = 0.0, 0
     piece = model_chunk(model)
@@ -274,7 +305,7 @@ def measure_ppl(args, model, tok) -> dict:
         # (a memory-capped run measured up to +110 MB of [heap] that way): hand them back
         malloc_trim()
     return {
-        "file": os.path.abspath(args.ppl_file),
+        "file": os.path.abspath(job.ppl_file),
         "ppl": math.exp(nll / n),
         "nll": nll,
         "tokens_scored": n,
@@ -286,21 +317,21 @@ def measure_ppl(args, model, tok) -> dict:
     }
 
 
-def measure(args) -> dict:
+def measure(job: Job) -> dict:
     import torch  # noqa: F401  (part of the baseline, as in `edgectl run`)
 
     from edgectl.runtime import artifact, runtime
     from edgectl.runtime.run import tokenizer_for
     from edgectl.runtime.tokenizer import Tokenizer  # noqa: F401  (imports `tokenizers`)
 
-    options = json.loads(args.options)
+    options = job.options
     if unknown := set(options) - {"budget", "mode", "precision", "plan_file"}:
         from edgectl.util.errors import EdgectlError
 
-        raise EdgectlError(f"unsupported bench options for {args.artifact}: {sorted(unknown)}")
+        raise EdgectlError(f"unsupported bench options for {job.artifact}: {sorted(unknown)}")
     runtime._load_runtime()
-    runtime.set_threads(args.threads)
-    if args.mode == "baseline":
+    runtime.set_threads(job.threads)
+    if job.mode == "baseline":
         from executorch.extension.pybindings import portable_lib
 
         portable_lib._threadpool_get_thread_count()  # the pool, as a shard set starts it
@@ -311,22 +342,22 @@ def measure(args) -> dict:
         return {"rss": s["VmRSS"], "peak_rss": s["VmHWM"]}
     before = read_status()
     trace = runtime.Trace()
-    shard_set = os.path.isdir(args.artifact)
+    shard_set = os.path.isdir(job.artifact)
     kw = {k: options[k] for k in ("budget", "mode", "precision") if k in options} if shard_set else {}
     if shard_set and "plan_file" in options:
-        from edgectl.runtime.planner import Plan
+        from edgectl.runtime.plan import Plan
 
         kw["plan"] = Plan.load(options["plan_file"])
     # positions this run uses: the KV cache a shard set plans for, and the perplexity window
-    kw["context"] = args.ctx_size or (args.prompt_tokens + args.new_tokens if args.mode == "gen" else None)
+    kw["context"] = job.ctx_size or (job.prompt_tokens + job.new_tokens if job.mode == "gen" else None)
     t_open = time.perf_counter()
-    model = artifact.open_artifact(args.artifact, trace=trace, **kw)
+    model = artifact.open_artifact(job.artifact, trace=trace, **kw)
     after_load = read_status()
     tok = tokenizer_for(model)
     open_ms = (time.perf_counter() - t_open) * 1e3
-    result = measure_gen(args, model, tok) if args.mode == "gen" else measure_ppl(args, model, tok)
+    result = measure_gen(job, model, tok) if job.mode == "gen" else measure_ppl(job, model, tok)
     result["open_ms"] = open_ms
-    if args.mode == "gen":  # wall time from opening the artifact to its first generated token
+    if job.mode == "gen":  # wall time from opening the artifact to its first generated token
         result["first_token_ms"] = open_ms + (result["warmup"] or result)["ttft_ms"]
     end = read_status()
     result.update(
@@ -354,28 +385,18 @@ def measure(args) -> dict:
     return result
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m edgectl.bench.bench_worker")
-    p.add_argument("--artifact", required=True)
-    p.add_argument("--mode", choices=("gen", "ppl", "baseline"), default="gen")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--warmup", action="store_true", help="one unmeasured generation before the measured one")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--options", default="{}", help="the Case's options, as JSON")
-    p.add_argument("--ppl-file")
-    p.add_argument("--ppl-tokens", type=int, default=None)
-    p.add_argument("--ppl-ids", help="the --ppl-file's token ids, already encoded (int32, as write_ids writes)")
-    p.add_argument("--ctx-size", type=int, default=None,
-                   help="positions the run uses (default: prompt + new tokens for gen, max_seq_len for ppl)")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     from edgectl.util.env import one_blas_thread
 
     one_blas_thread()  # before torch loads (see edgectl/__init__.py)
-    args = parse(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if len(argv) != 1:
+            raise ValueError("expected one argument, the job as a JSON object")
+        job = Job.from_json(argv[0])
+    except (ValueError, TypeError) as e:
+        print(f"usage: python -m edgectl.bench.bench_worker JOB_JSON: {e}", file=sys.stderr)
+        return 2
     # Keep stdout for our one JSON object: whatever else writes to fd 1 goes to stderr.
     sys.stdout.flush()
     real_stdout = os.dup(1)
@@ -383,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgectl.util.errors import EdgectlError
 
     try:
-        out, rc = {"ok": True, **measure(args)}, 0
+        out, rc = {"ok": True, **measure(job)}, 0
     except EdgectlError as e:
         out, rc = {"ok": False, "error": str(e), "hint": e.hint}, 1
     sys.stdout.flush()

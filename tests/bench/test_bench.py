@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgectl.bench import bench
+from edgectl.bench import bench, report
 from edgectl.bench.bench_worker import ppl_windows
 from edgectl.cli.main import main
 
@@ -29,10 +29,10 @@ def _run(capsys, *argv):
 
 
 def test_summarise_mean_sd():
-    s = bench.summarise([1.0, 2.0, 3.0, 6.0])
+    s = report.summarise([1.0, 2.0, 3.0, 6.0])
     assert s["mean"] == 3.0 and s["n"] == 4 and s["min"] == 1.0 and s["max"] == 6.0
     assert math.isclose(s["sd"], math.sqrt(14 / 3))
-    assert bench.summarise([5.0])["sd"] is None  # one sample has no sd
+    assert report.summarise([5.0])["sd"] is None  # one sample has no sd
 
 
 def test_ppl_windows_with_bos_scores_every_text_token_once():
@@ -51,9 +51,9 @@ def test_ppl_windows_without_bos_are_non_overlapping():
 
 
 def test_duplicate_cases_get_numbered_labels(tmp_path):
-    c = bench.Case(tmp_path / "m.pte")
-    rows = [bench.Row(c, 1), bench.Row(bench.Case(tmp_path / "n.pte"), 1), bench.Row(c, 1)]
-    assert bench.BenchReport(bench.BenchSettings(), rows, cold=False).labels() == ["m.pte #1", "n.pte", "m.pte #2"]
+    c = report.Case(tmp_path / "m.pte")
+    rows = [report.Row(c, 1), report.Row(report.Case(tmp_path / "n.pte"), 1), report.Row(c, 1)]
+    assert report.BenchReport(report.BenchSettings(), rows, cold=False).labels() == ["m.pte #1", "n.pte", "m.pte #2"]
 
 
 def test_cold_without_root_says_why(monkeypatch):
@@ -115,7 +115,7 @@ def test_an_oom_row_fails_the_bench_unless_keep_going(capsys, tmp_path, monkeypa
         calls.append(case.artifact.name)
         if case.artifact == a:
             return {"status": "oom", "cgroup_limit": 50_000_000}
-        return {"status": "ok", **{k: 1.0 for k in bench.SUMMARY_KEYS}}
+        return {"status": "ok", **{k: 1.0 for k in report.SUMMARY_KEYS}}
 
     monkeypatch.setattr(bench, "worker", fake_worker)
     rc, out, err = _run(capsys, "bench", str(a), str(b), "--repeat", "2", "--json")
@@ -194,7 +194,7 @@ SCHEMA = {
             "open_ms": NUM, "first_token_ms": NUM,
             "trace": [{"lane": str, "name": str, "start": float, "end": float}],
         }],
-        "summary": {k: STAT for k in bench.SUMMARY_KEYS},
+        "summary": {k: STAT for k in report.SUMMARY_KEYS},
         "ppl": {"file": str, "ppl": float, "nll": float, "tokens_scored": int, "windows": int, "window_tokens": int, "bos_prefixed": bool},
     }],
 }
@@ -204,7 +204,7 @@ SCHEMA = {
 def test_json_schema_and_values(benched, s260_pte):
     rep = benched["json"]
     _check(rep, SCHEMA)
-    assert rep["schema_version"] == bench.SCHEMA_VERSION
+    assert rep["schema_version"] == report.SCHEMA_VERSION
     assert rep["settings"]["new_tokens"] == 8 and rep["settings"]["repeat"] == 1 and rep["settings"]["warmup"] is True
     assert [r["label"] for r in rep["rows"]] == ["s260.pte #1", "s260.pte #2"]
     for row in rep["rows"]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgectl.bench.bench import Case, Row
-from edgectl.cli.main import bench_cases
+from edgectl.bench.report import Case, Row
+from edgectl.cli.bench import bench_cases
 from edgectl.util.errors import UsageError
 
 
@@ -46,7 +46,8 @@ def test_row_status_counts_oom_runs():
 @pytest.mark.real_model
 def test_a_budget_below_the_minimum_is_an_infeasible_row(stories_dir, tmp_path):
     """Through a real worker: the planner's refusal becomes the row's status."""
-    from edgectl.bench.bench import BenchSettings, worker
+    from edgectl.bench.bench import worker
+    from edgectl.bench.report import BenchSettings
 
     from helpers import build_shard_set
 
@@ -78,7 +79,8 @@ def test_memcap_kills_a_child_over_its_cap():
 def test_ctx_size_row_scores_the_plan_its_generation_made(stories_dir, tmp_path):
     """With a budget and --ctx-size, a row's perplexity run follows its generation run's
     plan, both plan the KV cache for ctx-size positions, and windows are ctx-size long."""
-    from edgectl.bench.bench import BenchSettings, run_bench
+    from edgectl.bench.bench import run_bench
+    from edgectl.bench.report import BenchSettings
 
     from helpers import build_shard_set
 
@@ -99,7 +101,8 @@ def test_ctx_size_row_scores_the_plan_its_generation_made(stories_dir, tmp_path)
 def test_a_worker_the_cgroup_kills_is_a_failed_oom_row(stories_pte):
     """A real worker under a cap far below the interpreter's own needs: the kernel kills
     it, and the row says so (and fails the bench, see test_bench's exit-code tests)."""
-    from edgectl.bench.bench import BenchSettings, worker
+    from edgectl.bench.bench import worker
+    from edgectl.bench.report import BenchSettings
     from edgectl.bench.memcap import MemCap, unavailable
 
     if unavailable():

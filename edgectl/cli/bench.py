@@ -1,0 +1,135 @@
+"""`edgectl bench`: measure artifacts (each run in a fresh worker process) and render the table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgectl.cli.app import RecipeOpt, ThreadsOpt, app
+from edgectl.util.errors import UsageError
+
+
+@app.command()
+def bench(
+    artifacts: Annotated[list[Path], typer.Argument(help="One or more .pte files (the same one twice compares runs).")],
+    prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length in tokens (a fixed real text).")] = 64,
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens to generate per run (EOS does not stop it).")] = 128,
+    repeat: Annotated[int, typer.Option(min=1, help="Measured runs per artifact, each in a fresh process.")] = 3,
+    threads: ThreadsOpt = None,
+    cold: Annotated[bool, typer.Option("--cold", help="Drop the page cache before each run (root), no warm-up.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print every raw figure as JSON on stdout (the table goes to stderr).")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write that JSON to this file.")] = None,
+    keep_going: Annotated[bool, typer.Option("--keep-going", "-k", help="Measure every row even when one fails, and exit 0; "
+                                             "without it the first failed or OOM-killed row stops the bench and it exits 1.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a timeline PNG of each artifact's last run.")] = None,
+    ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Also measure the artifact's perplexity on this text file.")] = None,
+    ppl_tokens: Annotated[Optional[int], typer.Option(min=2, help="Score at most this many tokens of --ppl.")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: plan under each budget (comma-separated, e.g. 150MB,75MB), one row each.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="Shard sets: also rows with every shard at each of these "
+                                                     "precisions (comma-separated; 'plan' = the planner's mix), e.g. plan,int8,8da4w.")] = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan-file", help="Shard sets: one row following this plan "
+                                                      "(from `run --plan --json`), e.g. against `export --plan`'s .pte.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="Shard sets: placement mode(s), comma-separated (auto, resident, pipelined, on-demand), one row each.")] = None,
+    cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at budget + the measured interpreter baseline (root); OOM kills become a row status.")] = False,
+    ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions each run uses: a shard set's KV cache is planned and charged for these, and --ppl scores windows this long (default: prompt + new tokens for generation, the artifact's max_seq_len for --ppl).")] = None,
+    recipe: RecipeOpt = None,
+):
+    """Measure load time, TTFT, prefill/decode speed and memory of ARTIFACTS; a table on stdout.
+
+    A .pte with --memory-budget and --cgroup runs under each budget's cap (it has no plan).
+
+    A row that fails (an error, or an OOM kill under --cgroup) is marked "failed" or "oom" in
+    the table and the JSON, and bench exits 1: CI can gate on it. --keep-going measures the
+    other rows anyway and exits 0. A budget no plan fits is a row too ("infeasible"), not a
+    failure.
+
+    Example: edgectl bench fp32.pte 8da4w.pte --repeat 5 -o bench.json --plot timeline.png
+    Example: edgectl bench fp32.pte 8da4w.pte --json > bench.json
+    Example: edgectl bench smol-shards/ smol-int8.pte --memory-budget 150MB,75MB --mode resident,pipelined --cgroup
+    """
+    from rich.console import Console
+
+    from edgectl.util import ui
+    from edgectl.bench.bench import run_bench
+    from edgectl.bench.report import BenchSettings, render_table
+
+    if ppl_tokens and not ppl:
+        raise UsageError("--ppl-tokens needs --ppl")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot {plot}: expected a .png path")
+    _json_path_given_as_artifact(artifacts)
+    settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup, ctx_size)
+    cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision, plan_file)
+    with ui.stages("benchmarking") as step:
+        report = run_bench(cases, settings, progress=step, warn=ui.warn, keep_going=keep_going)
+    data = report.to_dict()
+    target = sys.stderr if json_out else sys.stdout
+    if report.measured_rows:
+        Console(file=target, width=None if target.isatty() else 200).print(render_table(report))
+    if json_out:
+        ui.emit_json(data)
+    if output is not None:
+        import json
+
+        from edgectl.util.files import write_atomic
+
+        write_atomic(output, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+        ui.info(f"wrote {output}")
+    if plot is not None and report.measured_rows:
+        from edgectl.bench.plot import plot_timeline
+
+        ui.info(f"wrote {plot_timeline(data['rows'], plot)}")
+    failed = report.failed_rows
+    for row in failed:  # a worker's error names the row already
+        what = row.error if row.error.startswith(row.case.label) else f"{row.case.label}: {row.error}"
+        print(f"edgectl: error: {what}", file=sys.stderr)
+    if failed and not keep_going:
+        raise typer.Exit(1)
+
+
+def _json_path_given_as_artifact(artifacts: list[Path]) -> None:
+    """`bench A.pte --json out.json` was the old spelling: out.json now lands among the
+    artifacts. Say what changed instead of "no such file"."""
+    for a in artifacts:
+        if a.suffix == ".json" and not a.is_dir():
+            raise UsageError(f"{a}: not an artifact; --json is a flag now (JSON on stdout)",
+                             hint=f"write it to a file with -o {a}")
+
+
+def bench_cases(artifacts: list[Path], memory_budget: str | None, mode: str | None, cgroup: bool,
+                precision: str | None = None, plan_file: Path | None = None) -> list:
+    """One Case per artifact x budget x mode x precision: a shard set gets every budget, mode
+    and precision ('plan' = the planner's own mix); a .pte gets every budget only under
+    --cgroup (as a cap), and no mode or precision."""
+    from edgectl.bench.report import Case
+    from edgectl.runtime.plan import MODES, parse_bytes
+
+    budgets = [parse_bytes(b) for b in memory_budget.split(",")] if memory_budget else [None]
+    modes = [m.strip() for m in mode.split(",")] if mode else [None]
+    for m in modes:
+        if m is not None and m not in MODES:
+            raise UsageError(f"--mode {m}: expected one of {', '.join(MODES)}")
+    if mode and not memory_budget:
+        raise UsageError("--mode needs --memory-budget")
+    if plan_file is not None and (memory_budget or mode or precision):
+        raise UsageError("--plan-file fixes the plan: drop --memory-budget, --mode and --precision")
+    precs = [None if p.strip() == "plan" else p.strip() for p in precision.split(",")] if precision else [None]
+    cases = []
+    for a in artifacts:
+        a = a.resolve()
+        if a.is_dir() and plan_file is not None:
+            cases.append(Case(a, {"plan_file": str(plan_file.resolve())}))
+        elif a.is_dir():
+            for b in budgets:
+                for m in modes:
+                    for p in precs:
+                        opts = {k: v for k, v in (("budget", b), ("mode", m), ("precision", p)) if v is not None}
+                        cases.append(Case(a, opts))
+        elif cgroup and memory_budget:
+            cases += [Case(a, {"budget": b}) for b in budgets]
+        else:
+            cases.append(Case(a))
+    return cases

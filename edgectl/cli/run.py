@@ -1,0 +1,128 @@
+"""`edgectl run`: generate text from a .pte or a shard set, or show a shard set's plan."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgectl.cli.app import JsonOpt, RecipeOpt, ThreadsOpt, app
+from edgectl.util.errors import UsageError
+
+
+@app.command()
+def run(
+    artifact: Annotated[Path, typer.Argument(help="A .pte from `edgectl export`, or a shard set directory from `edgectl shard`.")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to continue (or to answer, with --chat).")] = None,
+    n: Annotated[int, typer.Option("-n", "--max-new-tokens", min=1, help="Most tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed, for reproducible runs.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
+    system: Annotated[Optional[str], typer.Option(help="System message (with --chat).")] = None,
+    threads: ThreadsOpt = None,
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: what the model may cost (weights, KV cache, activations, loader buffers), e.g. 150MB.")] = None,
+    latency_target: Annotated[Optional[float], typer.Option("--latency-target", min=0.0, help="Shard sets: most expected ms per decoded token.")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="Shard sets: auto, resident, pipelined or on-demand.")] = "auto",
+    precision: Annotated[Optional[str], typer.Option("--precision", help="Shard sets: every shard at this precision "
+                                                     "(e.g. int8; the uniform baseline a plan is compared with).")] = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan-file", help="Shard sets: follow this plan (from `run "
+                                                      "--plan --json`) instead of planning; the one `export --plan` takes.")] = None,
+    show_plan: Annotated[bool, typer.Option("--plan", help="Shard sets: print the plan (table, or JSON with --json) and exit.")] = False,
+    ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions the run may use (prompt + generated). With --memory-budget the KV cache is planned and charged for these (default: the prompt's tokens + -n); otherwise the artifact's max_seq_len.")] = None,
+    json_out: JsonOpt = False,
+    recipe: RecipeOpt = None,
+):
+    """Generate text from ARTIFACT, streaming tokens to stdout; timings go to stderr.
+
+    Example: edgectl run smollm2.pte --chat -p "What is the capital of France?"
+    Example: edgectl run smollm2-shards/ --memory-budget 150MB --plan
+    """
+    from edgectl.util import ui
+    from edgectl.runtime.run import run_prompt
+
+    if system and not chat:
+        raise UsageError("--system needs --chat")
+    budget = None
+    if memory_budget is not None:
+        from edgectl.runtime.plan import parse_bytes
+
+        budget = parse_bytes(memory_budget)
+    if show_plan:
+        _show_plan(artifact, budget, mode, latency_target, json_out, precision,
+                   _plan_context(artifact, ctx_size, prompt, n, chat, system) if budget else ctx_size)
+        return
+    if prompt is None:
+        raise UsageError("--prompt is required (unless --plan)")
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    res = run_prompt(
+        artifact, prompt, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
+        chat=chat, system=system, threads=threads, on_text=None if json_out else stream,
+        budget=budget, mode=mode, latency_target_ms=latency_target, precision=precision, plan_file=plan_file,
+        context=ctx_size,
+    )
+    if json_out:
+        ui.emit_json(res)
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()  # the newline before the stats that go to stderr
+    s = res["stats"]
+    ui.info(
+        f"[dim]{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new ({s['stopped']}) | load {res['load_ms']:.0f} ms | "
+        f"TTFT {s['ttft_ms']:.0f} ms | prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s[/dim]"
+    )
+    if "memory" in res:
+        mem = res["memory"]
+        ctx = res["plan"].get("context")
+        ui.info(f"[dim]{mem['mode']} ({mem['engine']}) | KV cache for {f'{ctx} positions' if ctx else 'max_seq_len'} "
+                f"(--ctx-size) | model peak {mem['model_peak_bytes'] / 1e6:.1f} MB of budget "
+                f"{_mb(res['plan']['budget_bytes'])} | interpreter baseline {mem['baseline_bytes'] / 1e6:.0f} MB[/dim]")
+
+
+def _mb(budget: int) -> str:
+    return "no budget" if budget >= 1 << 60 else f"{budget / 1e6:.1f} MB"
+
+
+def _plan_context(artifact: Path, ctx_size: int | None, prompt: str | None, n: int, chat: bool,
+                  system: str | None) -> int | None:
+    """The context `run` would plan for: --ctx-size, else the prompt's tokens + n (the
+    shard set's tokenizer), else (no prompt) the artifact's max_seq_len."""
+    if ctx_size is not None or prompt is None:
+        return ctx_size
+    from edgectl.runtime.run import is_shard_set, manifest_tokenizer, prompt_token_ids
+
+    if not is_shard_set(artifact):
+        return None
+    return len(prompt_token_ids(manifest_tokenizer(artifact), prompt, chat, system)) + n
+
+
+def _show_plan(artifact: Path, budget: int | None, mode: str, latency_target: float | None, json_out: bool,
+               precision: str | None = None, context: int | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgectl.util import ui
+    from edgectl.runtime.plan import render_rows
+    from edgectl.runtime.run import plan_for
+
+    p = plan_for(artifact, budget, mode, latency_target, precision, context)
+    if json_out:
+        ui.emit_json(p.to_dict())
+        return
+    t = Table(title=f"plan: {p.mode}, {p.total_bytes / 1e6:.1f} MB of {_mb(p.budget_bytes)} "
+                    f"(minimum {p.minimum_bytes / 1e6:.1f} MB), expected {p.ms_per_token:.2f} ms/token")
+    for col in ("shard", "precision", "placement", "MB", "KL", "ppl Δ", "ms/token"):
+        t.add_column(col, justify="left" if col in ("shard", "precision", "placement") else "right")
+    for row in render_rows(p):
+        t.add_row(*row)
+    Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120).print(t)
+    typer.echo(f"KV cache {p.kv_bytes / 1e6:.1f} MB for {p.context or 'max_seq_len'} positions, loader slots + activations "
+               f"{p.slot_bytes / 1e6:.1f} MB, resident shards {p.resident_bytes / 1e6:.1f} MB; sum of KL {p.kl_sum:.4f}")
+    for note in p.notes:
+        ui.info(f"note: {note}")
