@@ -326,7 +326,7 @@ def test_smoothquant_lowers_int8_error_on_outliers():
 
 
 def test_smoothquant_scheme_rules():
-    from edgectl.cli.main import _smoothquant
+    from edgectl.cli.app import smoothquant_default as _smoothquant
 
     with pytest.raises(UsageError, match="int8 only"):
         QuantScheme("8da4w", smoothquant=True)  # the 4-bit grid must stay the source's
