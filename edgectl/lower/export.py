@@ -77,7 +77,7 @@ def lower(module, example_args: tuple, dynamic_shapes, backend: str, constant_me
     """torch.export -> edge -> backend lowering -> ExecuTorch program. Returns (et_program, op counts).
     `quantize_graph(exported_program, example_args, dynamic_shapes)` quantizes the exported
     graph first (backends.graph_quantizer)."""
-    from edgectl.lower.xnnpack_fast import delegate_modules_cached, shape_kernels
+    from edgectl.lower.xnnpack_fast.shapes import delegate_modules_cached, shape_kernels
 
     with shape_kernels(), delegate_modules_cached():
         return _lower(module, example_args, dynamic_shapes, backend, constant_methods, progress, quantize_graph)
@@ -89,7 +89,8 @@ def _lower(module, example_args, dynamic_shapes, backend, constant_methods, prog
     from executorch.exir.passes import MemoryPlanningPass
 
     from edgectl.util.native import library_prints_to_stderr
-    from edgectl.lower.xnnpack_fast import dedupe, fast_passes, infer_view_dims
+    from edgectl.lower.edge_passes import dedupe, infer_view_dims
+    from edgectl.lower.xnnpack_fast.passes import fast_passes
 
     step = progress or (lambda s: None)
     _quiet_library_noise()

@@ -85,7 +85,7 @@ _ONES: dict[int, torch.Tensor] = {}
 def _ones(group_size: int) -> torch.Tensor:
     """One shared [1, group_size] tensor of ones per group size: linears that read the same
     input then compute the very same group sums in the exported graph, and export's
-    common-subexpression pass (xnnpack_fast.dedupe) keeps one of them (q/k/v, gate/up)."""
+    common-subexpression pass (edge_passes.dedupe) keeps one of them (q/k/v, gate/up)."""
     if group_size not in _ONES:
         _ONES[group_size] = torch.ones(1, group_size)
     return _ONES[group_size]

@@ -171,7 +171,7 @@ def test_linear_still_decomposes_under_the_fast_shape_rules():
     """The root cause of `--backend portable`'s (and vulkan's) RecursionError: the fast
     export path's Python kernel for linear fell back to `op.decompose`, which calls that
     same kernel again. Backends that decompose linear reach the fallback; XNNPACK never did."""
-    from edgectl.lower.xnnpack_fast import shape_kernels
+    from edgectl.lower.xnnpack_fast.shapes import shape_kernels
 
     x, w, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(4)
     with shape_kernels():

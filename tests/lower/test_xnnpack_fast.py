@@ -1,4 +1,4 @@
-"""The pieces of edgectl.lower.xnnpack_fast, each against what executorch does without it.
+"""The pieces of edgectl.lower.xnnpack_fast (passes, partitioner, shapes), each against what executorch does without it.
 (The end-to-end check, byte-identical programs, is test_export_run.py's
 test_fast_lowering_changes_no_byte.)"""
 
@@ -32,7 +32,7 @@ def _ops(ep):
 def test_fused_edge_passes_give_the_same_graph(monkeypatch):
     from executorch.exir.program import _program as P
 
-    from edgectl.lower import xnnpack_fast
+    from edgectl.lower.xnnpack_fast import passes
 
     example = (torch.randn(4, 3), torch.arange(3))
     dynamic = ({0: Dim("a", min=2, max=8)}, None)
@@ -40,7 +40,7 @@ def test_fused_edge_passes_give_the_same_graph(monkeypatch):
 
     from executorch.exir import EdgeCompileConfig
 
-    pre, post, patches = xnnpack_fast._fuse_edge_passes(P, EdgeCompileConfig(_check_ir_validity=False))
+    pre, post, patches = passes._fuse_edge_passes(P, EdgeCompileConfig(_check_ir_validity=False))
     names = [type(p).__name__ for p in pre]
     # with executorch 1.4.1 both runs fuse; if a release changes a pass, the run stays apart
     assert "ViewCopyOps+NormalizeTransposePass+ReplaceBrokenOpsWithFunctionalOpsPass+ScalarToTensorPass+SymToTensorPass" in names
@@ -61,7 +61,7 @@ def test_only_passes_that_rewrite_in_call_skip_their_retrace():
     from executorch.exir.passes.memory_format_ops_pass import DimOrderOpsRevertPass
     from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
 
-    from edgectl.lower.xnnpack_fast import _rewrites_only_in_call
+    from edgectl.lower.xnnpack_fast.passes import _rewrites_only_in_call
 
     def bare(cls):
         return cls.__new__(cls)
@@ -78,7 +78,7 @@ def test_a_pass_that_edits_the_graph_is_still_retraced():
     from executorch.exir.pass_base import ExportPass
     from torch.fx.passes.infra.pass_base import PassResult
 
-    from edgectl.lower.xnnpack_fast import _skip_idle_retraces
+    from edgectl.lower.xnnpack_fast.passes import _skip_idle_retraces
 
     retraced = []
 
@@ -123,7 +123,7 @@ def test_linear_shape_rule_matches_the_decomposition():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from edgectl.lower.xnnpack_fast import shape_kernels
+    from edgectl.lower.xnnpack_fast.shapes import shape_kernels
 
     mode = FakeTensorMode(shape_env=ShapeEnv())
     cases = [((1, 5, 16), (8, 16), None), ((3, 16), (8, 16), (8,)), ((16,), (8, 16), None), ((2, 1, 5, 16), (8, 16), (8,))]
@@ -146,7 +146,7 @@ def test_in_place_sort_orders_nodes_as_legalize_graph_does():
 
     from torch.fx.passes.tools_common import legalize_graph
 
-    from edgectl.lower.xnnpack_fast import _partitions_sorted_in_place
+    from edgectl.lower.xnnpack_fast.partitioner import _partitions_sorted_in_place
 
     class M(torch.nn.Module):
         def forward(self, x, y):
@@ -183,7 +183,7 @@ def test_in_place_sort_orders_nodes_as_legalize_graph_does():
 def test_forked_preprocess_returns_results_in_order_and_survives_a_failing_child(capsys):
     import os
 
-    from edgectl.lower.xnnpack_fast import _preprocess_forked
+    from edgectl.lower.xnnpack_fast.partitioner import _preprocess_forked
 
     parent = os.getpid()
 
@@ -224,7 +224,7 @@ def test_forked_preprocess_returns_results_in_order_and_survives_a_failing_child
 def test_bitset_dependencies_equal_executorchs():
     from executorch.exir.backend.canonical_partitioners.group_partitioner import _DependencyViewer
 
-    from edgectl.lower.xnnpack_fast import _BitDependencyViewer
+    from edgectl.lower.xnnpack_fast.partitioner import _BitDependencyViewer
 
     class M(torch.nn.Module):
         def forward(self, x, y):
@@ -244,7 +244,7 @@ def test_bitset_dependencies_equal_executorchs():
 def test_constprop_runs_only_where_something_folds():
     from executorch.exir.passes.const_prop_pass import ConstPropPass
 
-    from edgectl.lower.xnnpack_fast import _foldable
+    from edgectl.lower.xnnpack_fast.passes import _foldable
 
     class Params(torch.nn.Module):
         def __init__(self):
@@ -278,22 +278,24 @@ def test_speedups_apply_only_on_the_versions_they_were_written_for(monkeypatch, 
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
     from executorch.exir.program import _program as P
 
-    from edgectl.lower import xnnpack_fast as xf
+    from edgectl.lower.xnnpack_fast import fence
+    from edgectl.lower.xnnpack_fast.passes import fast_passes
+    from edgectl.lower.xnnpack_fast.shapes import delegate_modules_cached, shape_kernels
 
     D = importlib.import_module("torch._higher_order_ops.executorch_call_delegate")
     monkeypatch.delenv("EDGECTL_SLOW_EXPORT", raising=False)
-    xf.version_mismatch.cache_clear()
-    assert xf.version_mismatch() is None and xf.enabled()  # this environment has the pins
+    fence.version_mismatch.cache_clear()
+    assert fence.version_mismatch() is None and fence.enabled()  # this environment has the pins
     originals = (XNNPACKPassManager.transform, P._gen_edge_manager_for_partitioners, D.call_delegate_cpu)
-    with xf.fast_passes(), xf.delegate_modules_cached():
+    with fast_passes(), delegate_modules_cached():
         assert XNNPACKPassManager.transform is not originals[0]
         assert D.call_delegate_cpu is not originals[2]
 
-    monkeypatch.setattr(xf, "version_mismatch", lambda: "executorch 1.5.1 (written for 1.4.1)")
-    monkeypatch.setattr(xf, "_noticed", [])
+    monkeypatch.setattr(fence, "version_mismatch", lambda: "executorch 1.5.1 (written for 1.4.1)")
+    monkeypatch.setattr(fence, "_noticed", [])
     capsys.readouterr()
     for _ in range(2):
-        with xf.fast_passes(), xf.delegate_modules_cached(), xf.shape_kernels():
+        with fast_passes(), delegate_modules_cached(), shape_kernels():
             assert (XNNPACKPassManager.transform, P._gen_edge_manager_for_partitioners, D.call_delegate_cpu) == originals
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "executorch 1.5.1 (written for 1.4.1)" in err and "stock lowering path" in err
