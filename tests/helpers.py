@@ -39,7 +39,9 @@ def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisio
     from edgectl.lower.export import check_tied_table, lower, tied_table_key
     from edgectl.formats.manifest import Importance, Manifest, Shard, Variant
     from edgectl.shard.shard_build import LayersProgram, layer_example
-    from edgectl.quant.quantize import QuantScheme, quantize_module, shared_embedding
+    from edgectl.quant.quantize import shared_embedding
+    from edgectl.quant.scheme import QuantScheme
+    from edgectl.quant.weights import quantize_module
 
     ckpt = resolve(str(model_dir))
     args = ckpt.args

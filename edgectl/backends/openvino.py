@@ -92,7 +92,7 @@ def _no_scalar_outputs(base):
 
 
 # `--scheme int8`. edgectl's own int8 (torchao's 8-bit dynamic activations x 8-bit weights,
-# quantize.py) does not lower to OpenVINO: its partitioner takes none of torchao's
+# quant/weights.py) does not lower to OpenVINO: its partitioner takes none of torchao's
 # quantize/dequantize ops and the portable runtime has no kernels for them ("Missing out
 # variants: torchao::quantize_affine, ..."). What does: ExecuTorch's OpenVINOQuantizer,
 # NNCF's weight compression (ExecuTorch's own LLM export calls it "openvino_8wo"): 8-bit

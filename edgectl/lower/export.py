@@ -266,8 +266,8 @@ def quantize_by_plan(model, plan, group_size: int = 32) -> dict:
     shard set would. Returns the quantization record for the program's metadata."""
     import dataclasses
 
-    from edgectl.quant.quantize import QuantScheme, quantize_module
-    from edgectl.quant.quantize import EMBEDDING_FOR, scheme_for
+    from edgectl.quant.scheme import EMBEDDING_FOR, QuantScheme, scheme_for
+    from edgectl.quant.weights import quantize_module
 
     n = model.args.n_layers
     per_layer: dict[int, str] = {}
@@ -302,7 +302,7 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
                plan=None, plan_group_size: int = 32, calibration: Path | None = None,
                calibration_tokens: int = 1024, interface: str = "edgectl") -> ExportResult:
     """Export a checkpoint to one monolithic `.pte` at `out` (written atomically).
-    `scheme` (a quantize.QuantScheme) quantizes an unquantized checkpoint in memory first
+    `scheme` (a scheme.QuantScheme) quantizes an unquantized checkpoint in memory first
     (`calibration`: the text its smoothquant is calibrated on; None: built-in paragraph);
     `plan` (a planner.Plan) gives each layer and the head its own precision instead.
     `interface`: "edgectl" (the caller owns the KV cache, see the module docstring) or

@@ -20,7 +20,7 @@ Exact in real arithmetic; in fp32 the logits move by rounding only (tested).
 
 max|X_j| comes from a calibration pass over a text file (`calibrate`). Only 8-bit linears
 gain from this: 4-bit asymmetric weights (8da4w/4w) reproduce a Q4_1 source grid exactly,
-which rescaled columns would no longer sit on, so quantize.py smooths int8 only.
+which rescaled columns would no longer sit on, so scheme.py smooths int8 only.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import nn
 
 from edgectl.model import windows as cache_windows
 
-# Which pairs of (producer, consumers) are smoothed; quantize.py records the ones used.
+# Which pairs of (producer, consumers) are smoothed; weights.py records the ones used.
 PAIRS = ("qkv", "gate_up", "v_o", "up_down")
 PAIR_NAMES = {"qkv": "q/k/v (input_layernorm)", "gate_up": "gate/up (post_attention_layernorm)",
               "v_o": "o_proj (v_proj rows)", "up_down": "down_proj (up_proj rows)"}

@@ -6,7 +6,7 @@ KL(top || lowered) of the next-token distribution over every scored position, an
 perplexity with that shard lowered.
 
 Fast path (eager PyTorch, "eager-quantized"): the very modules the exporter lowers
-(shard_build.layers_module / embed_head_module, quantized by quantize.quantize_module),
+(shard_build.layers_module / embed_head_module, quantized by weights.quantize_module),
 run eagerly. The hidden state entering each shard at the top precision is kept per
 window, so lowering layer shard j re-runs only shards j.. onward. `shard` checks a sample
 of these figures through the exported programs (see shard.verify_with_pte).

@@ -8,14 +8,14 @@ Shard modules (interfaces in manifest.py):
   not shared with the head (untied model, or a backend that does not keep the head's
   weight where the runtime can map it).
 
-A precision is a `quantize.QuantScheme` applied by `quantize.quantize_module` to the
+A precision is a `scheme.QuantScheme` applied by `weights.quantize_module` to the
 shard's own module: layers take the scheme's linear treatment; the head's matrix (tied or
 not) takes the embedding treatment that matches it (int8 rows for int8, int4 groups for
 the 4-bit schemes), so a tied matrix is stored once per precision, in the head's file.
 
 The *base* precision is the loaded checkpoint's own: "fp32" for an unquantized model, or
 the `stored_precision` of an `edgectl quantize` output (e.g. "8da4w"), which is rebuilt
-from its stored codes (`quantize.load_quantized_model`) and exported as it is: a shard at
+from its stored codes (`quant_checkpoint.load_quantized_model`) and exported as it is: a shard at
 its base precision is never quantized again, and its record is the checkpoint's record
 for that shard's weights (`stored_record`).
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from edgectl.formats import integrity
 from edgectl.util.errors import EdgectlError
-from edgectl.quant.quantize import scheme_for
+from edgectl.quant.scheme import scheme_for
 
 TOP = "fp32"
 
@@ -93,7 +93,7 @@ def stored_precision(record: dict | None) -> str:
     when only its embedding is quantized."""
     if record is None:
         return TOP
-    from edgectl.quant.quantize import FORMAT, QUANT_FILE
+    from edgectl.quant.scheme import FORMAT, QUANT_FILE
 
     scheme = record.get("scheme") or {}
     if record.get("format") != FORMAT or "linear" not in scheme:
@@ -107,7 +107,7 @@ def stored_precision(record: dict | None) -> str:
 def stored_record(record: dict, kind: str, layers: list[int], tied: bool) -> dict:
     """The part of a quantized checkpoint's record that one shard holds (names as in the
     checkpoint): its layers' linears, or the head (with the tied embedding it stores)."""
-    from edgectl.quant.quantize import RUNS_AS
+    from edgectl.quant.scheme import RUNS_AS
 
     if kind == "layers":
         prefixes = tuple(f"layers.{i}." for i in layers)
@@ -148,7 +148,7 @@ def layers_module(model, layers: list[int], precision: str, group_size: int,
     import copy
 
     from edgectl.model import StepInputs, fuse_projections
-    from edgectl.quant.quantize import quantize_module
+    from edgectl.quant.weights import quantize_module
 
     requant = _quantize_to(precision, base)
     blocks = [copy.deepcopy(model.layers[i]) if requant or fuse else model.layers[i] for i in layers]
@@ -167,7 +167,7 @@ def embed_head_module(model, precision: str, group_size: int, base: str = TOP):
     import copy
 
     from edgectl.model import Transformer
-    from edgectl.quant.quantize import quantize_module
+    from edgectl.quant.weights import quantize_module
 
     requant = _quantize_to(precision, base)
     args = dataclasses.replace(model.args, n_layers=0)
@@ -330,7 +330,7 @@ def load_base(ckpt, max_seq_len: int):
     """The model at its own precision (stored_precision): fp32, or a quantized checkpoint
     rebuilt from its stored codes."""
     if ckpt.quantization is not None:
-        from edgectl.quant.quantize import load_quantized_model
+        from edgectl.quant.quant_checkpoint import load_quantized_model
 
         stored_precision(ckpt.quantization)  # an unknown record format: one line, before loading
         return load_quantized_model(ckpt, max_seq_len)[0]

@@ -159,7 +159,7 @@ def test_fast_lowering_changes_no_byte(stories_dir, tmp_path, monkeypatch):
 
     from edgectl.checkpoint.checkpoint import resolve
     from edgectl.lower.export import export_pte
-    from edgectl.quant.quantize import QuantScheme
+    from edgectl.quant.scheme import QuantScheme
 
     def one_handle(self, gm):
         for node in gm.graph.nodes:

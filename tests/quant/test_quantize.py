@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from edgectl.util.errors import EdgectlError, UsageError
-from edgectl.quant.quantize import QuantScheme, codes_asym4, codes_int4, pick_group, quantize_module
+from edgectl.quant.scheme import QuantScheme
+from edgectl.quant.weights import codes_asym4, codes_int4, pick_group, quantize_module
 from edgectl.quant.quant_modules import pack4, unpack4
 
 logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -140,7 +141,7 @@ def quantized_dirs(tmp_path_factory, stories_dir, corpus_dir):
 
 def test_checkpoint_roundtrip_and_record(quantized_dirs, stories_dir):
     from edgectl.checkpoint.checkpoint import resolve, load_model
-    from edgectl.quant.quantize import load_quantized_model
+    from edgectl.quant.quant_checkpoint import load_quantized_model
 
     res = quantized_dirs["8da4w"]
     ck = resolve(res.path)
@@ -174,7 +175,7 @@ def test_export_parity_delegation_and_tied_matrix_once(quantized_dirs, name, tmp
     from edgectl.checkpoint.checkpoint import resolve
     from edgectl.lower.export import export_pte
     from edgectl.formats.ptefile import named_data
-    from edgectl.quant.quantize import load_quantized_model
+    from edgectl.quant.quant_checkpoint import load_quantized_model
     from edgectl.runtime.runtime import PteModel
 
     ck = resolve(quantized_dirs[name].path)
@@ -340,7 +341,8 @@ def test_smoothquant_scheme_rules():
 
 def test_smoothquant_checkpoint_records_and_folds(stories_dir, corpus_dir, tmp_path):
     from edgectl.checkpoint.checkpoint import load_model, resolve
-    from edgectl.quant.quantize import load_quantized_model, quantize_checkpoint
+    from edgectl.quant.quant_checkpoint import load_quantized_model
+    from edgectl.quant.quantize import quantize_checkpoint
 
     cal = corpus_dir / "tinystories-valid-40.txt"
     res = quantize_checkpoint(resolve(str(stories_dir)), tmp_path / "sq", QuantScheme("int8", smoothquant=True, smooth_alpha=0.5),

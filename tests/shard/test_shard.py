@@ -297,7 +297,8 @@ def test_smol_chain_reproduces_monolithic(smol_gguf, smol_pte, tmp_path, shard_c
 @pytest.fixture(scope="session")
 def stories_8da4w(tmp_path_factory, stories_dir):
     from edgectl.checkpoint.checkpoint import resolve
-    from edgectl.quant.quantize import QuantScheme, quantize_checkpoint
+    from edgectl.quant.quantize import quantize_checkpoint
+    from edgectl.quant.scheme import QuantScheme
 
     out = tmp_path_factory.mktemp("quant") / "stories-8da4w"
     quantize_checkpoint(resolve(str(stories_dir)), out, QuantScheme("8da4w", 32, "int8", 32))
@@ -308,7 +309,8 @@ def stories_8da4w(tmp_path_factory, stories_dir):
 def stories_int8_sq(tmp_path_factory, stories_dir):
     """int8 with SmoothQuant folded in (norms and v_proj rows stored rescaled)."""
     from edgectl.checkpoint.checkpoint import resolve
-    from edgectl.quant.quantize import QuantScheme, quantize_checkpoint
+    from edgectl.quant.quantize import quantize_checkpoint
+    from edgectl.quant.scheme import QuantScheme
 
     out = tmp_path_factory.mktemp("quant") / "stories-int8-sq"
     quantize_checkpoint(resolve(str(stories_dir)), out, QuantScheme("int8", 32, "int8", 32, smoothquant=True))
@@ -343,7 +345,7 @@ def test_quantized_model_shards_reproduce_its_monolithic_export(quantized, reque
     from edgectl.checkpoint.checkpoint import resolve
     from edgectl.lower.export import export_pte
     from edgectl.formats.manifest import Manifest
-    from edgectl.quant.quantize import QUANT_FILE
+    from edgectl.quant.scheme import QUANT_FILE
     from edgectl.runtime.runtime import PteModel
     from edgectl.shard.shard import ShardSettings, shard_model
     from edgectl.shard.shard_build import file_sha256
