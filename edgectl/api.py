@@ -48,7 +48,7 @@ def load(path: str | Path, memory_budget: int | str | None = None, *, context: i
 
     options: dict = {}
     if memory_budget is not None:
-        from edgectl.runtime.planner import parse_bytes
+        from edgectl.runtime.plan import parse_bytes
 
         options.update(budget=parse_bytes(memory_budget) if isinstance(memory_budget, str) else int(memory_budget),
                        mode=mode, latency_target_ms=latency_target_ms)

@@ -65,7 +65,7 @@ def child(args) -> dict:
     mark("native shim + edgectl modules")
     kw = {}
     if args.memory_budget:
-        from edgectl.runtime.planner import parse_bytes
+        from edgectl.runtime.plan import parse_bytes
 
         kw = {"budget": parse_bytes(args.memory_budget), "mode": args.mode}
     model = artifact.open_artifact(args.artifact, **kw)

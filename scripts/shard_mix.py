@@ -10,7 +10,7 @@ the three mixes have exactly the same bytes; embed and head stay at the base pre
 Uniform-precision sets (all base, all lowest) are scored alongside for reference.
 
 Perplexity is measured through the exported programs (shard_chain.ShardChain) on the
-windows `edgectl bench --ppl` uses (max_seq_len tokens, bench_worker.ppl_windows).
+windows `edgectl bench --ppl` uses (max_seq_len tokens, util.scoring.ppl_windows).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def mix_bytes(manifest: Manifest, choice: dict[str, str]) -> int:
 
 
 def perplexity(directory: Path, manifest: Manifest, choice: dict[str, str], ids: list[int], bos: int | None) -> dict:
-    from edgectl.bench.bench_worker import nll_sum, ppl_windows
+    from edgectl.util.scoring import nll_sum, ppl_windows
     from edgectl.shard.chain import ShardChain
 
     chain = ShardChain(directory, choice, manifest)

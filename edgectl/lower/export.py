@@ -259,7 +259,7 @@ def check_tied_table(path: Path, table: dict) -> None:
 
 
 def quantize_by_plan(model, plan, group_size: int = 32) -> dict:
-    """Give `model` (fp32, in memory) the per-shard precisions of a planner.Plan, in place:
+    """Give `model` (fp32, in memory) the per-shard precisions of a plan.Plan, in place:
     each layer shard's blocks get its precision's scheme (quantize_module on the Block),
     the head (and a tied embedding with it) the head shard's. The same schemes as
     `edgectl shard` (shard_build.scheme_for), so the monolithic program runs the mix the
@@ -304,7 +304,7 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     """Export a checkpoint to one monolithic `.pte` at `out` (written atomically).
     `scheme` (a scheme.QuantScheme) quantizes an unquantized checkpoint in memory first
     (`calibration`: the text its smoothquant is calibrated on; None: built-in paragraph);
-    `plan` (a planner.Plan) gives each layer and the head its own precision instead.
+    `plan` (a plan.Plan) gives each layer and the head its own precision instead.
     `interface`: "edgectl" (the caller owns the KV cache, see the module docstring) or
     "stock" (ExecuTorch's stock runners' calling convention, stock.py; the tokenizer file
     they take is written beside `out`)."""

@@ -27,14 +27,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgectl.backends.custom_ops import load_custom_ops
+
 KV_LAYOUT = "bskd-buffers/1"  # the cache: [1, S, KV, D] mutable buffers inside the program
 STOCK_IO = "forward(tokens[1,T], input_pos[1]) -> logits[1,V]; KV cache in mutable buffers (llama::update_cache, llama::custom_sdpa)"
-
-
-def load_custom_ops() -> None:
-    """Register llama::update_cache / llama::custom_sdpa (eager, export and the Python
-    runtime). `run` and `bench` keep custom_sdpa's MKL calls on one thread (edgectl.util.env.one_blas_thread)."""
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
 
 
 class StockTransformer(nn.Module):

@@ -28,7 +28,7 @@ def compare(ref, quant, ckpt, text_file: Path, n_tokens: int, window: int) -> di
     """{ppl_ref, ppl_quant, ppl_change, kl_mean, top1_agree, tokens_scored, windows, file}."""
     import torch
 
-    from edgectl.bench.bench_worker import log_prob_chunks, ppl_windows
+    from edgectl.util.scoring import log_prob_chunks, ppl_windows
     from edgectl.util.errors import EdgectlError
     from edgectl.runtime.tokenizer import Tokenizer
 

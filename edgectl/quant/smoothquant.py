@@ -44,7 +44,7 @@ DEFAULT_PAIRS = ("qkv", "gate_up", "v_o")
 EPS = 1e-5
 
 
-BUILTIN = "built-in paragraph"  # bench_worker.PROMPT_TEXT: calibration without a text file
+BUILTIN = "built-in paragraph"  # scoring.PROMPT_TEXT: calibration without a text file
 WINDOW = 512  # calibration window (tokens); the same for `quantize` and `export --scheme`
 
 
@@ -52,7 +52,7 @@ def calibration_windows(ckpt, text_file: Path | None, n_tokens: int,
                         max_seq_len: int | None = None) -> tuple[list[list[int]], str]:
     """(windows of token ids, what they are) from the first `n_tokens` tokens of `text_file`,
     or of edgectl's built-in paragraph when None."""
-    from edgectl.bench.bench_worker import PROMPT_TEXT, ppl_windows
+    from edgectl.util.scoring import PROMPT_TEXT, ppl_windows
     from edgectl.util.errors import EdgectlError
     from edgectl.runtime.tokenizer import Tokenizer
 

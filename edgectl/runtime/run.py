@@ -77,7 +77,7 @@ def run_prompt(
     set_threads(threads)
     shard_kw = {"precision": precision} if precision else {}
     if plan_file is not None:
-        from edgectl.runtime.planner import Plan
+        from edgectl.runtime.plan import Plan
 
         shard_kw["plan"] = Plan.load(plan_file)
     if context is None and budget and plan_file is None and is_shard_set(artifact):

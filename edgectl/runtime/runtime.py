@@ -86,7 +86,7 @@ def _load_runtime():
 
     import executorch.kernels.quantized  # noqa: F401  (registers quantized kernels)
 
-    from edgectl.lower.stock import load_custom_ops
+    from edgectl.backends.custom_ops import load_custom_ops
 
     load_custom_ops()  # llama::update_cache / custom_sdpa: stock-form programs and layer shards (43 ms, 0.7 MB)
     return Runtime.get()

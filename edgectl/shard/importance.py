@@ -9,7 +9,7 @@ Fast path (eager PyTorch, "eager-quantized"): the very modules the exporter lowe
 (shard_build.layers_module / embed_head_module, quantized by weights.quantize_module),
 run eagerly. The hidden state entering each shard at the top precision is kept per
 window, so lowering layer shard j re-runs only shards j.. onward. `shard` checks a sample
-of these figures through the exported programs (see shard.verify_with_pte).
+of these figures through the exported programs (see shard_figures.verify_with_pte).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class ShardSpec:
 
 def calibration_windows(tok, text: str, n_tokens: int, window: int) -> list[list[int]]:
     """The first `n_tokens` tokens of `text`, in `edgectl bench --ppl`'s windows."""
-    from edgectl.bench.bench_worker import ppl_windows
+    from edgectl.util.scoring import ppl_windows
     from edgectl.util.errors import EdgectlError
 
     ids = tok.encode(text, bos=False)
@@ -95,9 +95,9 @@ class EagerShards:
 
 def _scores(top_logits, logits, window: list[int]) -> tuple[float, float]:
     """(sum of KL(top || this) over the scored positions, sum of NLL), given both logits
-    [T, vocab]. In float64 a few positions at a time (bench_worker.log_prob_chunks): a
+    [T, vocab]. In float64 a few positions at a time (util.scoring.log_prob_chunks): a
     window's log-probs at once are hundreds of MB for a 49152-token vocabulary."""
-    from edgectl.bench.bench_worker import log_prob_chunks
+    from edgectl.util.scoring import log_prob_chunks
 
     target = torch.tensor(window[1:]).unsqueeze(1)
     picked = torch.empty(len(window) - 1, 1, dtype=torch.float64)
@@ -112,7 +112,7 @@ def _scores(top_logits, logits, window: list[int]) -> tuple[float, float]:
 def measure(eager: EagerShards, windows: list[list[int]],
             progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
     """({(shard, precision): Importance} for every lower precision, {"top_ppl", "tokens"})."""
-    from edgectl.bench.bench_worker import nll_sum
+    from edgectl.util.scoring import nll_sum
 
     shards, lower = eager.shards, eager.precisions[1:]
     kl = {(s.name, p): 0.0 for s in shards for p in lower}

@@ -51,7 +51,7 @@ class LayersProgram(nn.Module):
 
     def __init__(self, step: nn.Module, blocks: list[nn.Module]):
         super().__init__()
-        from edgectl.lower.stock import load_custom_ops
+        from edgectl.backends.custom_ops import load_custom_ops
 
         load_custom_ops()
         self.step = step

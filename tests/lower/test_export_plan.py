@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from edgectl.util.errors import EdgectlError
-from edgectl.runtime.planner import Plan, ShardChoice
+from edgectl.runtime.plan import Plan, ShardChoice
 
 PROMPT = [1, 403, 11, 57, 300, 4, 91, 17, 230, 61]
 

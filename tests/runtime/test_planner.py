@@ -9,7 +9,9 @@ import pytest
 
 from edgectl.util.errors import EdgectlError, UsageError
 from edgectl.formats.manifest import Importance, Manifest, Shard, Variant
-from edgectl.runtime.planner import Plan, _simulate, _State, kv_cache_bytes, parse_bytes, plan
+from edgectl.runtime.plan import Plan, kv_cache_bytes, parse_bytes
+from edgectl.runtime.plan_cost import _simulate, _State
+from edgectl.runtime.planner import plan
 
 MB = 10**6
 PRECS = ["fp32", "int8", "8da4w"]

@@ -138,7 +138,8 @@ def test_long_prompt_runs_in_chunks_of_max_tokens_per_call(stories_shards, tmp_p
 def test_logits_sink_hands_over_every_row_once_and_scores_as_the_whole(stories_shards):
     import torch
 
-    from edgectl.bench.bench_worker import model_chunk, nll_sum, window_nll
+    from edgectl.bench.bench_worker import model_chunk, window_nll
+    from edgectl.util.scoring import nll_sum
     from edgectl.runtime.shards_runtime import ShardModel
 
     m = ShardModel(stories_shards)
@@ -185,7 +186,7 @@ def test_plan_file_and_uniform_precision(stories_shards, tmp_path, capsys):
 @pytest.mark.slow
 def test_context_plans_a_smaller_kv_cache_and_is_enforced(stories_shards):
     from edgectl.util.errors import EdgectlError
-    from edgectl.runtime.planner import kv_cache_bytes
+    from edgectl.runtime.plan import kv_cache_bytes
     from edgectl.runtime.shards_runtime import ShardModel
 
     full = ShardModel(stories_shards, budget=1 << 40)
