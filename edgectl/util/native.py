@@ -9,6 +9,8 @@ import os
 import sys
 import tempfile
 
+from edgectl.util.errors import EdgectlError
+
 
 def malloc_trim() -> None:
     try:
@@ -30,6 +32,8 @@ def native_stderr_captured():
         os.dup2(tmp.fileno(), 2)
         try:
             yield
+        except EdgectlError:  # edgectl's own one-line refusal (a damaged file, ...): no chatter before it
+            raise
         except BaseException:
             os.dup2(saved, 2)
             tmp.seek(0)

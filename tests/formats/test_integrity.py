@@ -46,6 +46,7 @@ def _one_error_line(r, name: str) -> str:
     assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("edgectl: error:"), r.stderr[-2000:]
     assert name in lines[0] and "Traceback" not in r.stderr, lines[0]
+    assert not [ln for ln in r.stderr.splitlines() if ln.startswith("[")], r.stderr[-2000:]  # no C++ runtime chatter
     return lines[0]
 
 
