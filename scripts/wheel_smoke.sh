@@ -25,9 +25,14 @@ step() { echo "wheel_smoke: $1 ($((SECONDS - LAST)) s)" >&2; LAST=$SECONDS; }
 # 1. the wheel, from the files a clone would hold (no stale build/ of this checkout)
 rm -rf "$WORK/src" "$WORK/dist" "$WORK/venv" "$WORK/run"
 mkdir -p "$WORK/src"
-git ls-files -z --cached --others --exclude-standard \
-  | while IFS= read -r -d '' f; do if [ -e "$f" ]; then printf '%s\0' "$f"; fi; done \
-  | tar --null -T - -cf - | tar -C "$WORK/src" -xf -
+if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then
+  (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard) \
+    | while IFS= read -r -d '' f; do if [ -e "$ROOT/$f" ]; then printf '%s\0' "$f"; fi; done \
+    | tar -C "$ROOT" --null -T - -cf - | tar -C "$WORK/src" -xf -
+else  # a copy without .git (.ci/run's): everything but what a build or a run leaves
+  tar -C "$ROOT" --exclude=./.venv --exclude=./build --exclude='*.egg-info' --exclude=__pycache__ \
+    --exclude=.pytest_cache -cf - . | tar -C "$WORK/src" -xf -
+fi
 "$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$WORK/src"
 WHEEL=$(ls "$WORK"/dist/edgectl-*.whl)
 "$PY" - "$WHEEL" "$ROOT" <<'PY'
