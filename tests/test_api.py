@@ -47,3 +47,21 @@ def test_package_exposes_the_api_functions_after_every_submodule_is_imported():
         if not m.name.endswith("__main__"):
             importlib.import_module(m.name)
     assert edgectl.export is api.export and edgectl.load is api.load
+
+
+@pytest.mark.real_model
+def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's Python API example, run as written (from a directory holding the fixture)."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "stories260K", tmp_path / "tests/fixtures/stories260K")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    ref = run_prompt(tmp_path / "stories.pte", "Once upon a time", max_new_tokens=32)
+    assert out[0] == ref["text"] and len(ref["text"]) > 20
+    assert "'new_tokens': 32" in out[1] or "'stopped': 'eos'" in out[1]
