@@ -65,3 +65,13 @@ def test_not_a_pte(capsys, tmp_path):
     f.write_bytes(b"not a program" * 10)
     rc, _, err = _run(capsys, "run", str(f), "-p", "hi")
     assert rc == 1 and "junk.pte" in err and "Traceback" not in err
+
+
+def test_the_old_console_script_target_still_runs():
+    """Venvs installed before the CLI became a package run `from edgectl.cli import entry`."""
+    import subprocess
+    import sys
+
+    code = "import sys\nsys.argv = ['edgectl', '--version']\nfrom edgectl.cli import entry\nentry()"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.startswith("edgectl ")
