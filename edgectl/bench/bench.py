@@ -139,8 +139,8 @@ def scoring_allowance(artifact: Path, ctx_size: int | None = None) -> int:
     of --ppl runs under --cgroup, and reported: it is the scorer's cost, not the model's.
     A shard set hands the scorer ShardModel.SINK_ROWS rows of logits at a time (staged
     fp32); a `.pte` returns one program call's logits for every position, which are copied
-    out. Plus the float64 log-softmax buffers of bench_worker.log_prob_chunks."""
-    from edgectl.bench.bench_worker import SCORE_ROWS
+    out. Plus the float64 log-softmax buffers of util.scoring.log_prob_chunks."""
+    from edgectl.util.scoring import SCORE_ROWS
 
     if artifact.is_dir():
         from edgectl.formats.manifest import Manifest

@@ -38,9 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 
-from edgectl.util.scoring import (  # noqa: F401  (re-exported: bench, tests)
-    PROMPT_TEXT, SCORE_ROWS, log_prob_chunks, nll_sum, picked_log_probs, ppl_windows, target_log_probs,
-)
+from edgectl.util.scoring import PROMPT_TEXT, picked_log_probs, ppl_windows
 
 MODES = ("gen", "ppl", "baseline")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgectl.bench import bench, report
-from edgectl.bench.bench_worker import ppl_windows
+from edgectl.util.scoring import ppl_windows
 from edgectl.cli.main import main
 
 PPL_TOKENS = 2000
@@ -268,7 +268,8 @@ def test_plot_writes_a_png(benched):
 def test_ppl_window_scored_in_pieces_matches_the_whole_window(s260_pte):
     import random
 
-    from edgectl.bench.bench_worker import model_chunk, nll_sum, window_nll
+    from edgectl.bench.bench_worker import model_chunk, window_nll
+    from edgectl.util.scoring import nll_sum
     from edgectl.runtime.runtime import PteModel
 
     m = PteModel(s260_pte)
