@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The built wheel, not the source tree: build it from a copy of this checkout (the files a
-# clone holds), install it (not editable) into a fresh venv, and from outside any checkout
-# list the shipped recipes, build the native shim from the installed source, export
+# clone holds; a platform wheel with the native shim compiled in), install it (not
+# editable) into a fresh venv, and from outside any checkout load the shipped shim (no
+# compiler run), list the shipped recipes, export
 # stories260K (tests/fixtures) and generate from it, once with edgectl's interface and
 # once through the shipped smollm2-135m-android recipe (ExecuTorch's stock interface).
 # Prints each step's seconds on stderr; exits non-zero on the first failure.
@@ -33,7 +34,7 @@ else  # a copy without .git (.ci/run's): everything but what a build or a run le
   tar -C "$ROOT" --exclude=./.venv --exclude=./build --exclude='*.egg-info' --exclude=__pycache__ \
     --exclude=.pytest_cache -cf - . | tar -C "$WORK/src" -xf -
 fi
-"$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$WORK/src"
+EDGECTL_REQUIRE_SHIM=1 "$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$WORK/src"  # no shim: an error
 WHEEL=$(ls "$WORK"/dist/edgectl-*.whl)
 "$PY" - "$WHEEL" "$ROOT" <<'PY'
 import sys, zipfile
@@ -42,9 +43,13 @@ names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 root = Path(sys.argv[2])
 want = {p.relative_to(root).as_posix() for p in [*root.glob("edgectl/runtime/_native/*.cpp"), *root.glob("edgectl/recipes/*.toml")]}
 want |= {p.relative_to(root).as_posix() for p in root.glob("edgectl/**/*.py")}
+want |= {"edgectl/runtime/_native/etshim.so", "edgectl/runtime/_native/etshim.json"}  # the shim, its stamp
 missing = sorted(want - names)
 if missing or not any(n.endswith(".toml") for n in want):
     sys.exit(f"wheel_smoke: the wheel lacks {missing}")
+tag = Path(sys.argv[1]).stem.split("-")[-1]
+if not tag.startswith(("linux_", "manylinux")):
+    sys.exit(f"wheel_smoke: {Path(sys.argv[1]).name} is not a Linux platform wheel")
 PY
 step "built and checked $(basename "$WHEEL")"
 
@@ -55,18 +60,23 @@ step "installed into a fresh venv"
 
 # 3. from outside any checkout: the installed package, not the source
 mkdir -p "$WORK/run"; cd "$WORK/run"
-export EDGECTL_CACHE="$WORK/cache"   # the shim is built afresh, from the installed source
+export EDGECTL_CACHE="$WORK/cache"   # empty: a shim compiled on first use would land here
 BIN=$WORK/venv/bin
-"$BIN/python" - "$WORK/venv" <<'PY'
-import sys
+SHIM=$("$BIN/python" -c 'import sysconfig; print(sysconfig.get_path("platlib"))')/edgectl/runtime/_native/etshim.so
+"$BIN/python" -c 'import ctypes, sys; ctypes.CDLL(sys.argv[1])' "$SHIM"  # alone: its rpath finds the runtime
+"$BIN/python" - "$WORK/venv" "$SHIM" <<'PY'
+import importlib, os, sys
 from pathlib import Path
 import edgectl
 from edgectl.runtime import _native
 where = Path(edgectl.__file__).resolve()
 assert where.is_relative_to(Path(sys.argv[1]).resolve()), f"edgectl imported from {where}, not the venv"
 assert _native.load() is not None, f"native shim: {_native.why_not()}"
+so, why = importlib.import_module("edgectl.runtime._native.build").prebuilt()
+assert so is not None and so.resolve() == Path(sys.argv[2]).resolve(), f"the shipped shim is not used: {why}"
+assert not (Path(os.environ["EDGECTL_CACHE"]) / "native").exists(), "the shim was compiled, not taken from the wheel"
 PY
-step "imported from the venv, native shim built"
+step "imported from the venv, the wheel's native shim loaded"
 n_recipes=$("$BIN/edgectl" recipes | wc -l)
 [ "$n_recipes" -eq "$(ls "$ROOT"/edgectl/recipes/*.toml | wc -l)" ] || { echo "wheel_smoke: edgectl recipes listed $n_recipes" >&2; exit 1; }
 step "edgectl recipes: $n_recipes"
