@@ -215,12 +215,7 @@ def delegate_ids(path: Path) -> set[str]:
     from edgectl.formats import ptefile
 
     program, _ = ptefile._program(path)
-    ids = set()
-    for i in range(program.ExecutionPlanLength()):
-        plan = program.ExecutionPlan(i)
-        for j in range(plan.DelegatesLength()):
-            ids.add(plan.Delegates(j).Id().decode())
-    return ids
+    return {d for plan in program.plans for d in plan.delegates}
 
 
 def _by_delegate(delegate: str) -> Backend | None:
