@@ -50,7 +50,7 @@ def child(args) -> dict:
     from edgectl.runtime import artifact, runtime
     from edgectl.runtime.tokenizer import Tokenizer  # noqa: F401
 
-    runtime._load_runtime()
+    methods._load_runtime()
     runtime.set_threads(None)
     from executorch.extension.pybindings import portable_lib
 

@@ -44,7 +44,7 @@ def main() -> None:
     from edgectl.runtime import loader as ld
     from edgectl.formats.manifest import Manifest
     from edgectl.model import ModelArgs, cache_shapes, empty_caches
-    from edgectl.runtime.runtime import _load_runtime
+    from edgectl.runtime.methods import _load_runtime
 
     rt = _load_runtime()
     from executorch.extension.pybindings import portable_lib

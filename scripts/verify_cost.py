@@ -85,12 +85,9 @@ def main() -> int:
                 med = statistics.median(times)
                 out["ms"][mode] = {"median": med, "min": min(times), "max": max(times),
                                    "per_100mb": med * 1e8 / total}
-        if a.artifact.is_dir():  # as a run does it: executorch's flatbuffer reader loaded already
+        if a.artifact.is_dir():  # as a run does it
             from edgectl.formats import integrity
             from edgectl.formats.manifest import Manifest
-            from edgectl.formats.ptefile import _flatbuffer_classes
-
-            _flatbuffer_classes()
             times = []
             for _ in range(a.repeat):
                 Manifest.load(a.artifact)  # registers the files afresh

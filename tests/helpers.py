@@ -62,7 +62,7 @@ def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisio
         for g in groups:
             name = f"layers.{g[0]}" + (f"-{g[-1]}" if len(g) > 1 else "")
             example, dynamic = layer_example(args, max_seq_len, len(g), max_seq_len)
-            prog, _ = lower(LayersProgram(m.step, [m.layers[i] for i in g]), example, dynamic, "xnnpack")
+            prog, _ = lower(LayersProgram(m.rope, [m.layers[i] for i in g]), example, dynamic, "xnnpack")
             f = f"{name}.{p}.pte"
             (out / f).write_bytes(prog.buffer)
             shards[name][p] = f
@@ -78,7 +78,7 @@ def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisio
             check_tied_table(out / f, table)
         shards["embed"][p] = {"file": f, **table}
 
-    from edgectl.runtime.runtime import _load_runtime
+    from edgectl.runtime.methods import _load_runtime
 
     _load_runtime()
     from edgectl.runtime import _native
@@ -151,7 +151,7 @@ def _eager_logits(model, tokens):
     k, v = empty_caches(model.args, model.max_seq_len, model.args.n_layers)
     n = min(len(tokens), model.max_seq_len)
     with torch.no_grad():
-        logits, _, _ = model(torch.tensor([tokens[:n]]), torch.arange(n), torch.arange(n), k, v)
+        logits = model(torch.tensor([tokens[:n]]), torch.arange(n), torch.arange(n), k, v)
     return logits[0]
 
 

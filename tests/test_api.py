@@ -27,9 +27,18 @@ def test_generate_streams_what_run_prints(stories_pte):
 def test_a_shard_set_under_a_budget(stories_dir, tmp_path):
     from helpers import build_shard_set
 
+    from edgectl.runtime.methods import engine
+    from edgectl.runtime.shards_startup import rss_bytes
+
     shards = build_shard_set(stories_dir, tmp_path / "s", 64, ("fp32",))
-    ref = run_prompt(shards, PROMPT, max_new_tokens=16, budget=400_000_000, context=48)
-    with api.load(shards, memory_budget="400MB", context=48) as llm:
+    # the budget counts the whole process: its runtime floor (this test process's RSS with
+    # the runtime library up) + 400 MB for the model
+    if (native := engine()) is not None:
+        native.thread_count()
+    mb = -(-rss_bytes()["rss"] // 10**6) + 400
+    ref = run_prompt(shards, PROMPT, max_new_tokens=16, budget=mb * 10**6, context=48)
+    assert ref["memory"]["floor_bytes"] > 0 and ref["memory"]["budget_bytes"] == mb * 10**6
+    with api.load(shards, memory_budget=f"{mb}MB", context=48) as llm:
         text = "".join(llm.generate(PROMPT, max_new_tokens=16))
         assert llm.max_seq_len == 48
     assert text == ref["text"] and ref["stats"]["new_tokens"] == 16

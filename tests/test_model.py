@@ -7,7 +7,7 @@ import torch
 
 from edgectl.checkpoint.checkpoint import Checkpoint, load_model, resolve
 from edgectl.util.errors import EdgectlError
-from edgectl.model import ModelArgs, windows, write_cache
+from edgectl.model import ModelArgs
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,16 +37,12 @@ def _ours(hf, max_seq_len=64):
 
 
 def _incremental_logits(model, ids, split):
+    """Prefill ids[:split], then one token per call, the caches written in place."""
     k, v = model.empty_caches()
     out, start = [], 0
     for chunk in (ids[:split], *[[t] for t in ids[split:]]):
         T = len(chunk)
-        # the windows the runtime passes: the filled positions, rounded up (model.cache_window)
-        logits, kn, vn = model(torch.tensor([chunk]), torch.arange(start, start + T), torch.arange(T), windows(k, start),
-                               windows(v, start))
-        for i in range(len(k)):
-            write_cache(k[i], v[i], kn[i], vn[i], start)
-        out.append(logits[0])
+        out.append(model(torch.tensor([chunk]), torch.arange(start, start + T), torch.arange(T), k, v)[0])
         start += T
     return torch.cat(out)
 
@@ -96,11 +92,24 @@ def test_unsupported_architecture_names_the_supported_ones():
     assert "GPTNeoXForCausalLM" in str(e.value) and "LlamaForCausalLM" in e.value.hint
 
 
-def test_cache_window_by_hand():
-    from edgectl.model import KV_WINDOW, cache_window
 
-    assert KV_WINDOW == 32
-    assert cache_window(0, 2048) == 1  # nothing cached: one masked slot
-    assert cache_window(1, 2048) == cache_window(32, 2048) == 32
-    assert cache_window(33, 2048) == 64
-    assert cache_window(2040, 2048) == 2048 and cache_window(100, 50) == 50  # never past the cache
+
+def test_attention_reads_only_positions_before_start_plus_T():
+    """The one attention (llama::custom_sdpa over the caller's cache) reads positions
+    < start + T only: NaN written past them changes nothing."""
+    ours = _ours(_hf_model("LlamaForCausalLM"))
+    ids = torch.randint(0, 128, (12,)).tolist()
+    with torch.no_grad():
+        k, v = ours.empty_caches()
+        clean = ours(torch.tensor([ids[:8]]), torch.arange(8), torch.arange(8), k, v)
+        step = ours(torch.tensor([ids[8:9]]), torch.arange(8, 9), torch.arange(1), k, v)
+        k2, v2 = ours.empty_caches()
+        for c in (*k2, *v2):
+            c.fill_(float("nan"))
+        dirty = ours(torch.tensor([ids[:8]]), torch.arange(8), torch.arange(8), k2, v2)
+        for c in (*k2, *v2):
+            c[:, 9:] = float("nan")
+        step2 = ours(torch.tensor([ids[8:9]]), torch.arange(8, 9), torch.arange(1), k2, v2)
+    assert torch.isfinite(dirty).all() and torch.isfinite(step2).all()
+    assert torch.equal(clean, dirty) and torch.equal(step, step2)
+    assert torch.isnan(k2[0][:, 9:]).all()  # written only where the tokens went

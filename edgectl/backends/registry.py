@@ -1,10 +1,10 @@
 """Backends: the one list of what `export --backend` offers, each backend's partitioners,
-and whether this machine's ExecuTorch runtime can run a program delegated to one.
+and the delegate ids a program names.
 
 A program names the backends it was delegated to (`BackendDelegate.id` in its
-flatbuffer). `check_runnable` reads those ids before the program is loaded and compares
-them with the backends the runtime registered (and found usable), so a program for a
-phone's GPU or NPU is refused in one line instead of failing deep inside `load_method`.
+flatbuffer, `delegate_ids`). The runtime checks them before loading a program
+(runtime/delegates.py), so a program for a phone's GPU or NPU is refused in one line
+instead of failing deep inside `load_method`.
 
 Nothing here imports torch or executorch at module level (the CLI's help text reads
 `HELP`); the partitioners import their backend's Python packages when they are built.
@@ -218,40 +218,5 @@ def delegate_ids(path: Path) -> set[str]:
     return {d for plan in program.plans for d in plan.delegates}
 
 
-def _by_delegate(delegate: str) -> Backend | None:
+def by_delegate(delegate: str) -> Backend | None:
     return next((b for b in BACKENDS.values() if b.delegate == delegate), None)
-
-
-def runtime_backends() -> tuple[set[str], Callable[[str], bool]]:
-    """(the backend ids this runtime registered, a check that one is usable here)."""
-    prepare_runtime()
-    from executorch.extension.pybindings import _portable_lib as lib
-
-    registered = set(lib._get_registered_backend_names())
-    available = getattr(lib, "_is_available", None)
-    return registered, (lambda name: available(backend_name=name)) if available else (lambda name: True)
-
-
-def check_runnable(path: Path) -> None:
-    """Refuse, in one line and before loading it, a program delegated to a backend this
-    machine's ExecuTorch runtime does not have, or has without its runtime library."""
-    from edgectl.util.native import native_stderr_captured
-
-    ids = delegate_ids(path)
-    if not ids:
-        return
-    if "OpenvinoBackend" in ids:
-        from edgectl.backends import openvino as openvino_backend
-
-        openvino_backend.fp32()
-    registered, usable = runtime_backends()
-    for d in sorted(ids):
-        b = _by_delegate(d)
-        where = f" (it runs on {b.runs_on})" if b else ""
-        if d not in registered:
-            raise EdgectlError(f"{path}: delegated to {d}, which this machine's ExecuTorch runtime does not have{where}")
-        with native_stderr_captured():  # the runtime logs its library search
-            ok = usable(d)
-        if not ok:
-            raise EdgectlError(f"{path}: delegated to {d}, whose runtime library this machine's ExecuTorch "
-                               f"cannot load", hint=b.install if b and b.install else None)

@@ -123,15 +123,16 @@ def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool 
     return {"status": "ok", **out, **group}
 
 
-def _capped(case: Case, settings: BenchSettings, baseline: int | None, extra: int = 0):
-    """The memory cgroup a run of `case` goes in: budget + baseline (+ `extra`), or
+def _capped(case: Case, settings: BenchSettings, extra: int = 0):
+    """The memory cgroup a run of `case` goes in: its budget (which counts the whole
+    process, runtime floor included) + `extra` (the perplexity scorer's own buffers), or
     uncapped (still measured) when the case has no budget. None without --cgroup."""
     if not settings.cgroup:
         return None
     from edgectl.bench.memcap import MemCap
 
     budget = case.options.get("budget")
-    return MemCap(budget + baseline + extra if budget is not None and baseline is not None else None)
+    return MemCap(budget + extra if budget is not None else None)
 
 
 def scoring_allowance(artifact: Path, ctx_size: int | None = None) -> int:
@@ -183,8 +184,9 @@ def write_packed_caches(rows: list[Row], settings: BenchSettings, progress: Call
 
 
 def cgroup_baseline(settings: BenchSettings, cold: bool = False) -> int:
-    """Peak cgroup charge of a worker that imports torch, the runtime and the tokenizer
-    library and starts the thread pool, but opens no model: what --cgroup adds to a budget,
+    """Peak cgroup charge of a worker that loads the runtime library and the tokenizer
+    library and starts the thread pool, but opens no model: the runtime floor as a cgroup
+    charges it (reported beside the rows; a budget includes it),
     measured the way the runs will be charged. Warm: measured twice, keeping the second:
     the first may read the libraries from disk and be charged for their page cache
     (measured: 630 MB against 290 MB warm), which a model run, finding them cached, is not.
@@ -277,7 +279,7 @@ def run_bench(
         warn(notes[-1])
         cold = False
     if settings.cgroup:
-        progress(f"measuring the interpreter baseline (cgroup{', cold' if cold else ''})")
+        progress(f"measuring the runtime floor (cgroup{', cold' if cold else ''})")
         baseline = cgroup_baseline(settings, cold)
     if settings.cgroup or cold:
         notes += write_packed_caches(rows, settings, progress)
@@ -294,7 +296,7 @@ def run_bench(
             if cold and not dropped:
                 raise EdgectlError("the page cache could be dropped once but not again")
             load_avg = os.getloadavg()[0]
-            cap = _capped(row.case, settings, baseline)
+            cap = _capped(row.case, settings)
             try:
                 ok = _measure(row, lambda: worker(row.case, settings, warmup=not cold, cap=cap),
                               lambda got: row.runs.append({"cache_dropped": dropped, "loadavg_1m": load_avg, **got}))
@@ -316,7 +318,7 @@ def run_bench(
                 continue
             progress(f"{row.case.label}: perplexity on {settings.ppl_file.name}")
             allowance = scoring_allowance(row.case.artifact, settings.ctx_size) if settings.cgroup else 0
-            cap = _capped(row.case, settings, baseline, allowance)
+            cap = _capped(row.case, settings, allowance)
             ids = _ppl_ids(row.case.artifact, settings, Path(tmp.name), encoded)
             with _same_plan(row, settings) as case:
                 try:

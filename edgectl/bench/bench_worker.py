@@ -108,7 +108,7 @@ def window_nll(model, window: list[int], piece: int) -> float:
     (2048 x 49152 fp32 = 403 MB) never exist, so a memory-capped run can score it (a shard
     set hands them over SINK_ROWS rows at a time, see ShardModel.forward). The
     picked log-probs are summed in one reduction, as nll_sum does."""
-    import torch
+    import numpy as np
 
     picked = []
     sinks = getattr(model, "SINK_ROWS", None) is not None  # a shard set hands over a few rows at a time
@@ -125,7 +125,7 @@ def window_nll(model, window: list[int], piece: int) -> float:
         logits = model.forward(part, a, all_logits=True)
         if targets:
             picked.append(picked_log_probs(logits, targets))
-    return float(-torch.cat(picked).sum())
+    return float(-np.concatenate(picked).sum())
 
 
 def _gen_figures(stats) -> dict:
@@ -237,9 +237,7 @@ def measure_ppl(job: Job, model, tok) -> dict:
 
 
 def measure(job: Job) -> dict:
-    import torch  # noqa: F401  (part of the baseline, as in `edgectl run`)
-
-    from edgectl.runtime import artifact, runtime
+    from edgectl.runtime import artifact, methods, runtime
     from edgectl.runtime.run import tokenizer_for
     from edgectl.runtime.tokenizer import Tokenizer  # noqa: F401  (imports `tokenizers`)
 
@@ -248,15 +246,19 @@ def measure(job: Job) -> dict:
         from edgectl.util.errors import EdgectlError
 
         raise EdgectlError(f"unsupported bench options for {job.artifact}: {sorted(unknown)}")
-    runtime._load_runtime()
+    native = methods.engine()  # the runtime library and the shim (or, without it, the binding and torch)
+    if native is None:
+        methods._load_runtime()
     runtime.set_threads(job.threads)
     if job.mode == "baseline":
-        from executorch.extension.pybindings import portable_lib
+        if native is not None:
+            native.thread_count()  # the pool, as a shard set starts it
+        else:
+            from executorch.extension.pybindings import portable_lib
 
-        portable_lib._threadpool_get_thread_count()  # the pool, as a shard set starts it
-        from edgectl.runtime import _native, generate, run  # noqa: F401  (code every run imports: not the model's)
+            portable_lib._threadpool_get_thread_count()
+        from edgectl.runtime import generate, run  # noqa: F401  (code every run imports: not the model's)
 
-        _native.load()
         s = read_status()
         return {"rss": s["VmRSS"], "peak_rss": s["VmHWM"]}
     before = read_status()

@@ -76,7 +76,7 @@ class Case:
     """One table row: an artifact and the options it runs with.
 
     Options: `budget` (bytes; a shard set is planned into it, and with --cgroup any
-    artifact runs under a cap of budget + the measured interpreter baseline) and `mode`
+    artifact runs under a cap of its budget, which counts the whole process) and `mode`
     (a shard set's placement mode, planner.MODES)."""
 
     artifact: Path
@@ -268,7 +268,7 @@ def render_table(report: BenchReport):
     title = f"edgectl bench: {s.prompt_tokens} prompt + {s.new_tokens} new tokens, {s.repeat} run(s), {mode}, threads {s.threads or 'default'}"
     t = Table(title=title, title_justify="left")
     if report.cgroup_baseline is not None:
-        title += f", cgroup cap = budget + {report.cgroup_baseline / 1e6:.0f} MB baseline"
+        title += f", cgroup cap = budget (runtime floor {report.cgroup_baseline / 1e6:.0f} MB included)"
     cols = ["artifact", "size MB", "load ms", "TTFT ms", "open→1st token ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model RSS MB"]
     planned = any(r.get("plan_total_bytes") is not None for row in report.rows for r in row.runs)
     if planned:

@@ -2,7 +2,8 @@
 
 A model edgectl cannot build is refused from its config.json or its GGUF header alone, in
 milliseconds, before torch (seconds) or a full GGUF parse (seconds for a large vocabulary)
-is paid for. `model.py` and `gguf_loader.py` take their lists from here.
+is paid for. The Hugging Face architectures the one model builds are model_args.py's
+(re-exported here); gguf_loader.py takes its GGUF list from here.
 """
 
 from __future__ import annotations
@@ -10,12 +11,9 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from edgectl.model_args import MODEL_TYPES, SUPPORTED_ARCHITECTURES, check_hf_config, hf_architecture  # noqa: F401
 from edgectl.util.errors import EdgectlError
 
-# Hugging Face `architectures[0]` values the one model definition (model.py) builds
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-# config.json `model_type` -> architecture, for configs without `architectures`
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # GGUF `general.architecture` values gguf_loader converts
 GGUF_ARCHITECTURES = ("llama", "qwen2")
 
@@ -23,20 +21,6 @@ _GGUF_MAGIC = b"GGUF"
 # GGUF metadata value types: fixed sizes of the scalar ones; 8 = string, 9 = array
 _SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
-
-
-def hf_architecture(config: dict) -> str:
-    """The architecture name a Hugging Face config.json declares."""
-    return (config.get("architectures") or [MODEL_TYPES.get(config.get("model_type"), config.get("model_type", "?"))])[0]
-
-
-def check_hf_config(config: dict, source: str | None = None) -> str:
-    """The config's architecture, or a one-line EdgectlError if edgectl cannot build it."""
-    arch = hf_architecture(config)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        where = f"{source}: " if source else ""
-        raise EdgectlError(f"{where}unsupported architecture {arch!r}", hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return arch
 
 
 def check_gguf(path: Path) -> str | None:

@@ -27,13 +27,13 @@ def bench(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a timeline PNG of each artifact's last run.")] = None,
     ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Also measure the artifact's perplexity on this text file.")] = None,
     ppl_tokens: Annotated[Optional[int], typer.Option(min=2, help="Score at most this many tokens of --ppl.")] = None,
-    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: plan under each budget (comma-separated, e.g. 150MB,75MB), one row each.")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: plan under each budget (whole process, comma-separated, e.g. 300MB,230MB), one row each.")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="Shard sets: also rows with every shard at each of these "
                                                      "precisions (comma-separated; 'plan' = the planner's mix), e.g. plan,int8,8da4w.")] = None,
     plan_file: Annotated[Optional[Path], typer.Option("--plan-file", help="Shard sets: one row following this plan "
                                                       "(from `run --plan --json`), e.g. against `export --plan`'s .pte.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="Shard sets: placement mode(s), comma-separated (auto, resident, pipelined, on-demand), one row each.")] = None,
-    cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at budget + the measured interpreter baseline (root); OOM kills become a row status.")] = False,
+    cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at its budget, which counts the whole process (root; cgroup v1); OOM kills become a row status.")] = False,
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions each run uses: a shard set's KV cache is planned and charged for these, and --ppl scores windows this long (default: prompt + new tokens for generation, the artifact's max_seq_len for --ppl).")] = None,
     recipe: RecipeOpt = None,
 ):
@@ -48,7 +48,7 @@ def bench(
 
     Example: edgectl bench fp32.pte 8da4w.pte --repeat 5 -o bench.json --plot timeline.png
     Example: edgectl bench fp32.pte 8da4w.pte --json > bench.json
-    Example: edgectl bench smol-shards/ smol-int8.pte --memory-budget 150MB,75MB --mode resident,pipelined --cgroup
+    Example: edgectl bench smol-shards/ smol-int8.pte --memory-budget 300MB,230MB --mode resident,pipelined --cgroup
     """
     from rich.console import Console
 

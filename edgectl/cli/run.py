@@ -23,7 +23,7 @@ def run(
     chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
     system: Annotated[Optional[str], typer.Option(help="System message (with --chat).")] = None,
     threads: ThreadsOpt = None,
-    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: what the model may cost (weights, KV cache, activations, loader buffers), e.g. 150MB.")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: what the whole process may use, e.g. 300MB: the runtime floor (Python, numpy, ExecuTorch's runtime, ~160 MB, measured) plus the model's share (weights, KV cache, activations, loader buffers).")] = None,
     latency_target: Annotated[Optional[float], typer.Option("--latency-target", min=0.0, help="Shard sets: most expected ms per decoded token.")] = None,
     mode: Annotated[str, typer.Option("--mode", help="Shard sets: auto, resident, pipelined or on-demand.")] = "auto",
     precision: Annotated[Optional[str], typer.Option("--precision", help="Shard sets: every shard at this precision "
@@ -38,7 +38,7 @@ def run(
     """Generate text from ARTIFACT, streaming tokens to stdout; timings go to stderr.
 
     Example: edgectl run smollm2.pte --chat -p "What is the capital of France?"
-    Example: edgectl run smollm2-shards/ --memory-budget 150MB --plan
+    Example: edgectl run smollm2-shards/ --memory-budget 300MB --plan
     """
     from edgectl.util import ui
     from edgectl.runtime.run import run_prompt
@@ -80,9 +80,11 @@ def run(
     if "memory" in res:
         mem = res["memory"]
         ctx = res["plan"].get("context")
+        share = (f"model peak {mem['model_peak_bytes'] / 1e6:.1f} MB of its {mem['model_budget_bytes'] / 1e6:.1f} MB share"
+                 if mem.get("model_budget_bytes") else f"model peak {mem['model_peak_bytes'] / 1e6:.1f} MB")
         ui.info(f"[dim]{mem['mode']} ({mem['engine']}) | KV cache for {f'{ctx} positions' if ctx else 'max_seq_len'} "
-                f"(--ctx-size) | model peak {mem['model_peak_bytes'] / 1e6:.1f} MB of budget "
-                f"{_mb(res['plan']['budget_bytes'])} | interpreter baseline {mem['baseline_bytes'] / 1e6:.0f} MB[/dim]")
+                f"(--ctx-size) | peak {mem['peak_bytes'] / 1e6:.1f} MB of budget {_mb(res['plan']['budget_bytes'])} = "
+                f"runtime floor {mem['baseline_bytes'] / 1e6:.0f} MB + {share}[/dim]")
 
 
 def _mb(budget: int) -> str:

@@ -230,27 +230,12 @@ def _agrees(path, facts: dict, named_by: str) -> None:
 
 
 def _own_meta(path) -> dict | None:
-    """A verified program's edgectl_meta: through the flatbuffer reader when a run has it
-    loaded already (0.2 ms a SmolLM2 shard), else found by its sealed prefix (a scan of
-    ~1 MB there, but `verify` then imports no executorch)."""
-    off = None  # ptefile's reader imports nothing and takes ~0.1 ms: always the faster way now
-    if off is None:
-        try:
-            return json.loads(ptefile.constant_bytes(Path(path), "edgectl_meta"))
-        except (EdgectlError, ValueError):
-            return None
-    start, n = off - len(PREFIX), 1 << 16
-    with open(path, "rb") as f:
-        while n <= 1 << 26:
-            f.seek(start)
-            buf = f.read(n)
-            try:  # the bytes after the JSON (and a character cut at the end) do not matter
-                return json.JSONDecoder().raw_decode(buf.decode("utf-8", errors="replace"))[0]
-            except ValueError:
-                if len(buf) < n:
-                    return None
-                n *= 4
-    return None
+    """A verified program's edgectl_meta, read by ptefile's flatbuffer reader (~0.1 ms:
+    it imports nothing), or None if it has none."""
+    try:
+        return json.loads(ptefile.constant_bytes(Path(path), "edgectl_meta"))
+    except (EdgectlError, ValueError):
+        return None
 
 
 # --- a .pte's own checksum -----------------------------------------------------------------

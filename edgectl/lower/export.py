@@ -4,7 +4,7 @@ The program's `forward(tokens[1,T], pos[T], idx[N], k_caches..., v_caches...)` r
 `logits[1,N,vocab]`: prefill of a prompt chunk in one call, decode with T=1, and the KV
 cache owned by the caller, who passes its whole [1, S, KV, D] buffers; the program writes
 the T new entries into them in place and attends over positions < pos[0] + T
-(stock.InPlaceTransformer). Inputs are not copied into planned memory
+(model.Transformer, as it is). Inputs are not copied into planned memory
 (`alloc_graph_input=False`), so the caches are passed and written zero-copy.
 
 Everything `run` needs travels in the `.pte` as constant methods: `edgectl_meta` (JSON:
@@ -210,7 +210,7 @@ IO = "forward(tokens[1,T], pos[T], idx[N], k_cache*L, v_cache*L) -> logits[1,N,V
 
 
 def monolithic_example(model, chunk: int, table_input: bool):
-    """Example inputs and dynamic dims of stock.InPlaceTransformer; with `table_input` the
+    """Example inputs and dynamic dims of model.Transformer; with `table_input` the
     embedding table is an input.
 
     `chunk` bounds the tokens per call: memory planning reserves activations for the
@@ -310,7 +310,7 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     they take is written beside `out`)."""
     from edgectl.backends import registry as backends
     from edgectl.lower import stock
-    from edgectl.model import fuse_projections
+    from edgectl.quant.quant_modules import fuse_projections
     from edgectl.quant.quantize import check_shared_embedding, load_for_export, shared_embedding
     from edgectl.recipes import INTERFACES
 
@@ -365,7 +365,7 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     meta = metadata(ckpt, args, max_seq_len, backend, quant)
     meta["prefill_chunk"] = chunk
     meta["embedding_input"] = tied_table_key(model) if share else (qshare[1] if qshare else None)
-    program = stock.InPlaceTransformer(model).eval()
+    program = model.eval()  # model.Transformer: the caches are inputs, written in place
     prog, ops = lower(program, example, dynamic, backend, constant_methods(meta, ckpt.tokenizer_json), step,
                       quantize_graph=in_graph[0] if in_graph else None)
     step("writing")

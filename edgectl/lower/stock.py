@@ -6,11 +6,10 @@ apps, `executorch.extension.llm.runner.TextLLMRunner`) call
     forward(tokens [1, T], input_pos [1]) -> logits [1, vocab] (of the last token)
 
 and keep no KV cache of their own. So in this form the cache lives inside the program as
-mutable buffers, [1, S, KV, D] per layer (position-major, as everywhere in edgectl):
-`llama::update_cache` writes the T new entries at input_pos, and `llama::custom_sdpa`
-attends causally over positions < input_pos + T only, so a step costs what the context
-holds, as edgectl's own window does. Both ops come with ExecuTorch's LLM custom-op
-library, which the stock runners link. The token embedding is inside the program too
+mutable buffers, [1, S, KV, D] per layer (position-major, as everywhere in edgectl),
+which the model's own attention writes in place (`llama::update_cache` at input_pos,
+then `llama::custom_sdpa` over positions < input_pos + T only; see model.py). Both ops
+come with ExecuTorch's LLM custom-op library, which the stock runners link. The token embedding is inside the program too
 (a quantized one as index_select + dequantize in portable kernels), so a tied matrix is
 stored twice here: once as the embedding's codes, once in the output head's XNNPACK blob.
 
@@ -35,8 +34,8 @@ STOCK_IO = "forward(tokens[1,T], input_pos[1]) -> logits[1,V]; KV cache in mutab
 
 class StockTransformer(nn.Module):
     """Our Transformer with its KV cache inside, in the stock runners' calling convention.
-    Composes the model's own modules (embedding, layers' projections, norms and MLPs,
-    head), so the numerics are the ones every other edgectl program runs."""
+    Runs the model's own modules (embedding, Blocks with their one attention, head), so
+    the numerics are the ones every other edgectl program runs."""
 
     def __init__(self, model, cache_len: int):
         super().__init__()
@@ -53,62 +52,11 @@ class StockTransformer(nn.Module):
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start + T <= self.cache_len)
-        pos = torch.arange(T) + input_pos[:1]
-        cos, sin = m.step.cos[pos].unsqueeze(1), m.step.sin[pos].unsqueeze(1)
+        cos, sin = m.rope(torch.arange(T) + input_pos[:1])
         x = m.embed(tokens)
         for i, layer in enumerate(m.layers):
-            x = cached_layer(layer, x, cos, sin, getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), start)
+            x = layer(x, cos, sin, getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), start)
         return m.head.lm_head(m.head.norm(x[:, -1]))  # [1, vocab]
-
-
-class InPlaceTransformer(nn.Module):
-    """Our Transformer in edgectl's own calling convention (the default `.pte` form):
-
-        forward(tokens [1,T], pos [T], idx [N], k_caches, v_caches[, embed_table]) -> logits [1,N,vocab]
-
-    Each cache is the runtime's own [1, S, KV, D] buffer, written in place at pos[0]
-    (cached_layer; export.lower drops the copy-back outputs torch.export adds for mutated
-    inputs, and inputs are not memory planned), so the runtime owns the KV cache with no
-    copy in or out; positions >= pos[0] + T are never read. `embed_table` is the tied
-    matrix the runtime maps from the head's copy, so it is stored once (export.py).
-
-    Measured against the alternative of attending in XNNPACK over [1, W, KV, D] views of
-    the caches (model.Transformer's own attention, with the same in-place writes), SmolLM2
-    8da4w on 2 cores: 6.6 against 7.4 ms a decode step at position 64, equal (11.9 ms) at
-    position 900, and a 55 s export against 79 s."""
-
-    def __init__(self, model):
-        super().__init__()
-        load_custom_ops()
-        self.model = model
-
-    def forward(self, tokens, pos, idx, k_caches, v_caches, embed_table=None):
-        m, T = self.model, tokens.shape[1]
-        start = pos[0].item()
-        torch._check(start >= 0)
-        torch._check(start + T <= k_caches[0].shape[1])
-        cos, sin = m.step.cos[pos].unsqueeze(1), m.step.sin[pos].unsqueeze(1)
-        x = m.embed(tokens, embed_table)
-        for layer, k_cache, v_cache in zip(m.layers, k_caches, v_caches):
-            x = cached_layer(layer, x, cos, sin, k_cache, v_cache, start)
-        return m.head(x, idx)
-
-
-def cached_layer(layer, x, cos, sin, k_cache, v_cache, start):
-    """One decoder layer (model.Block's modules) over a [1, S, KV, D] cache it writes in
-    place: the T new entries at `start` (llama::update_cache), then causal attention over
-    positions < start + T (llama::custom_sdpa: grouped-query heads read the cache where it
-    is, no copy or permute). The stock form's caches are mutable buffers; the edgectl
-    form's and a layer shard's are the runtime's own buffers, passed in
-    (InPlaceTransformer, shard_build.LayersProgram)."""
-    attn, T = layer.self_attn, x.shape[1]
-    q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
-    torch.ops.llama.update_cache(k, k_cache, start)
-    torch.ops.llama.update_cache(v, v_cache, start)
-    # scale None: 1/sqrt(head_dim)
-    o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True)
-    x = x + attn.o_proj(o.reshape(1, T, attn.n_heads * attn.head_dim))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 def example(chunk: int):

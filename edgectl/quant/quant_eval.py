@@ -15,12 +15,10 @@ def _logits(model, window: list[int]):
     """Logits [T, vocab] as the model gives them (float32; scored in float64 by chunks)."""
     import torch
 
-    from edgectl.model import windows
-
     T = len(window)
-    k, v = (windows(c, 0) for c in model.empty_caches())  # from position 0: a window of one masked slot
+    k, v = model.empty_caches()  # fresh, from position 0
     with torch.no_grad():
-        logits, _, _ = model(torch.tensor([window]), torch.arange(T), torch.arange(T), k, v)
+        logits = model(torch.tensor([window]), torch.arange(T), torch.arange(T), k, v)
     return logits[0]
 
 
@@ -46,6 +44,7 @@ def compare(ref, quant, ckpt, text_file: Path, n_tokens: int, window: int) -> di
         target = torch.tensor(w[1:]).unsqueeze(1)
         pr, pq = (torch.empty(len(w) - 1, 1, dtype=torch.float64) for _ in range(2))
         for (a, lr), (_, lq) in zip(log_prob_chunks(_logits(ref, w)), log_prob_chunks(_logits(quant, w))):
+            lr, lq = torch.from_numpy(lr), torch.from_numpy(lq)  # the chunks' buffers, shared
             rows = slice(a, a + len(lr))
             pr[rows], pq[rows] = lr.gather(1, target[rows]), lq.gather(1, target[rows])
             agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())

@@ -188,7 +188,7 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     columns concatenated, in order), or None when they are not all of one kind with the
     same input width, grouping and bias-or-not. The numerics are the same: per-token
     activation quantization depends on the input only, and each output column keeps its
-    own codes, scales and offsets. Export fuses q/k/v and gate/up (model.fuse_projections):
+    own codes, scales and offsets. Export fuses q/k/v and gate/up (fuse_projections):
     in a decode step each call is one XNNPACK activation quantization, GEMM and dispatch."""
     if len(linears) < 2 or len({type(m) for m in linears}) != 1:
         return None
@@ -224,3 +224,24 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     bits = 4 if ws[0].target_dtype == torch.int4 else 8
     return dynamic_linear(torch.cat([w.qdata for w in ws]), torch.cat([w.scale for w in ws]), bits, ws[0].block_size[1],
                           bias(linears))
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """For export: q/k/v, and gate/up, each become one linear (quant_modules.fuse_linears)
+    where they are of one kind, in place; the separate ones are dropped. Returns how many
+    fused linears there now are. The checkpoint keeps its per-linear form."""
+    from edgectl.model import MLP, Attention
+
+    n = 0
+    for m in model.modules():
+        names = ("q_proj", "k_proj", "v_proj", "qkv") if isinstance(m, Attention) else \
+            ("gate_proj", "up_proj", "gate_up") if isinstance(m, MLP) else None
+        if names is None or getattr(m, names[-1]) is not None:
+            continue
+        fused = fuse_linears([getattr(m, name) for name in names[:-1]])
+        if fused is not None:
+            setattr(m, names[-1], fused)
+            for name in names[:-1]:
+                delattr(m, name)
+            n += 1
+    return n

@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgectl.model import windows as cache_windows
 
 # Which pairs of (producer, consumers) are smoothed; weights.py records the ones used.
 PAIRS = ("qkv", "gate_up", "v_o", "up_down")
@@ -92,7 +91,7 @@ def calibrate(model, windows: list[list[int]]) -> dict[str, torch.Tensor]:
     try:
         for w in windows:
             T = len(w)
-            model(torch.tensor([w]), torch.arange(T), torch.arange(T)[-1:], *(cache_windows(c, 0) for c in model.empty_caches()))
+            model(torch.tensor([w]), torch.arange(T), torch.arange(T)[-1:], *model.empty_caches())
     finally:
         for h in hooks:
             h.remove()

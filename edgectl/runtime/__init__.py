@@ -1,1 +1,1 @@
-"""Run stage: load a .pte or a shard set with ExecuTorch's runtime (no torch export code) and generate."""
+"""Run stage: load a .pte or a shard set with ExecuTorch's runtime library (numpy in and out, no torch) and generate."""

@@ -47,18 +47,26 @@ class GenerationStats:
         }
 
 
-def sample(logits, cfg: SamplingConfig, generator=None) -> int:
-    import torch
+def sample(logits, cfg: SamplingConfig, rng=None) -> int:
+    """The next token from a logits row (numpy): argmax at temperature 0, else a draw from
+    the softmax at `temperature`, cut to the top_p nucleus, with `rng` (numpy's Generator)."""
+    import numpy as np
 
+    logits = np.asarray(logits).reshape(-1)
     if cfg.temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / cfg.temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
     if cfg.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < cfg.top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+        order = np.argsort(-probs, kind="stable")
+        sorted_p = probs[order]
+        keep = np.cumsum(sorted_p) - sorted_p < cfg.top_p
+        probs = np.zeros_like(probs)
+        probs[order[keep]] = sorted_p[keep]
+        probs /= probs.sum()
+    rng = rng if rng is not None else np.random.default_rng()
+    return int(min(np.searchsorted(np.cumsum(probs), rng.random(), side="right"), len(probs) - 1))
 
 
 def generate(
@@ -97,10 +105,10 @@ class Generation:
         self.stats: GenerationStats | None = None
 
     def __iter__(self) -> Iterator[int]:
-        import torch
+        import numpy as np
 
         model, sampling, eos_ids = self.model, self.sampling, self.eos_ids
-        gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        gen = np.random.default_rng(sampling.seed) if sampling.temperature > 0 else None
         model.reset()
         t0 = time.perf_counter()
         logits = model.forward(self.prompt_ids, 0)[-1]

@@ -9,7 +9,8 @@ Two engines, same small interface (`load(path) -> Loaded`, `Loaded.run(inputs) -
   one, XNNPACK's workspace lock serialises a shard's weight packing with every other
   shard's execute (measured: compute fell to 9% of its speed while a loader ran).
 - `PyEngine`: executorch's Python binding, the fallback when the shim cannot be built.
-  It holds the GIL inside load and execute, so loads and compute serialise.
+  It holds the GIL inside load and execute, so loads and compute serialise, and it needs
+  torch (the binding takes torch tensors; both engines take and return numpy arrays).
 
 `Loader` streams shards in forward order, one slot ahead of the executor (two slots:
 the shard running and the shard loading), cyclically across forward calls, and frees
@@ -44,10 +45,8 @@ class _NativeLoaded:
         self.outs: dict[int, object] = {}
 
     def run(self, inputs: list, out_caps: list[int]) -> list:
-        """Run with `inputs` (contiguous torch tensors); outputs are views into per-shard
-        staging buffers of out_caps[i] elements (fp32), valid until the next run."""
-        import torch
-
+        """Run with `inputs` (C-contiguous numpy arrays); outputs are views into staging
+        buffers of out_caps[i] elements (fp32), valid until the next run."""
         c = self.call
         for i, t in enumerate(inputs):
             c.set_input(i, t)
@@ -55,7 +54,7 @@ class _NativeLoaded:
             buf = self.engine.staging(i, cap)
             c.set_output(i, buf)
         c.run()
-        return [self.engine.staging(i, cap)[: _numel(c.out_shape(i))].view(c.out_shape(i)) for i, cap in enumerate(out_caps)]
+        return [self.engine.staging(i, cap)[: _numel(c.out_shape(i))].reshape(c.out_shape(i)) for i, cap in enumerate(out_caps)]
 
     def free(self) -> None:
         if self.handle:
@@ -81,12 +80,13 @@ class NativeEngine:
         """`packed`: a packed_cache.PackedCache (None: packed_cache.default()); `keys`: each
         program's sha256 by path (the manifest's), which names its cache file. A program
         without one loads uncached."""
-        import torch
+        import numpy as np
 
         from edgectl.runtime import packed_cache
 
         self.native = native
-        self.arena = torch.zeros(max(arena_bytes, 64), dtype=torch.uint8)  # touched now: it is part of the cost
+        self.arena = np.zeros(max(arena_bytes, 64), dtype=np.uint8)
+        self.arena.fill(0)  # touched now (np.zeros maps fresh pages lazily): it is part of the cost
         self._staging: dict[int, object] = {}
         if packed is None:
             packed = packed_cache.default()
@@ -113,11 +113,11 @@ class NativeEngine:
         willneed(f)
 
     def staging(self, i: int, cap: int):
-        import torch
+        import numpy as np
 
         b = self._staging.get(i)
-        if b is None or b.numel() < cap:
-            b = self._staging[i] = torch.empty(cap, dtype=torch.float32)
+        if b is None or b.size < cap:
+            b = self._staging[i] = np.empty(cap, dtype=np.float32)
         return b
 
     def load(self, path: Path, streamed: bool = False, own_workspace: bool | None = None) -> _NativeLoaded:
@@ -141,10 +141,18 @@ class _PyLoaded:
                 raise EdgectlError(f"{path}: cannot load ({e})") from e
 
     def run(self, inputs: list, out_caps: list[int]) -> list:
+        """numpy in and out, shared with torch tensors (the binding takes torch only)."""
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():  # read-only mapped tables: the program only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            args = [torch.from_numpy(a) for a in inputs]
         # a layer's custom_sdpa logs "No temp allocator provided" on every call through the
         # Python binding (the native shim gives it one): kept off the terminal
         with native_stderr_captured():
-            return list(self.method.execute(inputs))[: len(out_caps)]
+            return [o.numpy() for o in list(self.method.execute(args))[: len(out_caps)]]
 
     def free(self) -> None:
         self.method = self.program = None

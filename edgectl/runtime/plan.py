@@ -19,9 +19,11 @@ What counts against the budget (all from the manifest's measured figures):
   its own process just before it plans (ShardModel: the tokenizer, the runtime's
   first-execute set-up (XNNPACK init, heap growth), the I/O staging buffers); 0 when
   planning without a runtime (`edgectl run --plan` says so in its notes).
-The interpreter's own baseline (Python + torch + the runtime + thread pool, ~280-360 MB)
-is not counted: the runtime measures it and reports it beside the model's cost, and
-`bench --cgroup` caps a run at budget + that baseline.
+- `floor_bytes` (in fixed_bytes): the runtime floor, the whole process before any shard
+  (Python, numpy, ExecuTorch's runtime library and thread pool; ~150-180 MB measured),
+  measured by the runtime. The budget counts the whole process: a budget at or below the
+  floor is refused, and the model's share is budget - floor. `bench --cgroup` caps a run
+  at the budget.
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ class Infeasible(EdgectlError):
     probed), so the minimum named is a lower bound."""
 
     def __init__(self, budget: int, minimum: int, mode: str, kv: int, positions: int, fixed: int,
-                 partial: bool = False):
+                 partial: bool = False, floor: int = 0):
         self.args_ = (budget, minimum, mode, kv, positions, fixed)
+        self.floor = floor
         self.minimum = minimum
         what = {"resident": "all shards resident at their smallest precision",
                 "pipelined": "every shard streamed through two loader slots",
@@ -66,7 +69,8 @@ class Infeasible(EdgectlError):
         super().__init__(
             f"a budget of {budget / 1e6:.1f} MB is below the feasible minimum of {at_least}{minimum / 1e6:.1f} MB "
             f"for mode {mode} ({what}, KV cache {kv / 1e6:.1f} MB for {positions} positions"
-            + (f", measured start-up costs {fixed / 1e6:.1f} MB" if fixed else "")
+            + (f", runtime floor {floor / 1e6:.1f} MB" if floor else "")
+            + (f", measured start-up costs {(fixed - floor) / 1e6:.1f} MB" if fixed - floor else "")
             + (" so far; the first execute, not measured yet, adds more" if partial else "") + ")",
             hint=f"give --memory-budget {'more than ' if partial else ''}{int(-(-minimum // 10**5)) / 10:.1f}MB"
             + ("" if partial else " or more")
@@ -75,7 +79,7 @@ class Infeasible(EdgectlError):
         )
 
     def partial(self) -> "Infeasible":
-        return Infeasible(*self.args_, partial=True)
+        return Infeasible(*self.args_, partial=True, floor=self.floor)
 
 
 @dataclass
@@ -94,7 +98,8 @@ class Plan:
     compute_measured: bool  # False: ms_per_token counts loading only
     format: str = PLAN_FORMAT
     notes: list[str] = field(default_factory=list)
-    fixed_bytes: int = 0  # measured start-up costs counted in total_bytes (see module doc)
+    fixed_bytes: int = 0  # runtime floor + measured start-up costs, counted in total_bytes (see module doc)
+    floor_bytes: int = 0  # the runtime floor, part of fixed_bytes (0: planned without a runtime)
     context: int | None = None  # positions the KV cache is planned for (None: max_seq_len)
 
     def to_dict(self) -> dict:

@@ -47,24 +47,29 @@ PRELOAD_TIE = 0.05
 
 def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mode: str = "auto",
          fixed_bytes: int = 0, precision: str | None = None, slot_extra_bytes: int = 0,
-         context: int | None = None, stream_extra_bytes: int = 0) -> Plan:
+         context: int | None = None, stream_extra_bytes: int = 0, floor_bytes: int = 0) -> Plan:
     """`precision`: every shard at that precision (see only_precision). `slot_extra_bytes`:
     what each pipelined loader slot costs besides its shard's weights, measured by the
     runtime (a streamed shard's own XNNPACK workspace). `stream_extra_bytes`: what loading
     a streamed shard costs besides its weights in every streaming mode, measured by the
     runtime (heap its loading touches and keeps, e.g. the freed raw constants, which the
     next streamed shard reuses). `context`: positions the run uses (the KV cache is charged
-    for those; default max_seq_len)."""
+    for those; default max_seq_len). `floor_bytes`: the runtime floor, what the process holds
+    before any shard (interpreter, numpy, ExecuTorch's runtime library): the budget counts
+    the whole process, so the floor is counted like a fixed cost, and a budget at or below
+    it is refused."""
     if context is not None and context >= manifest.max_seq_len:
         context = None
     if precision is not None:
         manifest = only_precision(manifest, precision)
     manifest = same_layer_timings(manifest)
+    check_floor(budget_bytes, floor_bytes)
     if mode not in MODES:
         raise UsageError(f"--mode {mode!r}", hint=f"choose one of: {', '.join(MODES)}")
     if budget_bytes <= 0:
         raise UsageError("--memory-budget must be positive")
-    kw = dict(fixed=fixed_bytes, slot_extra=slot_extra_bytes, stream_extra=stream_extra_bytes, context=context)
+    kw = dict(fixed=fixed_bytes + floor_bytes, slot_extra=slot_extra_bytes, stream_extra=stream_extra_bytes,
+              context=context, runtime_floor=floor_bytes)
     try:
         found = _in_mode(manifest, budget_bytes, latency_target_ms, mode, kw)
         if precision is None:
@@ -74,8 +79,18 @@ def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mo
         _sim_cache.clear()
 
 
+def check_floor(budget_bytes: int, floor_bytes: int) -> None:
+    """Refuse a budget at or below the runtime floor (nothing would be left for the model)."""
+    if floor_bytes and budget_bytes <= floor_bytes:
+        raise EdgectlError(f"a budget of {budget_bytes / 1e6:.1f} MB is below this process's runtime floor of "
+                           f"{floor_bytes / 1e6:.1f} MB (Python, numpy and ExecuTorch's runtime library, before any "
+                           "shard): the budget counts the whole process",
+                           hint=f"give --memory-budget above {-(-floor_bytes // 10**6)}MB plus the model's share")
+
+
 def check_budget(manifest, budget_bytes: int, mode: str = "auto", fixed_bytes: int = 0, precision: str | None = None,
-                 slot_extra_bytes: int = 0, stream_extra_bytes: int = 0, context: int | None = None) -> None:
+                 slot_extra_bytes: int = 0, stream_extra_bytes: int = 0, context: int | None = None,
+                 floor_bytes: int = 0) -> None:
     """Raise Infeasible, as plan() would, when the budget is below the feasibility minimum
     of `mode` (auto: of every mode), without planning: the runtime's pre-check, on the
     cold-start path (a full plan of SmolLM2 at 150 MB takes tens of ms)."""
@@ -85,7 +100,9 @@ def check_budget(manifest, budget_bytes: int, mode: str = "auto", fixed_bytes: i
         context = None
     if precision is not None:
         manifest = only_precision(manifest, precision)
-    kw = dict(fixed=fixed_bytes, slot_extra=slot_extra_bytes, stream_extra=stream_extra_bytes, context=context)
+    check_floor(budget_bytes, floor_bytes)
+    kw = dict(fixed=fixed_bytes + floor_bytes, slot_extra=slot_extra_bytes, stream_extra=stream_extra_bytes,
+              context=context, runtime_floor=floor_bytes)
     err = None
     for m in (("resident", "pipelined", "on-demand") if mode == "auto" else (mode,)):
         try:
@@ -188,7 +205,7 @@ def _sync_embed(shards, st: _State) -> None:
 
 def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = False, fixed: int = 0,
           slot_extra: int = 0, stream_extra: int = 0, floor: dict | None = None, context: int | None = None,
-          pin: set | None = None, check_only: bool = False) -> Plan | None:
+          pin: set | None = None, check_only: bool = False, runtime_floor: int = 0) -> Plan | None:
     shards, precisions = manifest.shards, manifest.precisions
     kv = kv_cache_bytes(manifest, context)
     if mode == "on-demand":  # the executor loads each shard itself, in the shared workspace
@@ -204,7 +221,7 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
         small.streamed = {s.name for s in movable}
     minimum = _memory(shards, small, kvf, slots, slot_extra)[2]
     if budget < minimum:
-        raise Infeasible(budget, minimum, mode, kv, context or manifest.max_seq_len, fixed)
+        raise Infeasible(budget, minimum, mode, kv, context or manifest.max_seq_len, fixed, floor=runtime_floor)
     if check_only:
         return None
 
@@ -328,5 +345,6 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
         notes.append("compute time per shard not in the manifest (`edgectl shard DIR --remeasure` adds it): "
                      "expected ms/token counts loading only")
     return Plan(actual_mode, budget, target, choices, kv, slot, resident, total, minimum, ms,
-                sum(c.kl for c in choices), measured, notes=notes, fixed_bytes=fixed, context=context)
+                sum(c.kl for c in choices), measured, notes=notes, fixed_bytes=fixed, context=context,
+                floor_bytes=runtime_floor)
 

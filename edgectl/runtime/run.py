@@ -72,7 +72,7 @@ def run_prompt(
     `context`: positions the run may use; with a budget, by default the prompt's tokens +
     max_new_tokens (the shard set plans its KV cache for those)."""
     from edgectl.runtime.artifact import open_artifact
-    from edgectl.runtime.runtime import set_threads  # imports torch + executorch
+    from edgectl.runtime.runtime import set_threads  # loads the runtime library (no torch with the native shim)
 
     set_threads(threads)
     shard_kw = {"precision": precision} if precision else {}
@@ -115,15 +115,28 @@ def is_shard_set(artifact: str | Path) -> bool:
 
 def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", latency_target_ms: float | None = None,
              precision: str | None = None, context: int | None = None):
-    """The plan `run` would follow (no torch or runtime import)."""
+    """The plan `run` would follow (no torch import). With a budget the runtime library is
+    loaded, as a run loads it, to measure the runtime floor the budget includes."""
     from edgectl.util.errors import UsageError
     from edgectl.formats.manifest import Manifest
     from edgectl.runtime.planner import plan
 
     if not is_shard_set(artifact):
         raise UsageError(f"{artifact}: --plan needs a shard set directory (from `edgectl shard`)")
-    p = plan(Manifest.load(Path(artifact)), budget or 1 << 62, latency_target_ms, mode if budget else "resident",
-             precision=precision, context=context)
+    manifest = Manifest.load(Path(artifact))
+    floor = 0
+    if budget:
+        from edgectl.runtime.methods import engine
+        from edgectl.runtime.shards_startup import rss_bytes
+        from edgectl.util.native import native_stderr_captured
+
+        with native_stderr_captured():
+            native = engine()
+            if native is not None:
+                native.thread_count()
+        floor = rss_bytes()["rss"]
+    p = plan(manifest, budget or 1 << 62, latency_target_ms, mode if budget else "resident",
+             precision=precision, context=context, floor_bytes=floor)
     if budget:
         p.notes.append("start-up costs (tokenizer, first-execute workspace, staging) are not measured here: "
                        "a run measures them first and plans with them, so it may choose lower precisions")

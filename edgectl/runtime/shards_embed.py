@@ -1,65 +1,69 @@
-"""The embedding rows of a shard set: gathered from the tied matrix in the head's file, or run by the embed shard's program."""
+"""The embedding rows of a shard set, gathered (numpy) from the tied matrix mapped from the head's file."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from edgectl.runtime.runtime import tied_table
+from edgectl.runtime.runtime import Table, tied_table
+
+
+def embed_rows(tables: list[Table], spec: dict, idx) -> "np.ndarray":  # noqa: F821
+    """Rows for token ids `idx` (int64 [T]) from the mapped tables, as [1, T, dim] float32:
+    fp32 rows as they are; int8 rows times their row scale; int4 rows (two codes a byte,
+    low nibble = even column, code - 8) times their group's scale, plus the group's offset
+    when there is a third table (4-bit asymmetric, as quant_modules.QuantEmbedding)."""
+    import numpy as np
+
+    if "tensors" not in spec:
+        return tables[0].rows(idx)[None]
+    codes, scales, *offsets = tables
+    rows, s = codes.array[idx], scales.rows(idx)
+    if spec["bits"] == 8:
+        return (rows.astype(np.float32) * s.reshape(len(idx), -1))[None]
+    r = rows.view(np.uint8) if rows.dtype != np.uint8 else rows
+    q = np.stack([r & 15, r >> 4], axis=-1).astype(np.float32) - 8.0  # [T, D/2, 2]
+    gs = spec["group_size"]
+    e = q.reshape(len(idx), -1, gs) * s.reshape(len(idx), -1, 1)
+    if offsets:
+        e = e + offsets[0].rows(idx).reshape(len(idx), -1, 1)
+    return e.reshape(1, len(idx), -1)
 
 
 class _Embed:
-    """Embedding rows gathered from the tied matrix in the head's file (page cache), or
-    from the embed shard's own program."""
+    """Embedding rows gathered from the tied matrix in the head's file (page cache)."""
 
     def __init__(self, directory: Path, variant):
-        import torch
-
-        spec = variant.extra.get("table")
-        self.program = None
-        if spec is None:
-            self.path = directory / variant.file
-            return
+        spec = variant.extra["table"]
         path = directory / spec["file"]
-        if "tensors" in spec:
-            from edgectl.quant.quant_modules import QuantEmbedding
+        self.spec = spec
+        self.table = [tied_table(path, t) for t in spec.get("tensors", [spec])]  # codes, scales[, offsets] or the matrix
 
-            self.quant = QuantEmbedding.__new__(QuantEmbedding)
-            torch.nn.Module.__init__(self.quant)
-            self.quant.bits, self.quant.group_size, self.quant.dim = spec["bits"], spec["group_size"], spec["dim"]
-            self.table = tuple(tied_table(path, t) for t in spec["tensors"])  # codes, scales[, offsets]
-            lookup = lambda tokens: self.quant.forward(tokens, self.table)  # noqa: E731
-        else:
-            table = tied_table(path, spec)
-            self.table = (table,)
-            lookup = lambda tokens: table.index_select(0, tokens.view(-1)).unsqueeze(0)  # noqa: E731
+    def fn(self, tokens: list[int]):
+        """[1, T, dim] float32 rows for `tokens` (a copy: the mapped pages are released)."""
+        import numpy as np
 
-        def fn(tokens):
-            self.read_ahead(tokens)
-            rows = lookup(tokens)  # a copy: the mapped pages are no longer needed
-            self.release()
-            return rows
+        idx = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        self.read_ahead(idx)
+        rows = np.ascontiguousarray(embed_rows(self.table, self.spec, idx), dtype=np.float32)
+        self.release()
+        return rows
 
-        self.fn = fn
-
-    def read_ahead(self, tokens) -> None:
+    def read_ahead(self, idx) -> None:
         """Start reading every row the lookup will touch (MADV_WILLNEED per row) before
         touching one: from a cold page cache the gather otherwise faults the rows of a
         prompt in one at a time (SmolLM2, 64 prompt tokens: ~50 ms between opening and the
         first layer's compute)."""
         import mmap
 
-        ids = sorted(set(tokens.view(-1).tolist()))
+        ids = sorted(set(int(i) for i in idx))
         if len(ids) < 2:
             return
         for t in self.table:
-            mm, base = getattr(t, "_edgectl_map", None), getattr(t, "_edgectl_offset", None)
-            if mm is None or base is None:
-                continue
-            row = t.stride(0) * t.element_size()
+            row = t.array.strides[0]
             for i in ids:
-                start = base + i * row
+                start = t.offset + i * row
                 page = start - start % mmap.PAGESIZE
-                mm.madvise(mmap.MADV_WILLNEED, page, start + row - page)
+                t.map.madvise(mmap.MADV_WILLNEED, page, start + row - page)
 
     def release(self) -> None:
         """Unmap the table pages the lookup touched (they stay in the page cache, unmapped,
@@ -68,7 +72,4 @@ class _Embed:
         import mmap
 
         for t in self.table:
-            mm = getattr(t, "_edgectl_map", None)
-            if mm is not None:
-                mm.madvise(mmap.MADV_DONTNEED)
-
+            t.map.madvise(mmap.MADV_DONTNEED)

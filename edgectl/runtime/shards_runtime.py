@@ -26,8 +26,9 @@ from pathlib import Path
 from edgectl.util.errors import EdgectlError
 from edgectl.formats.manifest import Manifest
 from edgectl.runtime.plan import Plan
-from edgectl.runtime.planner import plan as make_plan
-from edgectl.runtime.runtime import KVCache, _load_runtime, usable_context
+from edgectl.runtime.planner import check_floor, plan as make_plan
+from edgectl.runtime.methods import _load_runtime
+from edgectl.runtime.runtime import KVCache, usable_context
 from edgectl.runtime.shards_embed import _Embed
 from edgectl.runtime.shards_startup import StartupCosts, rss_bytes
 from edgectl.runtime.trace import Trace
@@ -52,15 +53,19 @@ class ShardModel(StartupCosts):
         self.cache_len = m.max_seq_len  # the programs' cache shape
         self.max_seq_len = m.max_seq_len  # positions usable: the context, once known
         self.tokenizer_json = m.tokenizer_text(self.dir)  # checked against the manifest's sha256
-        rt = _load_runtime()
-        self.memory = {"baseline": rss_bytes()["rss"]}  # interpreter + torch + runtime, before any shard
         self.startup, self._tok = None, {}
         with native_stderr_captured():  # cpuinfo's probing chatter when the thread pool starts
             with self.trace.span("setup", "runtime"):
                 native = self._native(engine)
+                rt = _load_runtime() if native is None else None
+            # the runtime floor: interpreter, numpy and the runtime library, before any shard.
+            # A budget counts the whole process: the floor is counted like a start-up cost.
+            self.memory = {"baseline": rss_bytes()["rss"]}
+            floor = self.memory["baseline"] if budget and plan is None else 0
+            check_floor(budget or 0, floor)
             if plan is None and budget:
                 self.startup = self._measure_startup(m, rt, native, precheck=lambda fixed: self._precheck(
-                    m, budget, mode, precision, fixed, context))
+                    m, budget, mode, precision, fixed, context, floor))
             else:
                 self._start_tokenizer()
             if callable(context):
@@ -75,22 +80,25 @@ class ShardModel(StartupCosts):
                 with self.trace.span("setup", "plan"):
                     plan = (make_plan(m, budget, latency_target_ms, mode, fixed_bytes=fixed, precision=precision,
                                       slot_extra_bytes=getattr(self, "slot_workspace", 0),
-                                      stream_extra_bytes=getattr(self, "stream_extra", 0), context=self.max_seq_len)
+                                      stream_extra_bytes=getattr(self, "stream_extra", 0), context=self.max_seq_len,
+                                      floor_bytes=floor)
                             if budget else _everything_resident(m, precision))
             self.plan = plan
             self._open(m, plan, rt, native)
 
     def _native(self, engine: str):
-        from executorch.extension.pybindings import portable_lib
-
-        portable_lib._threadpool_get_thread_count()  # start the pool here, not in the loader thread
+        """The native shim (None: the Python binding runs the shards), its thread pool
+        started here, not in the loader thread."""
         if engine not in ("auto", "native"):
             return None
         from edgectl.runtime import _native
+        from edgectl.runtime.methods import engine as native_engine
 
-        native = _native.load()
+        native = native_engine()
         if native is None and engine == "native":
             raise EdgectlError(f"the native shim is unavailable ({_native.why_not()})")
+        if native is not None:
+            native.thread_count()
         return native
 
     def _start_tokenizer(self) -> None:
@@ -123,10 +131,8 @@ class ShardModel(StartupCosts):
         return self._tok["value"]
 
     def _open(self, m, plan, rt, native) -> None:
-        import torch
-
         from edgectl.runtime import loader as ld
-        from edgectl.model import ModelArgs
+        from edgectl.model_args import ModelArgs
 
         by_name = {s.name: s for s in m.shards}
         self.steps = []  # (name, kind, path, layers, placement) in forward order, embed excluded
@@ -185,7 +191,6 @@ class ShardModel(StartupCosts):
         if streamed and plan.mode == "pipelined":
             self.loader = ld.Loader(self.engine, streamed, self.trace, slots=2)
         self.memory["after_load"] = rss_bytes()["rss"]
-        self._torch = torch
 
     def _chain(self, native, args) -> list:
         """The forward pass as a list of runs: a run of consecutive resident layer shards
@@ -248,7 +253,8 @@ class ShardModel(StartupCosts):
         a time and calls sink(row, logits) with each group, a view of the staging buffer
         valid only during the call. A scorer then never holds a whole call's logits
         (64 x 49152 fp32 = 12.6 MB for SmolLM2, plus its copy) under a memory budget."""
-        torch = self._torch
+        import numpy as np
+
         T = len(tokens)
         if start + T > self.max_seq_len:
             what = "max_seq_len" if self.max_seq_len == self.cache_len else "the context this run planned for (--ctx-size)"
@@ -260,16 +266,16 @@ class ShardModel(StartupCosts):
                     self.forward(tokens[i : i + chunk], start + i, True, lambda r, x, i=i: sink(i + r, x))
                 return None
             parts = [self.forward(tokens[i : i + chunk], start + i, all_logits) for i in range(0, T, chunk)]
-            return torch.cat(parts) if all_logits else parts[-1]
-        pos = torch.arange(start, start + T)
-        idx = torch.arange(T) if all_logits else torch.tensor([T - 1])
+            return np.concatenate(parts) if all_logits else parts[-1]
+        pos = np.arange(start, start + T, dtype=np.int64)
+        idx = np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], dtype=np.int64)
         with self.trace.span("compute", "embed"):
-            h = self.embed.fn(torch.tensor([tokens])).contiguous()
+            h = self.embed.fn(tokens)
         logits = None
         for run in self.runs:
             if run[0] == "chain":
                 with self.trace.span("compute", run[1]):
-                    h = h.contiguous()
+                    h = np.ascontiguousarray(h)
                     run[2].run(h, pos, start)
                 continue
             _, name, kind, path, layers, placement = run
@@ -279,14 +285,14 @@ class ShardModel(StartupCosts):
                     if kind == "layers":  # writes its layers' new entries into the caches
                         h = loaded.run([h, pos, *[t for i in layers for t in (self.k[i], self.v[i])]], [self.h_cap])[0]
                     elif kind == "head" and sink is not None and all_logits:
-                        h = h.clone()  # h may be a view of the staging buffer the head writes its logits to
+                        h = h.copy()  # h may be a view of the staging buffer the head writes its logits to
                         for r in range(0, T, self.SINK_ROWS):
                             rows = idx[r : r + self.SINK_ROWS]
-                            sink(r, loaded.run([h, rows], [rows.numel() * self.args.vocab_size])[0][0])
+                            sink(r, loaded.run([h, rows], [rows.size * self.args.vocab_size])[0][0])
                         logits = ()
                     elif kind == "head":
-                        out = loaded.run([h, idx], [idx.numel() * self.args.vocab_size])
-                        logits = out[0][0].clone()
+                        out = loaded.run([h, idx], [idx.size * self.args.vocab_size])
+                        logits = out[0][0].copy()
                     else:
                         raise EdgectlError(f"shard {name}: unknown kind {kind!r}")
             finally:

@@ -49,10 +49,10 @@ class StartupCosts:
     """ShardModel's start-up measurement and memory report (a mixin: it reads the model's
     directory, trace, manifest, plan and engine)."""
 
-    def _precheck(self, m, budget, mode, precision, fixed: int, context) -> None:
+    def _precheck(self, m, budget, mode, precision, fixed: int, context, floor: int = 0) -> None:
         """Refuse a budget that no plan fits with the start-up costs measured so far (the
         tokenizer's), before the first-execute probe loads and runs a shard: under a memory
-        cap of budget + baseline, the probe on top of the tokenizer got the process
+        cap, the probe on top of the tokenizer got the process
         OOM-killed before it could say the budget is too small (bench, 25% rows). What is
         counted so far is a lower bound, so this refuses only what planning would."""
         from edgectl.runtime.plan import Infeasible
@@ -60,7 +60,8 @@ class StartupCosts:
 
         try:
             check_budget(m, budget, mode, fixed_bytes=fixed, precision=precision, slot_extra_bytes=self.slot_workspace,
-                         stream_extra_bytes=self.stream_extra, context=context if isinstance(context, int) else 1)
+                         stream_extra_bytes=self.stream_extra, context=context if isinstance(context, int) else 1,
+                         floor_bytes=floor)
         except Infeasible as e:
             raise e.partial() from None
 
@@ -70,10 +71,10 @@ class StartupCosts:
         Memory here is resident anonymous plus file-backed pages (`touched_bytes`): the
         first execute maps kernel code and the tokenizer reads its files, and a memory
         cgroup charges those pages too (measured: 10 MB of file pages, uncounted before)."""
-        import torch
+        import numpy as np
 
         from edgectl.runtime import loader as ld
-        from edgectl.model import ModelArgs, empty_caches
+        from edgectl.model_args import ModelArgs, cache_shapes
         from edgectl.runtime.plan_cost import _weights
 
         # A manifest without per-variant planned_bytes counts every shard's activation memory in
@@ -105,13 +106,16 @@ class StartupCosts:
             eng = (ld.NativeEngine(native, native.planned_size(path), keys={path: v.sha256}) if native is not None
                    else ld.PyEngine(rt))
             args = ModelArgs.from_dict(mm)
-            k, vc = empty_caches(args, m.max_seq_len, len(s.layers))
+            ks, vs = cache_shapes(args, m.max_seq_len)
+            k = [np.zeros(ks, dtype=np.float32) for _ in s.layers]
+            vc = [np.zeros(vs, dtype=np.float32) for _ in s.layers]
             before_load = touched_bytes()
             with self.trace.span("load", "startup-probe"):
                 loaded = eng.load(path, streamed=True)  # its own workspace: what a streamed shard pays
             T = min(m.max_tokens_per_call or m.max_seq_len, m.max_seq_len)  # the widest call: its workspace
             before_run = anon_bytes()
-            loaded.run([torch.zeros(1, T, args.dim), torch.arange(T), *[t for p in zip(k, vc) for t in p]],
+            loaded.run([np.zeros((1, T, args.dim), dtype=np.float32), np.arange(T, dtype=np.int64),
+                        *[t for p in zip(k, vc) for t in p]],
                        [m.max_seq_len * args.dim])
             # execute-time workspace: paid once by the resident shards (they share XNNPACK's
             # process-wide one) and once more by every pipelined loader slot (streamed shards get their own)
@@ -146,9 +150,12 @@ class StartupCosts:
         return out
 
     def memory_report(self) -> dict:
-        """Baseline (interpreter) and model cost (peak RSS minus baseline), measured."""
+        """The runtime floor (`baseline_bytes`: the process before any shard), the model's
+        share (peak RSS minus the floor) and, under a budget, the share the plan left it, measured."""
         r = rss_bytes()
+        budget = self.plan.budget_bytes if self.plan.floor_bytes or self.startup else None
         return {"baseline_bytes": self.memory["baseline"], "peak_bytes": r["peak"],
                 "model_peak_bytes": r["peak"] - self.memory["baseline"], "rss_bytes": r["rss"],
-                "budget_bytes": self.plan.budget_bytes, "engine": self.engine.name, "mode": self.plan.mode,
-                "startup": self.startup}
+                "budget_bytes": self.plan.budget_bytes, "floor_bytes": self.plan.floor_bytes,
+                "model_budget_bytes": budget - self.plan.floor_bytes if budget else None,
+                "engine": self.engine.name, "mode": self.plan.mode, "startup": self.startup}

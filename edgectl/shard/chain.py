@@ -4,8 +4,8 @@ This is what `shard` itself uses to check its figures through the exported progr
 (and the tests use to check the chain against the monolithic `.pte`); `run`/`bench` go
 through `edgectl.runtime.shards_runtime.ShardModel`, which adds budgets and streaming.
 
-`embed_rows(directory, spec, tokens)` is the embedding gather for a shard set whose
-embed shard reads the head's matrix (manifest `extra["table"]`); the runtime may reuse it.
+`embed_rows(tables, spec, tokens)` is the runtime's embedding gather (shards_embed) for a
+shard set whose embed shard reads the head's matrix (manifest `extra["table"]`), in torch.
 """
 
 from __future__ import annotations
@@ -18,34 +18,21 @@ from edgectl.formats.manifest import Manifest
 
 
 def table_tensors(directory: Path, spec: dict) -> list:
-    """Zero-copy views of the blob(s) a `table` spec names, in the file it names."""
+    """Zero-copy maps (runtime.Table) of the blob(s) a `table` spec names, in the file it names."""
     from edgectl.runtime.runtime import tied_table
 
     path = Path(directory) / spec["file"]
     return [tied_table(path, t) for t in spec.get("tensors", [spec])]
 
 
-def embed_rows(tensors: list, spec: dict, tokens):
-    """Rows for `tokens` [1,T] from the mapped table: fp32 rows as they are; int8 rows
-    times their row scale; int4 rows (two codes a byte, low nibble = even column, code - 8)
-    times their group's bfloat16 scale, plus the group's offset when the table has a third
-    tensor (4-bit asymmetric, as QuantEmbedding). Returns [1, T, dim] fp32."""
+def embed_rows(tables: list, spec: dict, tokens):
+    """Rows for `tokens` [1,T] (a torch tensor) from the mapped tables, as the runtime
+    gathers them (shards_embed.embed_rows): [1, T, dim] fp32."""
     import torch
 
-    idx = tokens.reshape(-1)
-    if "tensors" not in spec:
-        return tensors[0].index_select(0, idx).unsqueeze(0)
-    codes, scales, *offsets = tensors
-    rows, s = codes.index_select(0, idx), scales.index_select(0, idx).to(torch.float32)
-    if spec["bits"] == 8:
-        return (rows.to(torch.float32) * s).unsqueeze(0)
-    r = rows.to(torch.int32)
-    q = torch.stack([r & 15, r >> 4], dim=-1).to(torch.float32) - 8.0  # [T, D/2, 2]
-    gs = spec["group_size"]
-    e = q.reshape(len(idx), -1, gs) * s.unsqueeze(-1)
-    if offsets:
-        e = e + offsets[0].index_select(0, idx).unsqueeze(-1)
-    return e.reshape(1, len(idx), -1)
+    from edgectl.runtime.shards_embed import embed_rows as rows
+
+    return torch.from_numpy(rows(tables, spec, tokens.reshape(-1).numpy()))
 
 
 class ShardChain:
@@ -56,7 +43,7 @@ class ShardChain:
         import torch
 
         from edgectl.model import ModelArgs, empty_caches
-        from edgectl.runtime.runtime import _load_runtime
+        from edgectl.runtime.methods import _load_runtime
         from edgectl.util.native import native_stderr_captured
 
         self.dir = Path(directory)

@@ -82,12 +82,8 @@ class EagerShards:
             if s.kind == "embed":
                 h = m(tokens)
             elif s.kind == "layers":
-                # the Blocks' own attention (as model.Transformer runs them), not the program's
-                # custom ops, whose eager kernels log a line to fd 2 on every call
-                step = m.step(pos, 1)  # from position 0: a window of one masked slot
-                k, v = empty_caches(args, 1, 1)
-                for block in m.blocks:
-                    h = block(h, step, k[0], v[0])[0]
+                k, v = empty_caches(args, T, len(m.blocks))  # a fresh cache per window, from position 0
+                h = m(h, pos, *[c for pair in zip(k, v) for c in pair])
             else:
                 return m(h, idx)[0], entering
         raise RuntimeError("no head shard")
@@ -103,6 +99,7 @@ def _scores(top_logits, logits, window: list[int]) -> tuple[float, float]:
     picked = torch.empty(len(window) - 1, 1, dtype=torch.float64)
     kl = 0.0
     for (a, lt), (_, lp) in zip(log_prob_chunks(top_logits), log_prob_chunks(logits)):
+        lt, lp = torch.from_numpy(lt), torch.from_numpy(lp)  # the chunks' buffers, shared
         picked[a : a + len(lp)] = lp.gather(1, target[a : a + len(lp)])
         # exp(lt) * (lt - lp), in the chunks' own buffers (no chunk-sized temporaries)
         kl += float(lp.neg_().add_(lt).mul_(lt.exp_()).sum())

@@ -2,7 +2,7 @@
 
 Shard modules (interfaces in manifest.py):
 - `LayersProgram`: forward(h[1,T,dim], pos[T], k_0, v_0, ...) -> h, the Blocks it holds
-  and a `StepInputs` (RoPE tables); it writes the T new entries into the caches in place.
+  and a `Rope` (its tables); each Block writes its T new entries into its caches in place.
 - `HeadProgram`: forward(h[1,T,dim], idx[N]) -> logits[1,N,vocab].
 - `EmbedProgram`: forward(tokens[1,T]) -> h[1,T,dim], only when the embedding matrix is
   not shared with the head (untied model, or a backend that does not keep the head's
@@ -44,28 +44,26 @@ TOP = "fp32"
 
 class LayersProgram(nn.Module):
     """forward(h [1,T,dim], pos [T], k_0, v_0, ...) -> h. Each cache is the runtime's own
-    [1, S, KV, D] buffer, written in place (stock.cached_layer); positions >= pos[0] + T
+    [1, S, KV, D] buffer, written in place (model.Block's attention); positions >= pos[0] + T
     are never read. The exported program keeps no copy of a cache: export.lower drops the
     copy-back outputs torch.export adds for mutated inputs, and inputs are not memory
     planned, so the kernels write the caller's memory."""
 
-    def __init__(self, step: nn.Module, blocks: list[nn.Module]):
+    def __init__(self, rope: nn.Module, blocks: list[nn.Module]):
         super().__init__()
         from edgectl.backends.custom_ops import load_custom_ops
 
         load_custom_ops()
-        self.step = step
+        self.rope = rope
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, h, pos, *caches):
-        from edgectl.lower.stock import cached_layer
-
         T, start = h.shape[1], pos[0].item()
         torch._check(start >= 0)
         torch._check(start + T <= caches[0].shape[1])
-        cos, sin = self.step.cos[pos].unsqueeze(1), self.step.sin[pos].unsqueeze(1)
+        cos, sin = self.rope(pos)
         for i, block in enumerate(self.blocks):
-            h = cached_layer(block, h, cos, sin, caches[2 * i], caches[2 * i + 1], start)
+            h = block(h, cos, sin, caches[2 * i], caches[2 * i + 1], start)
         return h
 
 
@@ -144,15 +142,16 @@ def layers_module(model, layers: list[int], precision: str, group_size: int,
                   base: str = TOP, fuse: bool = False) -> tuple[nn.Module, dict]:
     """A LayersProgram over `model`'s blocks at `precision` (`model` itself is at `base`:
     the blocks are shared at that one, quantized copies at a lower one). `fuse`: for
-    export, q/k/v and gate/up become one linear each (model.fuse_projections), in copies."""
+    export, q/k/v and gate/up become one linear each (quant_modules.fuse_projections), in copies."""
     import copy
 
-    from edgectl.model import StepInputs, fuse_projections
+    from edgectl.model import Rope
+    from edgectl.quant.quant_modules import fuse_projections
     from edgectl.quant.weights import quantize_module
 
     requant = _quantize_to(precision, base)
     blocks = [copy.deepcopy(model.layers[i]) if requant or fuse else model.layers[i] for i in layers]
-    prog = LayersProgram(StepInputs(model.args, model.max_seq_len), blocks).eval()
+    prog = LayersProgram(Rope(model.args, model.max_seq_len), blocks).eval()
     record = quantize_module(prog, scheme_for(precision, group_size)) if requant else {}
     if fuse:
         fuse_projections(prog)
@@ -179,7 +178,7 @@ def embed_head_module(model, precision: str, group_size: int, base: str = TOP):
     # an embedding and a head built from the same stored codes (nothing to tie)
     if args.tie_embeddings and isinstance(getattr(tiny.embed, "embed_tokens", None), nn.Embedding):
         tiny.head.lm_head.weight = tiny.embed.embed_tokens.weight
-    tiny.step.reset_buffers()
+    tiny.rope.reset_buffers()
     record = quantize_module(tiny, scheme_for(precision, group_size)) if requant else {}
     return tiny.eval(), record
 

@@ -39,7 +39,7 @@ def _status() -> dict[str, int]:
 def measure(items: list[dict], repeats: int = 3) -> dict:
     import gc
 
-    from edgectl.runtime.runtime import _load_runtime
+    from edgectl.runtime.methods import _load_runtime
 
     from edgectl.util.native import malloc_trim, native_stderr_captured
     from edgectl.shard.chain import table_tensors
@@ -92,7 +92,7 @@ def measure(items: list[dict], repeats: int = 3) -> dict:
 
 def _decode_step(native, path: str, call: dict, runs: int = 20) -> dict:
     """Planned memory and the median time of one decode step of the program at `path`."""
-    import torch
+    import numpy as np
 
     from edgectl.runtime.loader import NativeEngine
 
@@ -100,14 +100,14 @@ def _decode_step(native, path: str, call: dict, runs: int = 20) -> dict:
     eng = NativeEngine(native, planned)
     loaded = eng.load(path)
     S, dim, hd, nkv = call["max_seq_len"], call["dim"], call["head_dim"], call["n_kv_heads"]
-    h = torch.randn(1, 1, dim)
+    h = np.random.default_rng(0).standard_normal((1, 1, dim), dtype=np.float32)
     if call["kind"] == "layers":
         n = call["n_layers"]
         p = min(64, S - 1)  # a step at position p reads positions <= p of the cache
-        caches = [torch.zeros(1, S, nkv, hd) for _ in range(2 * n)]
-        inputs, caps = [h, torch.tensor([p]), *caches], [S * dim]
+        caches = [np.zeros((1, S, nkv, hd), dtype=np.float32) for _ in range(2 * n)]
+        inputs, caps = [h, np.array([p], dtype=np.int64), *caches], [S * dim]
     else:
-        inputs, caps = [h, torch.tensor([0])], [call["vocab_size"]]
+        inputs, caps = [h, np.array([0], dtype=np.int64)], [call["vocab_size"]]
     times = []
     try:
         for i in range(runs + 1):

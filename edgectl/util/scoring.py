@@ -42,27 +42,38 @@ def ppl_windows(ids: list[int], max_seq_len: int, bos_id: int | None) -> list[li
 SCORE_ROWS = 8  # positions scored at once: float64 log-probs of 8 x 49152 are 3.1 MB
 
 
+def as_numpy(x):
+    """A logits matrix as a numpy array: numpy as is, a torch tensor shared (no copy)."""
+    import numpy as np
+
+    return x.detach().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
 def log_prob_chunks(logits, rows: int = SCORE_ROWS, n: int | None = None):
     """(start, float64 log_softmax of logits[start:start + rows]) over the scored rows
     logits[:n] (default logits[:-1]), a chunk at a time: a whole window in float64 (513 x 49152 x 8 bytes, plus
     copies) is what got a memory-capped worker killed. log_softmax is per row, so each
     row's values are those of the whole-window computation.
 
-    The chunks live in two buffers reused for every chunk (fresh chunk-sized tensors each
-    time leave glibc holding several of them resident), so a yielded chunk is valid until
-    the next one, and the caller may overwrite it."""
-    import torch
+    numpy arrays (a torch tensor is read in place). The chunks live in two buffers reused
+    for every chunk (fresh chunk-sized arrays each time leave glibc holding several of them
+    resident), so a yielded chunk is valid until the next one, and the caller may overwrite it."""
+    import numpy as np
 
+    logits = as_numpy(logits)
     n = logits.shape[0] - 1 if n is None else n
     if n < 1:
         return
-    src = torch.empty(min(rows, n), logits.shape[1], dtype=torch.float64)
-    out = torch.empty_like(src)
+    src = np.empty((min(rows, n), logits.shape[1]), dtype=np.float64)
+    out = np.empty_like(src)
     for a in range(0, n, rows):
         k = min(rows, n - a)
-        src[:k].copy_(logits[a : a + k])
-        torch.log_softmax(src[:k], dim=-1, out=out[:k])
-        yield a, out[:k]
+        x, y = src[:k], out[:k]
+        np.copyto(x, logits[a : a + k])
+        np.subtract(x, x.max(axis=1, keepdims=True), out=x)
+        np.exp(x, out=y)
+        np.subtract(x, np.log(y.sum(axis=1, keepdims=True)), out=y)
+        yield a, y
 
 
 def target_log_probs(logits, window: list[int]):
@@ -71,13 +82,13 @@ def target_log_probs(logits, window: list[int]):
 
 
 def picked_log_probs(logits, targets: list[int]):
-    """log_softmax(logits[i])[targets[i]] for i < len(targets), float64 [len(targets), 1]."""
-    import torch
+    """log_softmax(logits[i])[targets[i]] for i < len(targets), float64 [len(targets), 1] (numpy)."""
+    import numpy as np
 
-    target = torch.tensor(targets).unsqueeze(1)
-    out = torch.empty(len(targets), 1, dtype=torch.float64)
+    target = np.asarray(targets, dtype=np.int64)
+    out = np.empty((len(targets), 1), dtype=np.float64)
     for a, lp in log_prob_chunks(logits, n=len(targets)):
-        out[a : a + len(lp)] = lp.gather(1, target[a : a + len(lp)])
+        out[a : a + len(lp), 0] = lp[np.arange(len(lp)), target[a : a + len(lp)]]
     return out
 
 

@@ -34,21 +34,20 @@ def _export(tmp_path_factory, stories_dir, backend, *extra):
 def eager_logits(stories_dir):
     """edgectl's own model in eager PyTorch, the whole sequence in one call."""
     from edgectl.checkpoint.checkpoint import load_model, resolve
-    from edgectl.lower.stock import InPlaceTransformer
 
     model = load_model(resolve(str(stories_dir)), MAX_SEQ_LEN)
     k, v = model.empty_caches()
     T = len(IDS)
     with torch.no_grad():
-        return InPlaceTransformer(model).eval()(torch.tensor([IDS]), torch.arange(T), torch.arange(T), k, v)[0]
+        return model.eval()(torch.tensor([IDS]), torch.arange(T), torch.arange(T), k, v)[0]
 
 
 def _pte_logits(path):
     from edgectl.runtime.runtime import open_pte
 
     model = open_pte(path)
-    try:
-        return model.forward(IDS, 0, all_logits=True)
+    try:  # numpy from the runtime; a tensor to compare with eager PyTorch's
+        return torch.from_numpy(model.forward(IDS, 0, all_logits=True))
     finally:
         model.close()
 

@@ -50,6 +50,28 @@ def test_ppl_windows_without_bos_are_non_overlapping():
     assert ppl_windows([5], 8, bos_id=None) == []  # nothing left to score
 
 
+def test_scoring_log_probs_equal_torchs_log_softmax():
+    """util.scoring (numpy, float64, a few rows at a time) gives torch's float64 log_softmax:
+    the picked log-probs, every chunk's rows (a torch tensor read as it is), and their sum."""
+    import numpy as np
+    import torch
+
+    from edgectl.util.scoring import log_prob_chunks, nll_sum, picked_log_probs
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((21, 50)) * 8).astype(np.float32)
+    targets = rng.integers(0, 50, 20).tolist()
+    ref = torch.log_softmax(torch.from_numpy(logits).double(), -1).numpy()
+    want = ref[np.arange(20), targets]
+    got = picked_log_probs(logits, targets)
+    assert got.dtype == np.float64 and got.shape == (20, 1)
+    np.testing.assert_allclose(got[:, 0], want, rtol=0, atol=1e-12)
+    chunks = [(a, c.copy()) for a, c in log_prob_chunks(torch.from_numpy(logits), rows=8)]
+    assert [a for a, _ in chunks] == [0, 8, 16] and all(c.dtype == np.float64 for _, c in chunks)
+    np.testing.assert_allclose(np.concatenate([c for _, c in chunks]), ref[:-1], rtol=0, atol=1e-12)
+    assert nll_sum(logits, [0, *targets]) == pytest.approx(-want.sum(), rel=1e-12)
+
+
 def test_duplicate_cases_get_numbered_labels(tmp_path):
     c = report.Case(tmp_path / "m.pte")
     rows = [report.Row(c, 1), report.Row(report.Case(tmp_path / "n.pte"), 1), report.Row(c, 1)]
@@ -212,7 +234,7 @@ def test_json_schema_and_values(benched, s260_pte):
         (run,) = row["runs"]
         assert run["new_tokens"] == 8 and run["prompt_tokens"] == 64  # EOS must not stop a bench
         assert run["model_rss"] == run["peak_rss"] - run["rss_before_load"] > 0
-        assert run["rss_before_load"] > 100e6  # the interpreter with torch is not charged to the model
+        assert run["rss_before_load"] > 100e6  # the runtime floor (interpreter, numpy, runtime library) is not charged to the model
         loads = [s for s in run["trace"] if s["lane"] == "load"]
         assert math.isclose(run["load_ms"], sum(s["end"] - s["start"] for s in loads) * 1e3, rel_tol=1e-9)
         names = [s["name"] for s in run["trace"] if s["lane"] == "compute"]

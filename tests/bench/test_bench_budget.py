@@ -45,15 +45,22 @@ def test_row_status_counts_oom_runs():
 
 @pytest.mark.real_model
 def test_a_budget_below_the_minimum_is_an_infeasible_row(stories_dir, tmp_path):
-    """Through a real worker: the planner's refusal becomes the row's status."""
+    """Through a real worker: the planner's refusal becomes the row's status. The budget
+    counts the whole worker process: one below its runtime floor is refused as such, and
+    one a little above it (the floor a baseline worker measures, as bench does, + 4 MB)
+    is below what the model needs on top."""
     from edgectl.bench.bench import worker
     from edgectl.bench.report import BenchSettings
 
     from helpers import build_shard_set
 
     shards = build_shard_set(stories_dir, tmp_path / "s", 64, ("fp32",))
-    out = worker(Case(shards, {"budget": 1000}), BenchSettings(prompt_tokens=4, new_tokens=2, repeat=1))
-    assert out["status"] == "infeasible" and "feasible minimum" in out["error"]
+    settings = BenchSettings(prompt_tokens=4, new_tokens=2, repeat=1)
+    out = worker(Case(shards, {"budget": 1000}), settings)
+    assert out["status"] == "infeasible" and "below this process's runtime floor" in out["error"]
+    floor = worker(Case(Path(sys.executable)), settings, mode="baseline")["rss"]
+    out = worker(Case(shards, {"budget": floor + 4_000_000}), settings)
+    assert out["status"] == "infeasible" and "feasible minimum" in out["error"], out
 
 
 def test_memcap_kills_a_child_over_its_cap():

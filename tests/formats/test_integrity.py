@@ -140,7 +140,7 @@ def test_streamed_shards_are_checked_in_the_loader_thread(copy, monkeypatch):
     from edgectl.util.errors import EdgectlError
     from edgectl.formats.manifest import Manifest
     from edgectl.runtime.trace import Trace
-    from edgectl.runtime.runtime import _load_runtime
+    from edgectl.runtime.methods import _load_runtime
 
     monkeypatch.setenv("EDGECTL_PACKED_CACHE", "0")
     _load_runtime()

@@ -45,7 +45,7 @@ def test_stories_logits_match_transformers(stories_pte, stories_hf):
     seq = ids + gen
     assert len(seq) > model.chunk  # crosses prefill chunks
     model.reset()
-    ours = model.forward(seq, 0, all_logits=True)
+    ours = torch.from_numpy(model.forward(seq, 0, all_logits=True))
     with torch.no_grad():
         ref = stories_hf(torch.tensor([seq])).logits[0]
     assert (ours - ref).abs().max().item() < 1e-4
@@ -65,7 +65,7 @@ def test_smollm2_pte_logits_match_transformers(smol_pte, smol_hf_model):
     # itself matches to 1e-4 absolute (test_model.py); greedy tokens match exactly.
     model = PteModel(smol_pte)
     ids = tokenizer_for(model).encode("The quick brown fox jumps over the lazy dog. " * 4)
-    ours = model.forward(ids, 0, all_logits=True)
+    ours = torch.from_numpy(model.forward(ids, 0, all_logits=True))
     with torch.no_grad():
         ref = smol_hf_model(torch.tensor([ids])).logits[0]
     assert (ours - ref).abs().max().item() < 2e-5 * ref.abs().max().item()

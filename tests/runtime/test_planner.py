@@ -107,6 +107,37 @@ def test_fixed_costs_count_against_the_budget():
     assert Plan.from_dict(json.loads(p.to_json())) == p
 
 
+def test_the_runtime_floor_counts_against_the_budget():
+    """The budget counts the whole process: the runtime floor (the process before any
+    shard) is counted like a fixed cost, the plan records it, and a budget at or below it
+    is refused as such, by plan and check_budget alike."""
+    from edgectl.runtime.planner import check_budget
+
+    kls = [(0, .30, .60), (0, .01, .05), (0, .20, .40), (0, .10, .30)]
+    m = _manifest([_layer(i, k) for i, k in enumerate(kls)])
+    kv = kv_cache_bytes(m)
+    model, floor = 4 * 10 * MB + 4 * MB + kv, 150 * MB  # everything fp32 and resident; a runtime floor
+    p = plan(m, floor + model, mode="resident", floor_bytes=floor)
+    assert {c.precision for c in p.shards} == {"fp32"}
+    assert p.floor_bytes == floor and p.fixed_bytes == floor and p.total_bytes == floor + model
+    # measured start-up costs on top of the floor: the same budget forces one layer down
+    p = plan(m, floor + model, mode="resident", fixed_bytes=2 * MB, floor_bytes=floor)
+    assert p.floor_bytes == floor and p.fixed_bytes == floor + 2 * MB and p.total_bytes <= floor + model
+    assert [c.name for c in p.shards if c.precision != "fp32"] == ["layers.1"]
+    assert Plan.from_dict(json.loads(p.to_json())) == p
+    # the model's budget alone, without room for the floor, is below the minimum, which names the floor
+    least = int(4 * 1.5 * MB + 0.5 * MB + kv)
+    with pytest.raises(EdgectlError) as e:
+        plan(m, floor + least - 1, mode="resident", floor_bytes=floor)
+    assert "runtime floor 150.0 MB" in str(e.value) and f"{(floor + least) / MB:.1f} MB" in str(e.value)
+    assert plan(m, floor + least, mode="resident", floor_bytes=floor).total_bytes <= floor + least
+    for budget in (floor, floor - 1, 1000):
+        with pytest.raises(EdgectlError, match=r"below this process's runtime floor of 150\.0 MB"):
+            plan(m, budget, floor_bytes=floor)
+        with pytest.raises(EdgectlError, match="runtime floor"):
+            check_budget(m, budget, floor_bytes=floor)
+
+
 def test_mapped_embedding_follows_the_head():
     m = _manifest([_layer(i, (0, .1, .2)) for i in range(2)],
                   head=Shard("head", "head", [], {p: _variant(p, s, k) for p, s, k in zip(PRECS, (40, 10, 5), (0, 0.01, 0.02))}))

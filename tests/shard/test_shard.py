@@ -215,12 +215,15 @@ def _greedy(model, prompt: list[int], n: int) -> tuple[list[int], "torch.Tensor"
 
 
 def _chain_matches_monolithic(shard_dir: Path, pte: Path, prompt: list[int]):
+    import torch
+
     from edgectl.runtime.runtime import PteModel
     from edgectl.shard.chain import ShardChain
 
     mono, chain = PteModel(pte), ShardChain(shard_dir)
     t_mono, l_mono = _greedy(mono, prompt, 64)
     t_chain, l_chain = _greedy(chain, prompt, 64)
+    l_mono = torch.from_numpy(l_mono)  # the runtime's numpy logits; ShardChain's are torch's
     assert l_mono.shape == l_chain.shape
     assert float((l_mono - l_chain).abs().max()) < 1e-4
     assert t_chain == t_mono
@@ -342,6 +345,8 @@ def test_quantized_model_shards_reproduce_its_monolithic_export(quantized, reque
     """A quantize output shards at its one stored precision (the codes exported as they
     are, never re-quantized), the manifest records where it came from, and the chain
     reproduces the monolithic export of the same checkpoint."""
+    import torch
+
     from edgectl.checkpoint.checkpoint import resolve
     from edgectl.lower.export import export_pte
     from edgectl.formats.manifest import Manifest
@@ -384,7 +389,7 @@ def test_quantized_model_shards_reproduce_its_monolithic_export(quantized, reque
     short = [1] + [(5 * i) % 500 + 3 for i in range(15)]
     mono.reset()
     chain.reset()
-    a, b = mono.forward(short, 0, all_logits=True), chain.forward(short, 0, all_logits=True)
+    a, b = torch.from_numpy(mono.forward(short, 0, all_logits=True)), chain.forward(short, 0, all_logits=True)
     assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4
     # 100 prompt tokens and the monolithic program's 64 greedy ones, both models fed the
     # same tokens (in calls of 16 vs 64). The two attend with different kernels (cache
@@ -397,6 +402,6 @@ def test_quantized_model_shards_reproduce_its_monolithic_export(quantized, reque
     t_mono, _ = _greedy(mono, prompt, 64)
     mono.reset()
     chain.reset()
-    a, b = mono.forward(prompt + t_mono, 0, all_logits=True), chain.forward(prompt + t_mono, 0, all_logits=True)
+    a, b = torch.from_numpy(mono.forward(prompt + t_mono, 0, all_logits=True)), chain.forward(prompt + t_mono, 0, all_logits=True)
     assert a.shape == b.shape and float((a - b).abs().max()) < 0.5
     assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.95

@@ -1,4 +1,5 @@
-// edgectl's native shim over the ExecuTorch runtime already loaded by the Python binding.
+// edgectl's native shim over ExecuTorch's runtime library: with it, the runtime runs
+// programs from plain memory (numpy arrays), without torch or the Python binding.
 //
 // Why: the binding holds the GIL inside load_program/load_method/execute, so a loader
 // thread and an executor thread never overlap. These plain C functions are called
@@ -6,16 +7,18 @@
 // thread while another executes, really in parallel.
 //
 // It links against the wheel's _portable_lib*.so (same SONAME, so the dynamic loader
-// reuses the copy Python already imported: one kernel/backend registry, one thread
-// pool) and uses only symbols that library exports plus header-inline code:
-// Program::load, Program::load_method, Method::execute, Method::mutable_input,
-// Method::get_output, internal::resize_tensor_impl. Inputs are the method's own input
+// reuses the copy already loaded, by ctypes or by the Python binding: one kernel/backend
+// registry, one thread pool) and uses only symbols that library exports plus
+// header-inline code: Program::load, Program::load_method, Method::execute,
+// Method::mutable_input, Method::get_output, internal::resize_tensor_impl, runtime_init,
+// the thread pool's get_threadpool. Inputs are the method's own input
 // tensors re-pointed at the caller's memory (exported with alloc_graph_input=False),
 // so nothing is copied in; outputs are copied into caller buffers.
 
 #include <executorch/runtime/backend/backend_options_map.h>
 #include <executorch/runtime/backend/options.h>
 #include <executorch/runtime/platform/platform.h>
+#include <executorch/runtime/platform/runtime.h>
 #include <executorch/runtime/core/data_loader.h>
 #include <executorch/runtime/core/hierarchical_allocator.h>
 #include <executorch/runtime/core/memory_allocator.h>
@@ -24,6 +27,7 @@
 #include <executorch/runtime/executor/method.h>
 #include <executorch/runtime/executor/program.h>
 
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <malloc.h>
 #include <sys/mman.h>
@@ -41,6 +45,17 @@ namespace etr = executorch::runtime;
 using etr::Error;
 using etr::FreeableBuffer;
 using etr::Result;
+
+// The thread pool's exported members (its header needs pthreadpool.h, which the wheel
+// does not ship): declared here, called through pointers only.
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  size_t get_thread_count() const;
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
 
 namespace executorch::runtime::internal {
 Error resize_tensor_impl(etensor::TensorImpl* impl, ArrayRef<int32_t> new_sizes);
@@ -93,7 +108,7 @@ class MmapLoader final : public etr::DataLoader {
   size_t size_;
 };
 
-// Method/temp allocator backed by malloc; everything freed with the shard.
+// Method allocator backed by malloc; everything freed with the shard.
 class MallocAllocator final : public etr::MemoryAllocator {
  public:
   MallocAllocator() : MemoryAllocator(0, nullptr) {}
@@ -114,14 +129,48 @@ class MallocAllocator final : public etr::MemoryAllocator {
   std::vector<void*> blocks_;
 };
 
+// Temp allocator: the runtime resets it after every instruction, and kernels (custom_sdpa,
+// the quantized linears) ask it for scratch on every call. Freeing and allocating that
+// scratch each time cost a fresh mapping and its page faults per call (blocks above the
+// mmap threshold): the blocks are kept instead, the i-th request after a reset reusing
+// the i-th block when it is large enough. Freed with the shard.
+class ReusingAllocator final : public etr::MemoryAllocator {
+ public:
+  ReusingAllocator() : MemoryAllocator(0, nullptr) {}
+  ~ReusingAllocator() override {
+    for (auto& b : blocks_) free(b.first);
+  }
+  void* allocate(size_t size, size_t alignment) override {
+    if (alignment < sizeof(void*)) alignment = sizeof(void*);
+    if (alignment > 64) return nullptr;  // blocks are 64-byte aligned
+    size = size ? size : 1;
+    if (used_ < blocks_.size() && blocks_[used_].second >= size) return blocks_[used_++].first;
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, size) != 0) return nullptr;
+    if (used_ < blocks_.size()) {
+      free(blocks_[used_].first);
+      blocks_[used_] = {p, size};
+    } else {
+      blocks_.emplace_back(p, size);
+    }
+    ++used_;
+    return p;
+  }
+  void reset() override { used_ = 0; }
+
+ private:
+  std::vector<std::pair<void*, size_t>> blocks_;
+  size_t used_ = 0;
+};
+
 struct Shard {
   std::unique_ptr<MmapLoader> loader;
   std::unique_ptr<etr::Program> program;
-  std::vector<std::vector<uint8_t>> planned;
+  std::vector<std::unique_ptr<uint8_t, decltype(&free)>> planned;  // calloc'd: pages cost only once used
   std::vector<etr::Span<uint8_t>> spans;
   std::unique_ptr<etr::HierarchicalAllocator> planned_alloc;
   MallocAllocator method_alloc;
-  MallocAllocator temp_alloc;
+  ReusingAllocator temp_alloc;
   std::unique_ptr<etr::MemoryManager> memory;
   std::unique_ptr<etr::Method> method;
   size_t planned_bytes = 0;
@@ -148,8 +197,19 @@ pal_emit_log_message_method g_prev_emit = nullptr;
 std::atomic<long> g_dropped{0};
 std::atomic<long> g_errors{0};  // error-level cache messages other than the flock ones
 
+// Also dropped: "No temp allocator provided", which the LLM custom ops' eager (torch) kernels
+// log on every call (they run ExecuTorch's kernel without a temp allocator and allocate
+// their own scratch): the eager model calls llama::custom_sdpa in every layer.
+// And the thread pool's CPU probing ("Reading file /sys/devices/soc0/image_version", ...,
+// from cpuinfo_utils.cpp), logged when the pool starts, wherever that happens.
 void filtered_emit(et_timestamp_t ts, et_pal_log_level_t level, const char* filename, const char* function, size_t line,
                    const char* message, size_t length) {
+  if (filename && (strstr(filename, "cpuinfo_utils.cpp") ||
+                   (strstr(filename, "kernel_runtime_context.h") && message &&
+                    strncmp(message, "No temp allocator provided", 26) == 0))) {
+    g_dropped.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
   if (filename && strstr(filename, "XNNWeightsCache")) {
     g_dropped.fetch_add(1, std::memory_order_relaxed);
     if ((level == kError || level == kFatal) && !(message && strncmp(message, "flock(", 6) == 0))
@@ -159,10 +219,39 @@ void filtered_emit(et_timestamp_t ts, et_pal_log_level_t level, const char* file
   if (g_prev_emit) g_prev_emit(ts, level, filename, function, line, message, length);
 }
 
+// The same filter over another library's own copy of the PAL (the LLM custom-op library
+// carries one): its previous hook.
+pal_emit_log_message_method g_prev_emit_lib = nullptr;
+
+void filtered_emit_lib(et_timestamp_t ts, et_pal_log_level_t level, const char* filename, const char* function,
+                       size_t line, const char* message, size_t length) {
+  if (filename && strstr(filename, "kernel_runtime_context.h") && message &&
+      strncmp(message, "No temp allocator provided", 26) == 0) {
+    g_dropped.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  if (g_prev_emit_lib) g_prev_emit_lib(ts, level, filename, function, line, message, length);
+}
+
 }  // namespace
 
 #pragma GCC visibility push(default)
 extern "C" {
+
+// Initialise the runtime (its platform layer), as the Python binding does when imported.
+// Idempotent; called once when the runtime library is loaded without the binding.
+void ets_init() { etr::runtime_init(); }
+
+// Threads of ExecuTorch's pool (XNNPACK and the optimized kernels share it): resize it
+// to n (0 on success), or report its size.
+int ets_set_threads(int n) {
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  return pool && n > 0 && pool->_unsafe_reset_threadpool(static_cast<uint32_t>(n)) ? 0 : -1;
+}
+int ets_thread_count() {
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  return pool ? static_cast<int>(pool->get_thread_count()) : 0;
+}
 
 // Total planned (activation) memory of a method, or -1; maps the file, loads nothing.
 int64_t ets_planned_size(const char* path, const char* method_name) {
@@ -223,7 +312,7 @@ void* ets_load(const char* path, const char* method_name, void* arena, size_t ar
     return nullptr;
   }
   size_t off = 0;
-  if (!arena) s->planned.resize(n);
+  if (!arena) s->planned.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     size_t sz = static_cast<size_t>(meta->memory_planned_buffer_size(i).get());
     uint8_t* base;
@@ -231,9 +320,13 @@ void* ets_load(const char* path, const char* method_name, void* arena, size_t ar
       base = static_cast<uint8_t*>(arena) + off;
       off += (sz + 63) / 64 * 64;
     } else {
-      s->planned[i].resize(sz);
+      s->planned.emplace_back(static_cast<uint8_t*>(calloc(sz ? sz : 1, 1)), &free);
+      if (!s->planned.back()) {
+        snprintf(err, errlen, "cannot allocate %zu bytes of planned memory", sz);
+        return nullptr;
+      }
       s->planned_bytes += sz;
-      base = s->planned[i].data();
+      base = s->planned.back().get();
     }
     s->spans.emplace_back(base, sz);
   }
@@ -276,6 +369,30 @@ int ets_quiet_weight_cache_log() {
   if (!cur || !cur->emit_log_message) return 0;
   g_prev_emit = cur->emit_log_message;
   return etr::register_pal(etr::PalImpl::create(filtered_emit, __FILE__)) ? 1 : 0;
+}
+
+// Install the filter on the PAL of an already loaded library that carries its own copy of
+// ExecuTorch's platform layer (the LLM custom-op library, whose eager kernels log "No temp
+// allocator provided" on every call). Returns 1 if installed (or already), 0 if the
+// library is not loaded or has no PAL of its own.
+int ets_quiet_library_log(const char* path) {
+  if (g_prev_emit_lib) return 1;
+  void* h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+  if (!h) return 0;
+  using GetPal = const etr::PalImpl* (*)();
+  using RegPal = bool (*)(etr::PalImpl);
+  auto get = reinterpret_cast<GetPal>(dlsym(h, "_ZN10executorch7runtime12get_pal_implEv"));
+  auto reg = reinterpret_cast<RegPal>(dlsym(h, "_ZN10executorch7runtime12register_palENS0_7PalImplE"));
+  int ok = 0;
+  if (get && reg) {
+    const etr::PalImpl* cur = get();
+    if (cur && cur->emit_log_message && cur->emit_log_message != filtered_emit) {
+      g_prev_emit_lib = cur->emit_log_message;
+      ok = reg(etr::PalImpl::create(filtered_emit_lib, __FILE__)) ? 1 : 0;
+    }
+  }
+  dlclose(h);  // drops only the reference taken here
+  return ok;
 }
 
 // How many packed-weight cache log messages the filter has dropped, and how many of them
