@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from edgectl.backends.registry import HELP as BACKEND_HELP
 from edgectl.cli.app import JsonOpt, RecipeOpt, app, smoothquant_default
@@ -16,7 +17,7 @@ from edgectl.util.errors import EdgectlError, UsageError
 def export(
     model: Annotated[str, typer.Argument(help="Hub id, Hugging Face directory or .gguf file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .pte.")],
-    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "xnnpack",
+    backend: Annotated[str, typer.Option(help=escape(BACKEND_HELP))] = "xnnpack",
     max_seq_len: Annotated[Optional[int], typer.Option(help="KV cache length (default: min(model's, 2048)).")] = None,
     prefill_chunk: Annotated[Optional[int], typer.Option(help="Most tokens per call (default 128): bounds activation memory; longer prompts run in chunks.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print delegated vs non-delegated op counts.")] = False,

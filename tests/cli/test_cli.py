@@ -20,6 +20,14 @@ def test_help_lists_commands(capsys):
         assert cmd in out
 
 
+def test_export_help_shows_install_commands_whole(capsys, monkeypatch):
+    """Square brackets in help text are rich markup unless escaped: the OpenVINO extra's
+    install command must survive."""
+    monkeypatch.setenv("COLUMNS", "400")
+    rc, out, _ = _run(capsys, "export", "--help")
+    assert rc == 0 and "pip install 'edgectl[openvino]'" in out
+
+
 def test_version(capsys):
     rc, out, _ = _run(capsys, "--version")
     assert rc == 0 and out.startswith("edgectl ")
