@@ -23,7 +23,7 @@ def run(
     chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template.")] = False,
     system: Annotated[Optional[str], typer.Option(help="System message (with --chat).")] = None,
     threads: ThreadsOpt = None,
-    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: what the whole process may use, e.g. 300MB: the runtime floor (Python, numpy, ExecuTorch's runtime, ~160 MB, measured) plus the model's share (weights, KV cache, activations, loader buffers).")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option("--memory-budget", help="Shard sets: what the whole process may use, e.g. 300MB: the runtime floor (Python, numpy, ExecuTorch's runtime, ~165 MB, measured) plus the model's share (weights, KV cache, activations, loader buffers).")] = None,
     latency_target: Annotated[Optional[float], typer.Option("--latency-target", min=0.0, help="Shard sets: most expected ms per decoded token.")] = None,
     mode: Annotated[str, typer.Option("--mode", help="Shard sets: auto, resident, pipelined or on-demand.")] = "auto",
     precision: Annotated[Optional[str], typer.Option("--precision", help="Shard sets: every shard at this precision "

@@ -84,6 +84,8 @@ def engine():
     from edgectl.backends.registry import prepare_runtime
 
     prepare_runtime()  # where the OpenVINO backend finds its library, before the runtime looks
+    import numpy  # noqa: F401  (the runtime's arrays: part of the runtime floor a budget measures, 12 MB)
+
     return _native.load()
 
 
