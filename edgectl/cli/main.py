@@ -11,7 +11,7 @@ import sys
 import typer
 
 # each command module registers its command on `app`; --help lists them in this order
-from edgectl.cli import export, run, bench, quantize, shard, verify, recipes  # noqa: F401
+from edgectl.cli import export, run, bench, quantize, shard, verify, recipes, device  # noqa: F401
 from edgectl.cli.app import app
 from edgectl.util.env import RUNTIME_COMMANDS, one_blas_thread
 from edgectl.util.errors import EdgectlError, UsageError

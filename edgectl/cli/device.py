@@ -1,0 +1,58 @@
+"""`edgectl device info TARGET`: what a device is and whether edgectl runs on it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from edgectl.cli.app import JsonOpt, app
+
+device_app = typer.Typer(
+    help="Look at a device (a board or phone) before deploying to it.\n\n"
+    "TARGET is ssh:\\[user@]host[:port]; ssh runs with your own ~/.ssh/config and keys "
+    "(extra ssh options from EDGECTL_SSH_OPTS, e.g. \"-F ~/boards/ssh_config\").",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(device_app, name="device")
+
+
+@device_app.command("info")
+def info_cmd(
+    target: Annotated[str, typer.Argument(help="ssh:\\[user@]host[:port] (adb:SERIAL is not supported yet).")],
+    json_out: JsonOpt = False,
+):
+    """Print the device's CPU, memory, free disk, Python, edgectl and executorch versions,
+    and whether edgectl's native shim loads there.
+
+    Example: edgectl device info ssh:pi@raspberrypi.local
+    """
+    from edgectl.device.info import device_info
+    from edgectl.device.target import parse_target
+    from edgectl.util import ui
+    from edgectl.util.version import __version__
+
+    t = parse_target(target)
+    facts = device_info(t)
+    if facts.get("edgectl") != __version__:
+        ui.warn(f"{t.name} has edgectl {facts.get('edgectl')}, this machine {__version__}: "
+                ".pte files and shards may not match; install the same version on both")
+    if json_out:
+        ui.emit_json(facts)
+        return
+    shim = "yes" if facts.get("native_shim") else f"no ({facts.get('native_why_not') or 'unknown'})"
+    rows = [
+        ("device", t.name),
+        ("machine", facts.get("machine")),
+        ("cpu", f"{facts.get('cpu') or 'unknown'}, {facts.get('cores')} cores"),
+        ("memory", f"{facts.get('mem_available_mb')} MB available of {facts.get('mem_total_mb')} MB"),
+        ("disk free", f"{facts.get('disk_free_gb')} GB (home)"),
+        ("python", f"{facts.get('python')} ({facts.get('python_path')})"),
+        ("edgectl", facts.get("edgectl")),
+        ("executorch", facts.get("executorch") or "not installed"),
+        ("native shim", shim),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"{k + ':':<{width + 1}} {v}")
