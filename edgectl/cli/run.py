@@ -34,6 +34,8 @@ def run(
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions the run may use (prompt + generated). With --memory-budget the KV cache is planned and charged for these (default: the prompt's tokens + -n); otherwise the artifact's max_seq_len.")] = None,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Run on this device instead: ssh:user@host:port, user and port optional "
+                                                  "(a .pte; sent to the device's store once, by sha256).")] = None,
 ):
     """Generate text from ARTIFACT, streaming tokens to stdout; timings go to stderr.
 
@@ -45,6 +47,10 @@ def run(
 
     if system and not chat:
         raise UsageError("--system needs --chat")
+    if device is not None:
+        _run_on_device(device, artifact, prompt, n, temperature, top_p, seed, chat, system, threads, json_out,
+                       memory_budget, latency_target, mode, precision, plan_file, show_plan, ctx_size)
+        return
     budget = None
     if memory_budget is not None:
         from edgectl.runtime.plan import parse_bytes
@@ -85,6 +91,26 @@ def run(
         ui.info(f"[dim]{mem['mode']} ({mem['engine']}) | KV cache for {f'{ctx} positions' if ctx else 'max_seq_len'} "
                 f"(--ctx-size) | peak {mem['peak_bytes'] / 1e6:.1f} MB of budget {_mb(res['plan']['budget_bytes'])} = "
                 f"runtime floor {mem['baseline_bytes'] / 1e6:.0f} MB + {share}[/dim]")
+
+
+def _run_on_device(device: str, artifact: Path, prompt: str | None, n: int, temperature: float, top_p: float,
+                   seed: int | None, chat: bool, system: str | None, threads: int | None, json_out: bool,
+                   *local_only) -> None:
+    """`--device`: the run on the device (edgectl/device/remote_run.py); exits with its status."""
+    from edgectl.device.remote_run import run_remote
+    from edgectl.device.target import parse_target
+
+    names = ("--memory-budget", "--latency-target", "--mode", "--precision", "--plan-file", "--plan", "--ctx-size")
+    given = [nm for nm, v in zip(names, local_only) if v not in (None, False, "auto")]
+    if given:
+        raise UsageError(f"{given[0]} is not supported with --device yet", hint="run without it, or run on the device itself")
+    if prompt is None:
+        raise UsageError("--prompt is required")
+    target = parse_target(device)
+    rc = run_remote(target, artifact, prompt=prompt, n=n, temperature=temperature, top_p=top_p, seed=seed,
+                    chat=chat, system=system, threads=threads, json_out=json_out)
+    if rc:
+        raise typer.Exit(rc)
 
 
 def _mb(budget: int) -> str:

@@ -19,12 +19,12 @@ INSTALL_HINT = ("install it there: pip install edgectl (or copy a wheel built he
                 "and run pip install edgectl-*.whl on the device)")
 
 # run by the device's login shell: the python behind `edgectl` if there is one, else python3
-REMOTE_COMMAND = (
+FIND_PYTHON = (
     'p=; e=$(command -v edgectl 2>/dev/null) && p=$(sed -n "1s/^#! *//p" "$e" 2>/dev/null); '
     'case "$p" in */python*) [ -x "$p" ] || p=python3 ;; *) p=python3 ;; esac; '
     'command -v "$p" >/dev/null 2>&1 || { echo "' + NO_PYTHON + '" >&2; exit 127; }; '
-    'exec "$p" -'
 )
+REMOTE_COMMAND = FIND_PYTHON + 'exec "$p" -'
 
 SCRIPT = r'''
 import json, os, platform, shutil, sys
