@@ -12,12 +12,9 @@ Nothing here imports torch or executorch at module level (the CLI's help text re
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import logging
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path

@@ -309,7 +309,6 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
     "stock" (ExecuTorch's stock runners' calling convention, stock.py; the tokenizer file
     they take is written beside `out`)."""
     from edgectl.backends import registry as backends
-    from edgectl.lower import stock
     from edgectl.quant.quant_modules import fuse_projections
     from edgectl.quant.quantize import check_shared_embedding, load_for_export, shared_embedding
     from edgectl.recipes import INTERFACES

@@ -76,7 +76,6 @@ def test_only_passes_that_rewrite_in_call_skip_their_retrace():
 
 def test_a_pass_that_edits_the_graph_is_still_retraced():
     from executorch.exir.pass_base import ExportPass
-    from torch.fx.passes.infra.pass_base import PassResult
 
     from edgectl.lower.xnnpack_fast.passes import _skip_idle_retraces
 
