@@ -33,7 +33,7 @@ def bench(
     plan_file: Annotated[Optional[Path], typer.Option("--plan-file", help="Shard sets: one row following this plan "
                                                       "(from `run --plan --json`), e.g. against `export --plan`'s .pte.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="Shard sets: placement mode(s), comma-separated (auto, resident, pipelined, on-demand), one row each.")] = None,
-    cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at its budget, which counts the whole process (root; cgroup v1); OOM kills become a row status.")] = False,
+    cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at its budget, which counts the whole process (root; cgroup v2 or v1); OOM kills become a row status.")] = False,
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions each run uses: a shard set's KV cache is planned and charged for these, and --ppl scores windows this long (default: prompt + new tokens for generation, the artifact's max_seq_len for --ppl).")] = None,
     recipe: RecipeOpt = None,
 ):
