@@ -31,6 +31,7 @@ def export(
     calibration: Annotated[Optional[Path], typer.Option(help="Text file SmoothQuant is calibrated on (default: a built-in paragraph).")] = None,
     plan: Annotated[Optional[Path], typer.Option("--plan", help="Per-layer precisions from a plan JSON (`edgectl run SHARDS --memory-budget X --plan --json`); one monolithic .pte of that mix.")] = None,
     interface: Annotated[Optional[str], typer.Option(help="edgectl: for `edgectl run`/`bench` (the runtime owns the KV cache; a tied matrix stored once). stock: also runs on ExecuTorch's stock runners (llama_main, the Android/iOS apps, TextLLMRunner): KV cache and embedding inside the program, the tokenizer file they take (OUT.tokenizer.json, or .model for SentencePiece) written beside it. Default: stock with --plan, else edgectl.")] = None,
+    target: Annotated[str, typer.Option("--target", help="host: for this machine's edgectl. android: for ExecuTorch's llama_main on a phone (`run`/`bench --device adb:SERIAL`): --interface stock and xnnpack, the tokenizer file beside the .pte.")] = "host",
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
 ):
@@ -39,6 +40,7 @@ def export(
     Example: edgectl export HuggingFaceTB/SmolLM2-135M-Instruct -o smollm2.pte
     Example: edgectl export model.gguf --plan plan.json -o mixed.pte
     Example: llama_main --model_path mixed.pte --tokenizer_path mixed.tokenizer.json --prompt "Once upon a time"
+    Example: edgectl export HuggingFaceTB/SmolLM2-135M-Instruct -o smollm2.pte --target android
     """
     from edgectl.util import ui
     from edgectl.checkpoint.checkpoint import resolve
@@ -46,6 +48,14 @@ def export(
 
     if output.suffix != ".pte":
         raise UsageError(f"--output {output}: expected a .pte path")
+    if target not in ("host", "android"):
+        raise UsageError(f"--target {target}: choose host or android")
+    if target == "android":
+        if interface not in (None, "stock"):
+            raise UsageError(f"--target android runs ExecuTorch's llama_main: --interface stock, not {interface}")
+        if backend != "xnnpack":
+            raise UsageError(f"--target android exports for XNNPACK (the CPU of the phone's llama_main), not {backend}")
+        interface = "stock"
     qs = None
     if scheme is not None:
         from edgectl.quant.quantize import QuantScheme
@@ -83,6 +93,9 @@ def export(
         typer.echo(f"{res.path}  {res.bytes / 1e6:.1f} MB  {res.seconds:.1f}s ({res.cpu_seconds:.0f} CPU-s)")
         if res.tokenizer:
             typer.echo(f"{res.tokenizer}  (the tokenizer file ExecuTorch's stock runners take)")
+        if target == "android":
+            ui.info(f"for the phone: edgectl run {res.path} --device adb:SERIAL --runner llama_main -p ... "
+                    "(pushes both files and llama_main to /data/local/tmp/edgectl)")
 
 
 
