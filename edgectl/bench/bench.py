@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from edgectl.bench.report import FAILED, BenchReport, BenchSettings, Case, Row
+from edgectl.bench.report import FAILED, BenchReport, BenchSettings, Case, Row, set_decode_ratios
 from edgectl.util.errors import EdgectlError, UsageError
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"
@@ -333,7 +333,5 @@ def run_bench(
                 row.ppl["cgroup_scoring_allowance"] = allowance
             row.ppl.pop("trace", None)
         tmp.cleanup()
-    base = next((r.summary["decode_tok_s"]["mean"] for r in rows if r.summary), None)
-    for row in rows:
-        row.decode_ratio = row.summary["decode_tok_s"]["mean"] / base if base and row.summary else float("nan")
+    set_decode_ratios(rows)
     return BenchReport(settings, rows, cold, notes, baseline)

@@ -7,7 +7,8 @@ Sizes in bytes, times in ms, rates in tokens per second:
     edgectl_version: str
     created: str                        ISO 8601, UTC
     versions: {python, torch, executorch, torchao: str | null}
-    machine: {platform, machine, cpu: str, cpu_count: int, mem_total_bytes: int | null}
+    machine: {platform, machine, cpu: str, cpu_count: int, mem_total_bytes: int | null,
+              emulated: bool (user-mode emulation: timings mean nothing)}
     settings: {prompt_tokens, new_tokens, repeat: int, threads: int | null,
                cold_requested, cold, warmup: bool, ppl_file: str | null,
                ppl_tokens: int | null, cgroup: bool, cgroup_baseline: int | null,
@@ -44,6 +45,8 @@ Sizes in bytes, times in ms, rates in tokens per second:
         summary: {load_ms, ttft_ms, first_token_ms, prefill_tok_s, decode_tok_s, peak_rss, model_rss:
                   {mean: float, sd: float | null (null when n < 2), min, max: float, n: int}}
         decode_ratio: float             mean decode tok/s over the first row's
+        device: {name, machine, cpu: str, cores: int, mem_total_bytes: int | null,
+                 emulated: bool} | null   where the row ran (`bench --device`; null: here)
         ppl: {file: str, ppl, nll: float, tokens_scored, text_tokens, windows,
               window_tokens: int, bos_prefixed: bool, seconds, load_ms: float,
               cgroup_scoring_allowance: int (with --cgroup: added to the cap of this run,
@@ -113,6 +116,7 @@ class Row:
     runs: list[dict] = field(default_factory=list)
     ppl: dict | None = None
     decode_ratio: float = float("nan")
+    device: dict | None = None  # where it ran, with --device (see the schema)
 
     @property
     def ok_runs(self) -> list[dict]:
@@ -161,7 +165,22 @@ class Row:
             "summary": self.summary,
             "decode_ratio": self.decode_ratio,
             "ppl": self.ppl,
+            "device": self.device,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict, artifact: Path | None = None, device: dict | None = None) -> "Row":
+        """A row of another bench's JSON (a device's), its artifact named by the local path."""
+        return cls(Case(artifact or Path(d["artifact"]), dict(d.get("options") or {})), d["file_bytes"],
+                   list(d.get("runs") or []), d.get("ppl"), d.get("decode_ratio", float("nan")),
+                   device if device is not None else d.get("device"))
+
+
+def set_decode_ratios(rows: list[Row]) -> None:
+    """Each row's mean decode tok/s over the first measured row's."""
+    base = next((r.summary["decode_tok_s"]["mean"] for r in rows if r.summary), None)
+    for row in rows:
+        row.decode_ratio = row.summary["decode_tok_s"]["mean"] / base if base and row.summary else float("nan")
 
 
 @dataclass
@@ -183,12 +202,12 @@ class BenchReport:
 
     def labels(self) -> list[str]:
         """Row labels, with #1, #2... where the same case is listed more than once."""
-        base = [r.case.label for r in self.rows]
-        seen: dict[str, int] = {}
+        base = [(r.case.label, (r.device or {}).get("name")) for r in self.rows]  # on another device: another row
+        seen: dict[tuple, int] = {}
         out = []
         for b in base:
             seen[b] = seen.get(b, 0) + 1
-            out.append(f"{b} #{seen[b]}" if base.count(b) > 1 else b)
+            out.append(f"{b[0]} #{seen[b]}" if base.count(b) > 1 else b[0])
         return out
 
     def to_dict(self) -> dict:
@@ -252,7 +271,19 @@ def machine() -> dict:
                 mem = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(), "mem_total_bytes": mem}
+    from edgectl.util.emulation import emulated
+
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "mem_total_bytes": mem, "emulated": emulated()}
+
+
+def device_label(d: dict | None) -> str:
+    """`name (CPU, N cores, M GB[, emulated])` for the table's device column."""
+    if not d:
+        return "here"
+    mem = f", {d['mem_total_bytes'] / 2**30:.0f} GiB" if d.get("mem_total_bytes") else ""
+    return f"{d['name']} ({d.get('cpu') or d.get('machine') or '?'}, {d.get('cores')} cores{mem}" + \
+        (", emulated)" if d.get("emulated") else ")")
 
 
 def _pm(s: dict, fmt: str = ".1f") -> str:
@@ -266,10 +297,14 @@ def render_table(report: BenchReport):
     s = report.settings
     mode = "cold" if report.cold else "warm"
     title = f"edgectl bench: {s.prompt_tokens} prompt + {s.new_tokens} new tokens, {s.repeat} run(s), {mode}, threads {s.threads or 'default'}"
-    t = Table(title=title, title_justify="left")
     if report.cgroup_baseline is not None:
         title += f", cgroup cap = budget (runtime floor {report.cgroup_baseline / 1e6:.0f} MB included)"
-    cols = ["artifact", "size MB", "load ms", "TTFT ms", "open→1st token ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model RSS MB"]
+    here_emulated = any(not r.device for r in report.rows) and machine()["emulated"]
+    if here_emulated or any((r.device or {}).get("emulated") for r in report.rows):
+        title += ", EMULATED (timings mean nothing)"
+    t = Table(title=title, title_justify="left")
+    devices = any(r.device for r in report.rows)
+    cols = ["artifact", *(["device"] if devices else []), "size MB", "load ms", "TTFT ms", "open→1st token ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model RSS MB"]
     planned = any(r.get("plan_total_bytes") is not None for row in report.rows for r in row.runs)
     if planned:
         cols.append("plan MB")
@@ -282,10 +317,10 @@ def render_table(report: BenchReport):
         cols.append("ppl")
     cols.append("decode ×")
     for name in cols:
-        t.add_column(name, justify="left" if name == "artifact" else "right", no_wrap=True)
+        t.add_column(name, justify="left" if name in ("artifact", "device") else "right", no_wrap=True)
     for r, label in zip(report.rows, report.labels()):
         m = r.summary
-        cells = [label, f"{r.file_bytes / 1e6:.1f}"]
+        cells = [label, *([device_label(r.device)] if devices else []), f"{r.file_bytes / 1e6:.1f}"]
         if m is None:
             cells += ["-"] * 7
         else:

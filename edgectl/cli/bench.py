@@ -35,6 +35,10 @@ def bench(
     mode: Annotated[Optional[str], typer.Option("--mode", help="Shard sets: placement mode(s), comma-separated (auto, resident, pipelined, on-demand), one row each.")] = None,
     cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at its budget, which counts the whole process (root; cgroup v2 or v1); OOM kills become a row status.")] = False,
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions each run uses: a shard set's KV cache is planned and charged for these, and --ppl scores windows this long (default: prompt + new tokens for generation, the artifact's max_seq_len for --ppl).")] = None,
+    device: Annotated[Optional[list[str]], typer.Option("--device", help="Measure on this device: ssh:user@host:port (user "
+                                                        "and port optional; the artifacts are sent to its store once, "
+                                                        "by sha256), or `local`. Repeat it for rows of several devices "
+                                                        "in one table; each row names its device.")] = None,
     recipe: RecipeOpt = None,
 ):
     """Measure load time, TTFT, prefill/decode speed and memory of ARTIFACTS; a table on stdout.
@@ -49,6 +53,7 @@ def bench(
     Example: edgectl bench fp32.pte 8da4w.pte --repeat 5 -o bench.json --plot timeline.png
     Example: edgectl bench fp32.pte 8da4w.pte --json > bench.json
     Example: edgectl bench smol-shards/ smol-int8.pte --memory-budget 300MB,230MB --mode resident,pipelined --cgroup
+    Example: edgectl bench smol.pte smol-shards/ --device local --device ssh:pi@raspberrypi.local --memory-budget 300MB
     """
     from rich.console import Console
 
@@ -64,7 +69,11 @@ def bench(
     settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup, ctx_size)
     cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision, plan_file)
     with ui.stages("benchmarking") as step:
-        report = run_bench(cases, settings, progress=step, warn=ui.warn, keep_going=keep_going)
+        if device:
+            report = _bench_devices(device, artifacts, cases, settings, step, keep_going, memory_budget=memory_budget,
+                                    precision=precision, mode=mode, plan_file=plan_file)
+        else:
+            report = run_bench(cases, settings, progress=step, warn=ui.warn, keep_going=keep_going)
     data = report.to_dict()
     target = sys.stderr if json_out else sys.stdout
     if report.measured_rows:
@@ -88,6 +97,57 @@ def bench(
         print(f"edgectl: error: {what}", file=sys.stderr)
     if failed and not keep_going:
         raise typer.Exit(1)
+
+
+def _bench_devices(devices: list[str], artifacts: list[Path], cases: list, settings, step, keep_going: bool,
+                   **plan_opts):
+    """Rows of every device in one report: `local` measured here, ssh: targets by the same bench
+    on the device (edgectl/device/remote_bench.py), each row carrying its device's facts."""
+    from edgectl.bench.bench import run_bench
+    from edgectl.bench.report import BenchReport, Row, machine, set_decode_ratios
+    from edgectl.device.target import parse_target
+    from edgectl.util import ui
+
+    targets = [None if d == "local" else parse_target(d) for d in devices]
+    rows, notes, cold, baseline = [], [], settings.cold, None
+    for t in targets:
+        if t is None:
+            step("here")
+            local = run_bench(cases, settings, progress=step, warn=ui.warn, keep_going=keep_going)
+            m = machine()
+            here = {"name": "here", "machine": m["machine"], "cpu": m["cpu"], "cores": m["cpu_count"],
+                    "mem_total_bytes": m["mem_total_bytes"], "emulated": False}
+            for r in local.rows:
+                r.device = here
+            rows += local.rows
+            notes += local.notes
+            cold, baseline = cold and local.cold, baseline or local.cgroup_baseline
+            continue
+        if t.kind == "adb":
+            raise UsageError("adb: targets are not supported by `bench` yet", hint="use ssh:[user@]host[:port]")
+        from edgectl.device.remote_bench import bench_remote
+
+        step(t.name)
+        data, _ = bench_remote(t, [a.resolve() for a in artifacts], _remote_options(settings, keep_going, **plan_opts),
+                               remeasure=plan_opts["memory_budget"] is not None,
+                               files={"--ppl": settings.ppl_file, "--plan-file": plan_opts["plan_file"]})
+        rows += [Row.from_dict(r, Path(r["artifact"])) for r in data["rows"]]
+        notes += [f"{t.name}: {n}" for n in data.get("notes", [])]
+        cold = cold and data["settings"].get("cold", False)
+        baseline = baseline or data["settings"].get("cgroup_baseline")
+    set_decode_ratios(rows)
+    return BenchReport(settings, rows, cold, notes, baseline)
+
+
+def _remote_options(s, keep_going: bool, memory_budget: str | None, precision: str | None, mode: str | None,
+                    plan_file: Path | None) -> list[str]:
+    """The device's `bench` flags for these settings (files, --ppl and --plan-file, are sent apart)."""
+    args = ["--prompt-tokens", str(s.prompt_tokens), "--new-tokens", str(s.new_tokens), "--repeat", str(s.repeat)]
+    for flag, value in (("--threads", s.threads), ("--ppl-tokens", s.ppl_tokens), ("--memory-budget", memory_budget),
+                        ("--precision", precision), ("--mode", mode), ("--ctx-size", s.ctx_size)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args + [flag for flag, on in (("--cold", s.cold), ("--cgroup", s.cgroup), ("--keep-going", keep_going)) if on]
 
 
 def _json_path_given_as_artifact(artifacts: list[Path]) -> None:

@@ -45,7 +45,8 @@ def info_cmd(
     rows = [
         ("device", t.name),
         ("machine", facts.get("machine")),
-        ("cpu", f"{facts.get('cpu') or 'unknown'}, {facts.get('cores')} cores"),
+        ("cpu", f"{facts.get('cpu') or 'unknown'}, {facts.get('cores')} cores"
+                + (" (emulated: an Arm userland on an x86 kernel; its timings mean nothing)" if facts.get("emulated") else "")),
         ("memory", f"{facts.get('mem_available_mb')} MB available of {facts.get('mem_total_mb')} MB"),
         ("disk free", f"{facts.get('disk_free_gb')} GB (home)"),
         ("python", f"{facts.get('python')} ({facts.get('python_path')})"),

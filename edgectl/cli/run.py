@@ -34,8 +34,9 @@ def run(
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions the run may use (prompt + generated). With --memory-budget the KV cache is planned and charged for these (default: the prompt's tokens + -n); otherwise the artifact's max_seq_len.")] = None,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="Run on this device instead: ssh:user@host:port, user and port optional "
-                                                  "(a .pte; sent to the device's store once, by sha256).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Run on this device instead: ssh:user@host:port, user and port optional. "
+                                                  "The .pte or shard set is sent to the device's store once (by sha256); "
+                                                  "a budget is planned with the device's own measured figures.")] = None,
 ):
     """Generate text from ARTIFACT, streaming tokens to stdout; timings go to stderr.
 
@@ -79,8 +80,10 @@ def run(
     sys.stdout.write("\n")
     sys.stdout.flush()  # the newline before the stats that go to stderr
     s = res["stats"]
+    from edgectl.util.emulation import emulated
+
     ui.info(
-        f"[dim]{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new ({s['stopped']}) | load {res['load_ms']:.0f} ms | "
+        f"[dim]{'emulated (timings mean nothing): ' if emulated() else ''}{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new ({s['stopped']}) | load {res['load_ms']:.0f} ms | "
         f"TTFT {s['ttft_ms']:.0f} ms | prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s[/dim]"
     )
     if "memory" in res:
@@ -95,20 +98,38 @@ def run(
 
 def _run_on_device(device: str, artifact: Path, prompt: str | None, n: int, temperature: float, top_p: float,
                    seed: int | None, chat: bool, system: str | None, threads: int | None, json_out: bool,
-                   *local_only) -> None:
-    """`--device`: the run on the device (edgectl/device/remote_run.py); exits with its status."""
-    from edgectl.device.remote_run import run_remote
+                   memory_budget: str | None, latency_target: float | None, mode: str, precision: str | None,
+                   plan_file: Path | None, show_plan: bool, ctx_size: int | None) -> None:
+    """`--device`: the artifact sent to the device (edgectl/device/store.py), the same `run`
+    there, its output streamed back; exits with its status. A shard set run with a budget or
+    a latency target is planned with the device's own figures (`shard --remeasure` there, once)."""
+    from edgectl.device.remote_run import remeasure_once, run_edgectl, send_artifact
     from edgectl.device.target import parse_target
 
-    names = ("--memory-budget", "--latency-target", "--mode", "--precision", "--plan-file", "--plan", "--ctx-size")
-    given = [nm for nm, v in zip(names, local_only) if v not in (None, False, "auto")]
-    if given:
-        raise UsageError(f"{given[0]} is not supported with --device yet", hint="run without it, or run on the device itself")
-    if prompt is None:
-        raise UsageError("--prompt is required")
+    if prompt is None and not show_plan:
+        raise UsageError("--prompt is required (unless --plan)")
     target = parse_target(device)
-    rc = run_remote(target, artifact, prompt=prompt, n=n, temperature=temperature, top_p=top_p, seed=seed,
-                    chat=chat, system=system, threads=threads, json_out=json_out)
+    if target.kind == "adb":
+        raise UsageError("adb: targets are not supported by `run` yet", hint="use ssh:[user@]host[:port]")
+    if not artifact.exists():
+        raise UsageError(f"no such file or directory: {artifact}")
+    if memory_budget is not None:
+        from edgectl.runtime.plan import parse_bytes
+
+        parse_bytes(memory_budget)  # a typo is a usage error here, before anything is sent
+    remote = send_artifact(target, artifact)
+    if artifact.is_dir() and (memory_budget is not None or latency_target is not None):
+        remeasure_once(target, remote, artifact.name)
+    args: list = ["run", remote, "-n", n, "--temperature", repr(temperature), "--top-p", repr(top_p), "--mode", mode]
+    for flag, value in (("-p", prompt), ("--seed", seed), ("--system", system), ("--threads", threads),
+                        ("--memory-budget", memory_budget), ("--latency-target", latency_target),
+                        ("--precision", precision), ("--ctx-size", ctx_size)):
+        if value is not None:
+            args += [flag, value]
+    if plan_file is not None:
+        args += ["--plan-file", send_artifact(target, plan_file)]
+    args += [flag for flag, on in (("--chat", chat), ("--plan", show_plan), ("--json", json_out)) if on]
+    rc = run_edgectl(target, args)
     if rc:
         raise typer.Exit(rc)
 

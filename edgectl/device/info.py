@@ -28,7 +28,7 @@ REMOTE_COMMAND = FIND_PYTHON + 'exec "$p" -'
 
 SCRIPT = r'''
 import json, os, platform, shutil, sys
-facts = {"machine": platform.machine(), "cpu": None, "cores": os.cpu_count(),
+facts = {"machine": platform.machine(), "cpu": None, "cores": os.cpu_count(), "emulated": False,
          "mem_total_mb": None, "mem_available_mb": None, "disk_free_gb": None,
          "python": platform.python_version(), "python_path": sys.executable,
          "edgectl": None, "executorch": None, "native_shim": False, "native_why_not": None}
@@ -61,6 +61,8 @@ if part is not None:
     facts["cpu"] = ARM.get(part) if implementer == 0x41 and part in ARM else "Arm implementer 0x%02x part 0x%03x" % (implementer, part)
 else:
     facts["cpu"] = cpu.get("model name") or cpu.get("Hardware") or None
+# user-mode emulation (qemu-user, as the emulated board): an Arm userland whose kernel reports x86 CPUs
+facts["emulated"] = facts["machine"].startswith(("aarch64", "arm")) and "vendor_id" in cpu
 try:
     with open("/proc/meminfo") as f:
         mem = {k: v.split()[0] for k, _, v in (line.partition(":") for line in f)}

@@ -16,9 +16,16 @@ from pathlib import Path
 import pytest
 
 from edgectl.cli.main import main
+from helpers import build_shard_set
 from test_device_info import _stand_in
 
 ARGS = ["-p", "Once upon a time", "-n", "16", "--temperature", "0"]
+
+
+@pytest.fixture(scope="module")
+def stories_shards(tmp_path_factory, stories_dir) -> Path:
+    """stories260K as fp32 per-layer shards (as tests/runtime's fixture)."""
+    return build_shard_set(stories_dir, tmp_path_factory.mktemp("shards") / "stories", 512, ("fp32",))
 
 
 def _run(capsys, *argv):
@@ -104,19 +111,92 @@ def test_remote_exit_status_and_quoting(capsys, tmp_path, monkeypatch):
 def test_usage_errors(capsys, tmp_path, monkeypatch, stories_pte):
     _device(tmp_path, monkeypatch)
     rc, out, err = _run(capsys, "run", tmp_path, "--device", "ssh:board", "-p", "x")
-    assert rc == 2 and "shard sets with --device are not supported yet" in err
-    rc, out, err = _run(capsys, "run", stories_pte, "--device", "ssh:board", "-p", "x", "--memory-budget", "300MB")
-    assert rc == 2 and "--memory-budget is not supported with --device yet" in err
-    rc, out, err = _run(capsys, "run", stories_pte, "--device", "adb:R58", "-p", "x")
-    assert rc == 2 and "not supported yet" in err
+    assert rc == 2 and "not a shard set (no manifest.json)" in err
+    rc, out, err = _run(capsys, "run", stories_pte, "--device", "ssh:board", "-p", "x", "--memory-budget", "30 parsecs")
+    assert rc == 2 and "--memory-budget" not in out
+    rc, out, err = _run(capsys, "run", tmp_path / "absent.pte", "--device", "ssh:board", "-p", "x")
+    assert rc == 2 and "no such file" in err
     assert not (tmp_path / "args.json").exists()  # no ssh at all
+
+
+def _fake_python(tmp_path: Path, version_answer: str) -> str:
+    """A device `python` whose edgectl version probe answers with `version_answer` (a shell
+    fragment) and which otherwise fails loudly (the run must not start)."""
+    fake = tmp_path / "fakepy"
+    fake.mkdir()
+    (fake / "python").write_text(f'#!/bin/sh\ncase "$2" in *importlib.metadata*) {version_answer} ;; esac\n'
+                                 'echo "the run started" >&2; exit 3\n')
+    (fake / "python").chmod(0o755)
+    return str(fake / "python")
+
+
+def test_version_mismatch_is_one_line(capsys, tmp_path, monkeypatch, stories_pte):
+    from edgectl.util.version import __version__
+
+    _device(tmp_path, monkeypatch, python=_fake_python(tmp_path, "echo 0.0.1; exit 0"))
+    rc, out, err = _run(capsys, "run", stories_pte, "--device", "ssh:pi@board", *ARGS)
+    assert rc == 1 and out == ""
+    errors = [ln for ln in err.splitlines() if ln.startswith("edgectl: error")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"edgectl: error: pi@board has edgectl 0.0.1, this machine {__version__}: the two must match")
+    assert "the run started" not in err and f"pip install edgectl=={__version__}" in err
+
+
+def test_no_edgectl_on_the_device(capsys, tmp_path, monkeypatch, stories_pte):
+    _device(tmp_path, monkeypatch, python=_fake_python(tmp_path, "echo 'No module named edgectl' >&2; exit 1"))
+    rc, out, err = _run(capsys, "run", stories_pte, "--device", "ssh:board", *ARGS)
+    assert rc == 1 and "edgectl: error: edgectl is not installed on board" in err
+    assert "pip install edgectl" in err and "the run started" not in err
+
+
+def test_full_disk_is_one_line(capsys, tmp_path, monkeypatch, stories_pte):
+    """The device's `cat` fails as a full disk makes it fail."""
+    home = _device(tmp_path, monkeypatch)
+    (tmp_path / "devicebin" / "cat").write_text('#!/bin/sh\necho "cat: write error: No space left on device" >&2\n'
+                                               'exit 1\n')
+    (tmp_path / "devicebin" / "cat").chmod(0o755)
+    rc, out, err = _run(capsys, "run", stories_pte, "--device", "ssh:board", *ARGS)
+    assert rc == 1 and out == ""
+    errors = [ln for ln in err.splitlines() if ln.startswith("edgectl: error")]
+    assert len(errors) == 1 and "the disk of board is full" in errors[0], err
+    assert not (_store(home) / f"{_sha(stories_pte)}.pte").exists()
+
+
+def test_shard_set_sent_once_and_remeasured_once(capsys, tmp_path, monkeypatch, stories_shards):
+    """A shard set: its files to the store, a set directory of links with its own manifest;
+    a budgeted run re-measures the set on the device once, and prints what the local run prints."""
+    home = _device(tmp_path, monkeypatch)
+    budget = ["--memory-budget", "400MB"]
+    rc, local_out, _ = _run(capsys, "run", stories_shards, *ARGS)
+    assert rc == 0 and local_out.strip()
+    rc, out, err = _run(capsys, "run", stories_shards, "--device", "ssh:board", *ARGS, *budget)
+    assert rc == 0, err
+    assert out == local_out and "sending" in err and "measuring stories on board" in err
+    sets = home / ".cache" / "edgectl" / "sets"
+    (set_dir,) = sets.iterdir()
+    assert set_dir.name == _sha(stories_shards / "manifest.json")
+    assert (set_dir / ".remeasured").is_file()
+    for f in stories_shards.iterdir():
+        if f.name != "manifest.json" and f.is_file():
+            assert (set_dir / f.name).samefile(_store(home) / f"{_sha(f)}{f.suffix}")  # a link, not a copy
+    rc, out, err = _run(capsys, "run", stories_shards, "--device", "ssh:board", *ARGS, *budget)
+    assert rc == 0 and out == local_out, err
+    assert "on device already" in err and "sending" not in err and "measuring" not in err
+    rc, out, err = _run(capsys, "run", stories_shards, "--device", "ssh:board", "--plan", "--json", *budget)
+    assert rc == 0, err
+    import json
+
+    assert json.loads(out)["budget_bytes"] == 400_000_000
 
 
 def test_large_send_shows_progress(capsys, tmp_path, monkeypatch):
     """Off a TTY: a few `sent X of Y MB` lines; the device's `python` here only says done."""
     fake = tmp_path / "fake"
     fake.mkdir()
-    (fake / "python").write_text("#!/bin/sh\necho done\n")
+    from edgectl.util.version import __version__
+
+    (fake / "python").write_text(f'#!/bin/sh\ncase "$2" in *importlib.metadata*) echo {__version__}; exit 0 ;; esac\n'
+                                 "echo done\n")
     (fake / "python").chmod(0o755)
     home = _device(tmp_path, monkeypatch, python=str(fake / "python"))
     pte = tmp_path / "big.pte"
@@ -132,7 +212,10 @@ def test_ctrl_c_stops_the_remote_run(tmp_path, monkeypatch):
     sleeps, recording its pid) is gone."""
     slow = tmp_path / "slow"
     slow.mkdir()
-    (slow / "python").write_text(f"#!/bin/sh\necho $$ > {tmp_path}/remote.pid\necho started\nexec sleep 60\n")
+    from edgectl.util.version import __version__
+
+    (slow / "python").write_text(f'#!/bin/sh\ncase "$2" in *importlib.metadata*) echo {__version__}; exit 0 ;; esac\n'
+                                 f"echo $$ > {tmp_path}/remote.pid\necho started\nexec sleep 60\n")
     (slow / "python").chmod(0o755)
     _device(tmp_path, monkeypatch, python=str(slow / "python"))
     pte = tmp_path / "m.pte"

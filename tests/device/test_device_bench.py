@@ -1,0 +1,44 @@
+"""`edgectl bench --device`: the same bench run on the device, its rows (naming the device) merged
+with local ones in one table and one JSON. The device is the stand-in for `ssh` of
+test_device_run (the remote command runs here, HOME a tmp dir): it checks the protocol and
+the merge, not a device's speed."""
+
+from __future__ import annotations
+
+import json
+
+from test_device_run import _device, _run, _sha, stories_shards  # noqa: F401  (a fixture)
+
+BENCH = ["--repeat", "1", "--prompt-tokens", "8", "--new-tokens", "4"]
+
+
+def test_bench_rows_of_two_devices_in_one_table(capsys, tmp_path, monkeypatch, stories_pte, stories_shards):  # noqa: F811
+    home = _device(tmp_path, monkeypatch)
+    rc, out, err = _run(capsys, "bench", stories_pte, stories_shards, "--device", "local", "--device", "ssh:pi@board",
+                        "--memory-budget", "400MB", *BENCH, "--json")
+    assert rc == 0, err
+    data = json.loads(out)
+    rows = data["rows"]
+    assert [r["device"]["name"] for r in rows] == ["here", "here", "pi@board", "pi@board"]
+    # the device's rows name the local artifacts, with the same options as the local rows
+    assert [(r["artifact"], r["options"]) for r in rows[:2]] == [(r["artifact"], r["options"]) for r in rows[2:]]
+    assert rows[1]["options"] == {"budget": 400_000_000}
+    for r in rows:
+        assert r["status"] == "ok" and r["summary"]["decode_tok_s"]["mean"] > 0
+        assert {"cpu", "cores", "mem_total_bytes", "emulated"} <= set(r["device"])
+        assert r["runs"][0]["new_tokens"] == 4
+    assert rows[3]["runs"][0]["plan"]["budget_bytes"] == 400_000_000  # planned there, under the budget
+    assert rows[0]["decode_ratio"] == 1.0  # ratios over the first row of the merged table
+    assert "pi@board (" in err and "here (" in err  # the table (stderr with --json) has a device column
+    sets = home / ".cache" / "edgectl" / "sets"
+    assert (sets / _sha(stories_shards / "manifest.json") / ".remeasured").is_file()  # the device's own figures
+    assert not list((home / ".cache" / "edgectl").glob("bench-*.json"))  # the device's report is removed
+
+
+def test_bench_device_row_failure_fails_the_bench(capsys, tmp_path, monkeypatch):
+    _device(tmp_path, monkeypatch)
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(b"not a program")
+    rc, out, err = _run(capsys, "bench", bad, "--device", "ssh:board", *BENCH)
+    assert rc == 1
+    assert any(ln.startswith("edgectl: error: bad.pte") for ln in err.splitlines()), err
