@@ -222,11 +222,11 @@ def _runner_failed(target: Target, rc: int, stderr: str) -> EdgectlError:
     return EdgectlError(f"llama_main failed on {target.name} (exit {rc}): {line}")
 
 
-def stats_line(s: dict, load_ms: float) -> str:
+def stats_line(s: dict, load_ms: float, emulated: bool = False) -> str:
     """The figures as `edgectl run` prints them."""
     return (f"[dim]{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new ({s['stopped']}) | load {load_ms:.0f} ms | "
             f"TTFT {s['ttft_ms']:.0f} ms | prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s "
-            f"(llama_main)[/dim]")
+            f"(llama_main{', emulated' if emulated else ''})[/dim]")
 
 
 _RSS = {"RSS after loading model": "rss_after_load", "RSS after finishing text generation": "rss_end"}
@@ -278,6 +278,7 @@ def run_android(target: Target, artifact: Path, *, prompt: str, n: int, temperat
     _sampling(temperature, top_p, seed)
     artifact = Path(artifact)
     remote_runner, pte, tok_path, meta = prepare(target, artifact, runner)
+    emulated = adb.device_facts(target)["emulated"]
     tok = _tokenizer(artifact)
     if chat:  # llama_main has no chat template: the model's own, applied here
         text, num_bos = tok.apply_chat_template(([{"role": "system", "content": system}] if system else [])
@@ -315,11 +316,12 @@ def run_android(target: Target, artifact: Path, *, prompt: str, n: int, temperat
         ui.warn(f"llama_main read the prompt as {fig['prompt_tokens']} tokens, edgectl as {len(ids)}")
     if json_out:
         ui.emit_json({"artifact": str(artifact), "device": target.name, "runner": "llama_main", "text": out,
-                      "tokens": None, "load_ms": fig["load_ms"], "stats": stats, "runner_stats": obs})
+                      "tokens": None, "load_ms": fig["load_ms"], "stats": stats, "emulated": emulated,
+                      "runner_stats": obs})
         return 0
     sys.stdout.write("\n")
     sys.stdout.flush()
-    ui.info(stats_line(stats, fig["load_ms"]))
+    ui.info(stats_line(stats, fig["load_ms"], emulated))
     return 0
 
 

@@ -125,7 +125,7 @@ def test_json_out(capsys, phone, android_pte):
     s = res["stats"]
     assert (s["prompt_tokens"], s["new_tokens"], s["stopped"]) == (5, 16, "length")
     assert {"ttft_ms", "prefill_tok_s", "decode_tok_s", "prefill_ms", "decode_ms"} <= set(s)
-    assert res["runner_stats"]["generated_tokens"] == 15
+    assert res["runner_stats"]["generated_tokens"] == 15 and res["emulated"] is False
 
 
 def test_bench(capsys, phone, android_pte):
@@ -138,6 +138,24 @@ def test_bench(capsys, phone, android_pte):
         for k in ("load_ms", "ttft_ms", "prefill_ms", "decode_ms", "prefill_tok_s", "decode_tok_s", "first_token_ms"):
             assert run[k] >= 0, k
         assert run["peak_rss"] is None and run["emulated"] is False
+
+
+def test_chat_is_formatted_here(capsys, phone, android_pte, monkeypatch):
+    """llama_main has no chat template: the model's own is applied here and the formatted
+    text (several lines, quotes) is the runner's prompt, read as the same tokens there."""
+    from edgectl.device import android
+    from edgectl.runtime.run import artifact_tokenizer
+
+    tok = artifact_tokenizer(android_pte)
+    tok.config["chat_template"] = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                   "{% if add_generation_prompt %}assistant:{% endif %}")
+    monkeypatch.setattr(android, "_tokenizer", lambda artifact: tok)
+    rc, out, err = _run(capsys, android_pte, chat=True, system="Tell 'short' \"stories\".", json_out=True)
+    assert rc == 0, err
+    text = tok.apply_chat_template([{"role": "system", "content": "Tell 'short' \"stories\"."},
+                                    {"role": "user", "content": PROMPT}])
+    assert json.loads(out)["stats"]["prompt_tokens"] == len(tok.encode(text, bos=False))
+    assert "read the prompt as" not in err
 
 
 def test_interrupted_push_resumes(capsys, phone, tmp_path):
@@ -305,6 +323,7 @@ def test_board_run_and_bench(capsys, board, android_pte, monkeypatch):  # noqa: 
     sys.__stderr__.write(f"second run stderr:\n{err}")
     assert rc == 0 and out2 == out
     assert "pushing" not in err and err.count("on device already") == 2  # and llama_main found there
+    assert "(llama_main, emulated)" in err
     res = bench_android(TARGET, android_pte, prompt_tokens=12, new_tokens=6, repeat=1, threads=None, runner=None)
     sys.__stderr__.write(f"bench: {json.dumps(res)}\n")
     d = res["device"]
