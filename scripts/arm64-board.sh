@@ -5,9 +5,12 @@
 # Emulated: it answers "does it install, import and run on aarch64", never "how fast".
 #
 #   bash scripts/arm64-board.sh build     build (or complete) the board; reuses what exists
-#   bash scripts/arm64-board.sh start     mount /proc and /dev in it, start sshd, print the ssh command
-#   bash scripts/arm64-board.sh stop      kill its processes, unmount, unregister the binfmt entry
-#   bash scripts/arm64-board.sh status    built? running? the ssh command
+#   bash scripts/arm64-board.sh start [--pid PID]   mount /proc and /dev in it, start sshd, print
+#                                         the ssh command; counts PID (or "by hand") as a user
+#   bash scripts/arm64-board.sh stop [--pid PID] [--force]   that user is done; when no other
+#                                         is left (or with --force): kill its processes, unmount,
+#                                         unregister the binfmt entry
+#   bash scripts/arm64-board.sh status    built? running? in use by whom? the ssh command
 #   bash scripts/arm64-board.sh shell     an interactive shell over ssh (starts the board if needed)
 #   bash scripts/arm64-board.sh exec CMD...   run CMD in the board over ssh (starts it if needed)
 #
@@ -16,6 +19,18 @@
 # board's filesystem), id_ed25519 (the client key), ssh_config, known_hosts, port, sshd.log.
 # Every build step leaves a stamp in stamps/ when it is complete; the root filesystem is
 # built in root.tmp/ and renamed, so an interrupted build resumes where it stopped.
+#
+# One board, shared by every session on the host (test runs in different clones, a shell):
+# build, start and stop hold a lock (flock on lock in the board's directory), and every start
+# counts a user in users/: `start --pid PID` a process (the tests' fixture: its pytest), which
+# counts while it lives (a pid that ended, or now belongs to another process, no longer
+# does); a plain `start` the user "by hand", which counts until a plain `stop`. shell and exec
+# count themselves while they run, and a board they start stays up as if started by hand, as
+# does a running board that nobody counts (an older script started it, or its users ended
+# without stopping it). stop (with the same --pid, or none) ends that user and stops the
+# board only when no other user is left; otherwise it says who is left. stop --force stops
+# it whoever uses it. build refuses to change a running board: it passes only when there is
+# nothing to change (same edgectl sources, same requirements), and otherwise says to stop it.
 #
 # Every process in the board runs on qemu's Cortex-A76 model (the Raspberry Pi 5's core): a
 # binfmt_misc entry of its own (edgectl-aarch64, registered after Debian's qemu-aarch64, so
@@ -61,6 +76,69 @@ built() { [ -f "$STAMPS/complete" ] && [ -d "$ROOTFS" ]; }
 port() { if [ -f "$DIR/port" ]; then cat "$DIR/port"; else echo "$PORT_DEFAULT"; fi; }
 
 ssh_cmd() { echo "ssh -F $DIR/ssh_config board"; }
+
+# --------------------------------------------------------------------------------------
+# sharing: one lock for build/start/stop, and the board's users
+
+lock() {  # held until unlock or exit; a start waiting for sshd or a build holds it for a while
+  mkdir -p "$DIR"
+  exec 9>>"$DIR/lock"
+  if ! flock -n 9; then
+    say "waiting for another build/start/stop of the board to finish ($DIR/lock)"
+    flock -w 3600 9 || die "the board's lock ($DIR/lock) was held for an hour"
+  fi
+}
+
+unlock() { exec 9>&-; }
+
+USERS=$DIR/users
+USER_PID=  # start/stop --pid PID; none: the user "by hand" (users/hand)
+
+proc_start() {  # $1: a pid: its start time (clock ticks after boot), nothing if it is gone
+  local s
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  s=${s##*) }
+  # shellcheck disable=SC2086
+  set -- $s
+  echo "${20}"
+}
+
+user_add() {  # $1: the pid of a session using the board (with its start time: pids are reused), or hand
+  local t
+  mkdir -p "$USERS"
+  if [ "$1" = hand ]; then echo "- by hand (until a stop without --pid)" >"$USERS/hand"; return 0; fi
+  t=$(proc_start "$1")
+  [ -n "$t" ] || die "no process $1 to count as a user of the board"
+  echo "$t $(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | cut -c1-100)" >"$USERS/$1"
+}
+
+user_del() { rm -f "$USERS/$1"; }
+
+users_live() {  # the live users (pids, hand), one a line; with "prune": forget the others
+  local f pid t
+  [ -d "$USERS" ] || return 0
+  for f in "$USERS"/*; do
+    [ -f "$f" ] || continue
+    pid=${f##*/}
+    if [ "$pid" = hand ]; then echo hand; continue; fi
+    t=$(proc_start "$pid")
+    if [ -n "$t" ] && [ "$t" = "$(cut -d' ' -f1 "$f" 2>/dev/null)" ]; then
+      echo "$pid"
+    elif [ "${1:-}" = prune ]; then
+      rm -f "$f"
+    fi
+  done
+}
+
+users_line() {  # "N user(s): pid P (command), ..." for the given users
+  local n=0 pid out=
+  for pid in "$@"; do
+    n=$((n + 1))
+    if [ "$pid" = hand ]; then out+="${out:+, }$(cut -d' ' -f2- "$USERS/hand" 2>/dev/null)"; continue; fi
+    out+="${out:+, }pid $pid ($(cut -d' ' -f2- "$USERS/$pid" 2>/dev/null | sed 's/ *$//'))"
+  done
+  if [ "$n" = 0 ]; then echo "nobody"; else echo "$n user(s): $out"; fi
+}
 
 # --------------------------------------------------------------------------------------
 # host side: packages, binfmt_misc and the qemu wrapper
@@ -340,15 +418,26 @@ EOF
   rm -rf "$work"
 }
 
-build_edgectl() {  # this checkout's edgectl ($WHEEL), reinstalled whenever its wheel changes
-  local wheel=$WHEEL sum work=$DIR/edgectl.tmp sp
-  sum=$("$HOST_PY" -c 'import hashlib, sys, zipfile
+deps_key() {  # what the board's packages were resolved for: $WHEEL's requirements, $SKIP_RE
+  "$HOST_PY" -c 'import hashlib, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1]); m = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+req = [l for l in z.read(m).decode().splitlines() if l.startswith("Requires-Dist:")]
+print(hashlib.sha256("\n".join(req + sys.argv[2:]).encode()).hexdigest())' "$WHEEL" "$SKIP_RE"
+}
+
+wheel_sum() {  # $WHEEL's sources: a rebuilt wheel differs in timestamps and compiled files
+  "$HOST_PY" -c 'import hashlib, sys, zipfile
 z = zipfile.ZipFile(sys.argv[1]); h = hashlib.sha256()
 for n in sorted(z.namelist()):
     b = z.read(n)
     if not (b[:4] == b"\x7fELF" or n.endswith(".dist-info/RECORD")):
         h.update(n.encode() + b"\0" + b)
-print(h.hexdigest())' "$wheel")  # its sources: a rebuilt wheel differs in timestamps and compiled files
+print(h.hexdigest())' "$WHEEL"
+}
+
+build_edgectl() {  # this checkout's edgectl ($WHEEL), reinstalled whenever its wheel changes
+  local wheel=$WHEEL sum work=$DIR/edgectl.tmp sp
+  sum=$(wheel_sum)
   if [ -f "$STAMPS/edgectl" ] && [ "$(cat "$STAMPS/edgectl")" = "$sum" ]; then
     return 0
   fi
@@ -397,7 +486,8 @@ cmd_build() {
   need_root
   local t0=$SECONDS
   mkdir -p "$DIR" "$STAMPS"
-  running && die "the board is running: stop it first (bash $0 stop)"
+  lock  # no start, stop or other build meanwhile
+  if running; then build_while_running; return 0; fi
   host_tools
   host_python
   binfmt_register
@@ -410,10 +500,7 @@ cmd_build() {
   WHEEL=$(edgectl_wheel)
   # the packages again when edgectl's requirements (or what is left out) change
   local key
-  key=$("$HOST_PY" -c 'import hashlib, sys, zipfile
-z = zipfile.ZipFile(sys.argv[1]); m = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-req = [l for l in z.read(m).decode().splitlines() if l.startswith("Requires-Dist:")]
-print(hashlib.sha256("\n".join(req + sys.argv[2:]).encode()).hexdigest())' "$WHEEL" "$SKIP_RE")
+  key=$(deps_key)
   if [ "$(cat "$STAMPS/deps" 2>/dev/null)" != "$key" ]; then
     local t1=$SECONDS
     say "build: deps"
@@ -427,6 +514,24 @@ print(hashlib.sha256("\n".join(req + sys.argv[2:]).encode()).hexdigest())' "$WHE
   step check build_check
   touch "$STAMPS/complete"
   say "built in $((SECONDS - t0)) s: $DIR ($(du -sh "$DIR" | cut -f1)); start it with: bash $0 start"
+}
+
+build_while_running() {  # its users run what is in it: passes only if there is nothing to change
+  local users
+  users=$(users_live)
+  # shellcheck disable=SC2086
+  users=$(users_line $users)
+  built || die "the board is running but not completely built: stop it first (bash $0 stop; in use by $users)"
+  host_python
+  WHEEL=$(edgectl_wheel)
+  if [ "$(cat "$STAMPS/deps" 2>/dev/null)" = "$(deps_key)" ] && [ "$(cat "$STAMPS/edgectl" 2>/dev/null)" = "$(wheel_sum)" ] \
+     && [ -f "$STAMPS/check" ]; then
+    rm -rf "$DIR/wheel.tmp"
+    say "up to date (edgectl from $SRC); running, left as it is"
+    return 0
+  fi
+  rm -rf "$DIR/wheel.tmp"
+  die "the board is running and its edgectl (or its packages) differ from $SRC's: building would change them under its users (in use by $users). Stop it first: bash $0 stop (--force stops it for every user)"
 }
 
 # --------------------------------------------------------------------------------------
@@ -466,10 +571,21 @@ Host board
 EOF
 }
 
-cmd_start() {
+cmd_start() {  # with the lock held until this script exits (or unlock)
   need_root
   built || die "not built: run bash $0 build first"
-  if running; then say "running"; ssh_cmd; return 0; fi
+  lock
+  if running; then
+    # nobody counted: started by an older script, or by users that ended without stopping it
+    [ -n "$(users_live prune)" ] || user_add hand
+    user_add "${USER_PID:-hand}"
+    # shellcheck disable=SC2046
+    [ -n "$QUIET" ] || say "running, in use by $(users_line $(users_live))"
+    ssh_cmd
+    return 0
+  fi
+  rm -rf "$USERS"  # left by a board that stopped without this script
+  user_add "${USER_PID:-hand}"
   local p=$PORT_DEFAULT i
   binfmt_register
   fake_sys "$ROOTFS"
@@ -479,7 +595,7 @@ cmd_start() {
   write_ssh_config "$p"
   setsid chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LANG=C.UTF-8 /usr/sbin/sshd -D -e -p "$p" -o ListenAddress=127.0.0.1 -o PasswordAuthentication=no \
-    </dev/null >"$DIR/sshd.log" 2>&1 &
+    </dev/null >"$DIR/sshd.log" 2>&1 9>&- &  # 9: the lock, not kept by sshd
   echo $! >"$DIR/sshd.pid"
   for i in $(seq 1 120); do
     if ssh -F "$DIR/ssh_config" -o ConnectTimeout=5 board true 2>/dev/null; then
@@ -488,17 +604,32 @@ cmd_start() {
       return 0
     fi
     if ! kill -0 "$(cat "$DIR/sshd.pid")" 2>/dev/null; then
-      cmd_stop >/dev/null 2>&1 || true
+      board_down >/dev/null 2>&1 || true
       die "sshd exited: $(tail -n1 "$DIR/sshd.log")"
     fi
     sleep 1
   done
-  cmd_stop >/dev/null 2>&1 || true
+  board_down >/dev/null 2>&1 || true
   die "sshd did not answer on port $p within 120 s: see $DIR/sshd.log"
 }
 
+FORCE=
 cmd_stop() {
   need_root
+  lock
+  user_del "${USER_PID:-hand}"
+  local others
+  others=$(users_live prune)
+  if [ -n "$others" ] && running; then
+    # shellcheck disable=SC2086
+    if [ -z "$FORCE" ]; then say "left running: in use by $(users_line $others) (stop --force stops it anyway)"; return 0; fi
+    # shellcheck disable=SC2086
+    say "--force: stopping it under $(users_line $others)"
+  fi
+  board_down
+}
+
+board_down() {  # kill its processes, unmount, unregister the binfmt entry; forget its users
   local pids i
   pids=$(board_pids)
   if [ -n "$pids" ]; then
@@ -511,6 +642,7 @@ cmd_stop() {
     [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
   fi
   rm -f "$DIR/sshd.pid"
+  rm -rf "$USERS"
   [ -d "$ROOTFS" ] && unmount_all "$ROOTFS"
   binfmt_unregister
   say "stopped"
@@ -520,6 +652,8 @@ cmd_status() {
   if built; then echo "built: $DIR"; else echo "not built: $DIR"; fi
   if running; then
     echo "running: sshd pid $(sshd_pid) on 127.0.0.1:$(port)"
+    # shellcheck disable=SC2046
+    echo "in use by $(users_line $(users_live))"
     ssh_cmd
   else
     echo "stopped"
@@ -530,15 +664,34 @@ cmd_status() {
   running || built
 }
 
-ensure_running() { running || cmd_start >/dev/null; }
+QUIET=
+ensure_running() {  # for shell and exec: this process (ssh, after exec) is a user meanwhile
+  running || { cmd_start >/dev/null; unlock; }  # as if by hand
+  USER_PID=$$ QUIET=1
+  cmd_start >/dev/null
+  unlock
+}
+
+options() {  # start/stop options
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --pid) [ $# -gt 1 ] || die "--pid: a process id"; USER_PID=$2; shift ;;
+      --pid=*) USER_PID=${1#--pid=} ;;
+      --force) [ "$cmd" = stop ] || die "$cmd: unknown option --force"; FORCE=1 ;;
+      *) die "$cmd: unknown option $1 (try --help)" ;;
+    esac
+    shift
+  done
+  case "$USER_PID" in *[!0-9]*) die "--pid: a process id, not '$USER_PID'" ;; esac
+}
 
 main() {
   local cmd=${1:-}
   [ $# -gt 0 ] && shift
   case "$cmd" in
     build) cmd_build ;;
-    start) cmd_start ;;
-    stop) cmd_stop ;;
+    start) options "$@"; cmd_start ;;
+    stop) options "$@"; cmd_stop ;;
     status) cmd_status ;;
     shell) ensure_running; exec ssh -F "$DIR/ssh_config" -t -o BatchMode=yes board ;;
     exec) [ $# -gt 0 ] || die "exec: a command to run"; ensure_running

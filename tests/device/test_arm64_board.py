@@ -31,16 +31,20 @@ def _script(*args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def board():
-    """A function running a shell command in the board over ssh; returns its stdout, stripped."""
+    """A function running a shell command in the board over ssh; returns its stdout, stripped.
+
+    As root, this test process counts as one of the board's users while the module runs
+    (`start --pid`, which starts a stopped board, then `stop --pid`): the board stops after
+    it only if no other session (a test run in another clone, a shell) still uses it. Not
+    root: a running board is used as it is, and a stopped one skips."""
     if not ((BOARD / "stamps" / "complete").is_file() and (BOARD / "root").is_dir()):
         needs_hardware(f"the emulated aarch64 board in {BOARD} (build it: bash scripts/arm64-board.sh build)")
-    started = False
-    if "running:" not in _script("status").stdout:
-        if os.geteuid() != 0:
-            needs_hardware(f"the emulated aarch64 board running (as root: bash {SCRIPT} start)")
-        r = _script("start")
+    me = str(os.getpid())
+    if os.geteuid() == 0:
+        r = _script("start", "--pid", me)
         assert r.returncode == 0, f"arm64-board.sh start failed:\n{r.stderr}"
-        started = True
+    elif "running:" not in _script("status").stdout:
+        needs_hardware(f"the emulated aarch64 board running (as root: bash {SCRIPT} start)")
 
     def run(command: str) -> str:
         r = subprocess.run(["ssh", "-F", str(BOARD / "ssh_config"), "board", command],
@@ -49,8 +53,8 @@ def board():
         return r.stdout.strip()
 
     yield run
-    if started:
-        r = _script("stop")
+    if os.geteuid() == 0:
+        r = _script("stop", "--pid", me)
         assert r.returncode == 0, f"arm64-board.sh stop failed:\n{r.stderr}"
 
 
