@@ -44,12 +44,14 @@ def _last_line(text: str) -> str:
 
 def adb_error(target: Target, stderr: str) -> EdgectlError | None:
     """adb's own failure in `stderr` as one error, or None when it names none (a device command's failure)."""
-    low = stderr.lower()
-    first = next((ln.strip() for ln in stderr.splitlines() if ln.strip()), "")
+    own = [ln.strip() for ln in stderr.splitlines() if ln.strip().startswith(("adb:", "error:", "* daemon"))]
+    if not own:  # a device command's own stderr, not adb's
+        return None
+    low, first = "\n".join(own).lower(), own[0]
     if "unauthorized" in low or "still authorizing" in low:
         return EdgectlError(f"{target.name} is unauthorized: {first}",
                             hint="unlock the phone and accept the 'Allow USB debugging?' dialog, then run again")
-    if "device offline" in low or "offline" in first.lower():
+    if "offline" in low:
         return EdgectlError(f"{target.name} is offline: {first}",
                             hint="reconnect the cable or run `adb reconnect`; check `adb devices`")
     if any(p in low for p in _NOT_FOUND) and ("device" in low or "emulator" in low):

@@ -277,8 +277,7 @@ def run_android(target: Target, artifact: Path, *, prompt: str, n: int, temperat
         raise UsageError("--system needs --chat")
     _sampling(temperature, top_p, seed)
     artifact = Path(artifact)
-    remote_runner, pte, tok_path, meta = prepare(target, artifact, runner)
-    emulated = adb.device_facts(target)["emulated"]
+    meta = stock_files(artifact)[1]  # before any push: the program and its tokenizer file
     tok = _tokenizer(artifact)
     if chat:  # llama_main has no chat template: the model's own, applied here
         text, num_bos = tok.apply_chat_template(([{"role": "system", "content": system}] if system else [])
@@ -292,6 +291,8 @@ def run_android(target: Target, artifact: Path, *, prompt: str, n: int, temperat
     if new < 1:
         raise UsageError(f"the prompt ({len(ids)} tokens) fills the program's {context} positions",
                          hint="give a shorter prompt, or export with a larger --max-seq-len")
+    remote_runner, pte, tok_path, _ = prepare(target, artifact, runner)
+    emulated = adb.device_facts(target)["emulated"]
 
     def stream(s: str) -> None:
         if not json_out:
@@ -334,15 +335,16 @@ def bench_android(target: Target, artifact: Path, *, prompt_tokens: int, new_tok
     if repeat < 1 or prompt_tokens < 1 or new_tokens < 2:
         raise UsageError("--repeat and --prompt-tokens must be >= 1, --new-tokens >= 2")
     artifact = Path(artifact)
-    remote_runner, pte, tok_path, meta = prepare(target, artifact, runner)
-    device = adb.device_facts(target)
+    meta = stock_files(artifact)[1]
+    if prompt_tokens + new_tokens > int(meta["max_seq_len"]):
+        raise UsageError(f"--prompt-tokens + --new-tokens ({prompt_tokens + new_tokens}) exceed the program's "
+                         f"{meta['max_seq_len']} positions")
     tok = _tokenizer(artifact)
     ids = prompt_ids(tok, prompt_tokens)
     num_bos = 1 if tok.bos_id is not None and ids[:1] == [tok.bos_id] else 0
     text = tok.decode(ids[num_bos:])
-    if prompt_tokens + new_tokens > int(meta["max_seq_len"]):
-        raise UsageError(f"--prompt-tokens + --new-tokens ({prompt_tokens + new_tokens}) exceed the program's "
-                         f"{meta['max_seq_len']} positions")
+    remote_runner, pte, tok_path, _ = prepare(target, artifact, runner)
+    device = adb.device_facts(target)
     command = llama_command(remote_runner, pte, tok_path, text, new_tokens, 0.0, num_bos, threads,
                             ignore_eos=True, context=prompt_tokens + new_tokens)
     runs = []

@@ -226,11 +226,17 @@ def test_usage_errors(capsys, phone, android_pte, stories_pte, tmp_path):
         _run(capsys, lone)
     with pytest.raises(UsageError, match="shard sets do not run on Android"):
         _run(capsys, tmp_path)
+    with pytest.raises(UsageError, match="fills the program's 256 positions"):
+        _run(capsys, android_pte, prompt="Once upon a time " * 80)
+    with pytest.raises(UsageError, match=r"\(266\) exceed the program's 256 positions"):
+        bench_android(TARGET, android_pte, prompt_tokens=250, new_tokens=16, repeat=1, threads=None, runner=LLAMA_MAIN)
+    assert list(phone.iterdir()) == []  # refused before anything was pushed
 
 
 def test_runner_failure_is_one_line(capsys, phone, android_pte, tmp_path):
     bad = tmp_path / "llama_main"
-    bad.write_text("#!/bin/sh\necho 'I starting' >&2\necho 'E main.cpp] Failed to create llama runner' >&2\nexit 1\n")
+    bad.write_text("#!/bin/sh\necho 'I starting' >&2\necho 'E main.cpp] Failed to create llama runner: "
+                   "device not found' >&2\nexit 1\n")  # the runner's words, not adb's
     with pytest.raises(EdgectlError, match=r"llama_main failed on adb:standin-0 \(exit 1\): E main.cpp\] Failed to create"):
         _run(capsys, android_pte, runner=bad)
 
