@@ -150,7 +150,7 @@ class Row:
         ok = self.ok_runs
         if not ok:
             return None
-        return {k: summarise([r[k] for r in ok]) if all(k in r for r in ok) else None for k in SUMMARY_KEYS}
+        return {k: summarise([r[k] for r in ok]) if all(r.get(k) is not None for r in ok) else None for k in SUMMARY_KEYS}
 
     def to_dict(self, label: str | None = None) -> dict:
         return {
@@ -178,9 +178,12 @@ class Row:
 
 def set_decode_ratios(rows: list[Row]) -> None:
     """Each row's mean decode tok/s over the first measured row's."""
-    base = next((r.summary["decode_tok_s"]["mean"] for r in rows if r.summary), None)
+    def decode(r: Row) -> float | None:
+        return r.summary["decode_tok_s"]["mean"] if r.summary and r.summary["decode_tok_s"] else None
+
+    base = next((d for r in rows if (d := decode(r))), None)
     for row in rows:
-        row.decode_ratio = row.summary["decode_tok_s"]["mean"] / base if base and row.summary else float("nan")
+        row.decode_ratio = decode(row) / base if base and decode(row) else float("nan")
 
 
 @dataclass
@@ -324,10 +327,8 @@ def render_table(report: BenchReport):
         if m is None:
             cells += ["-"] * 7
         else:
-            cells += [
-                _pm(m["load_ms"]), _pm(m["ttft_ms"]), (_pm(m["first_token_ms"]) if m["first_token_ms"] else "-"), _pm(m["prefill_tok_s"]), _pm(m["decode_tok_s"]),
-                f"{m['peak_rss']['mean'] / 1e6:.0f}", f"{m['model_rss']['mean'] / 1e6:.0f}",
-            ]
+            cells += [_pm(m[k]) if m[k] else "-" for k in ("load_ms", "ttft_ms", "first_token_ms", "prefill_tok_s", "decode_tok_s")]
+            cells += [f"{m[k]['mean'] / 1e6:.0f}" if m[k] else "-" for k in ("peak_rss", "model_rss")]
         if planned:
             p = [x["plan_total_bytes"] for x in r.ok_runs if x.get("plan_total_bytes") is not None]
             cells.append(f"{p[0] / 1e6:.1f}" if p else "")

@@ -39,6 +39,8 @@ def bench(
                                                         "and port optional; the artifacts are sent to its store once, "
                                                         "by sha256), or `local`. Repeat it for rows of several devices "
                                                         "in one table; each row names its device.")] = None,
+    runner: Annotated[Optional[Path], typer.Option("--runner", help="With --device adb:SERIAL: ExecuTorch's llama_main "
+                                                   "built for Android arm64 (pushed once; see the README, Android).")] = None,
     recipe: RecipeOpt = None,
 ):
     """Measure load time, TTFT, prefill/decode speed and memory of ARTIFACTS; a table on stdout.
@@ -66,11 +68,13 @@ def bench(
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {plot}: expected a .png path")
     _json_path_given_as_artifact(artifacts)
+    if runner is not None and not device:
+        raise UsageError("--runner needs --device adb:SERIAL")
     settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup, ctx_size)
     cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision, plan_file)
     with ui.stages("benchmarking") as step:
         if device:
-            report = _bench_devices(device, artifacts, cases, settings, step, keep_going, memory_budget=memory_budget,
+            report = _bench_devices(device, artifacts, cases, settings, step, keep_going, runner, memory_budget=memory_budget,
                                     precision=precision, mode=mode, plan_file=plan_file)
         else:
             report = run_bench(cases, settings, progress=step, warn=ui.warn, keep_going=keep_going)
@@ -100,7 +104,7 @@ def bench(
 
 
 def _bench_devices(devices: list[str], artifacts: list[Path], cases: list, settings, step, keep_going: bool,
-                   **plan_opts):
+                   runner: Path | None, **plan_opts):
     """Rows of every device in one report: `local` measured here, ssh: targets by the same bench
     on the device (edgectl/device/remote_bench.py), each row carrying its device's facts."""
     from edgectl.bench.bench import run_bench
@@ -109,6 +113,8 @@ def _bench_devices(devices: list[str], artifacts: list[Path], cases: list, setti
     from edgectl.util import ui
 
     targets = [None if d == "local" else parse_target(d) for d in devices]
+    if runner is not None and not any(t is not None and t.kind == "adb" for t in targets):
+        raise UsageError("--runner needs --device adb:SERIAL")
     rows, notes, cold, baseline = [], [], settings.cold, None
     for t in targets:
         if t is None:
@@ -124,7 +130,9 @@ def _bench_devices(devices: list[str], artifacts: list[Path], cases: list, setti
             cold, baseline = cold and local.cold, baseline or local.cgroup_baseline
             continue
         if t.kind == "adb":
-            raise UsageError("adb: targets are not supported by `bench` yet", hint="use ssh:[user@]host[:port]")
+            step(t.name)
+            rows += _bench_android(t, artifacts, settings, runner, plan_opts)
+            continue
         from edgectl.device.remote_bench import bench_remote
 
         step(t.name)
@@ -137,6 +145,28 @@ def _bench_devices(devices: list[str], artifacts: list[Path], cases: list, setti
         baseline = baseline or data["settings"].get("cgroup_baseline")
     set_decode_ratios(rows)
     return BenchReport(settings, rows, cold, notes, baseline)
+
+
+def _bench_android(target, artifacts: list[Path], settings, runner: Path | None, plan_opts: dict) -> list:
+    """Rows of `adb:` devices: ExecuTorch's llama_main on each .pte (edgectl/device/android.py)."""
+    from edgectl.bench.report import Case, Row
+    from edgectl.device.android import bench_android
+
+    unsupported = [f for f, on in (("--memory-budget", plan_opts["memory_budget"]), ("--precision", plan_opts["precision"]),
+                                    ("--mode", plan_opts["mode"]), ("--plan-file", plan_opts["plan_file"]),
+                                    ("--ppl", settings.ppl_file), ("--cgroup", settings.cgroup), ("--cold", settings.cold),
+                                    ("--ctx-size", settings.ctx_size)) if on]
+    if unsupported:
+        raise UsageError(f"{unsupported[0]} is not supported with adb: devices",
+                         hint="the phone runs ExecuTorch's stock runner on .pte files (export --target android)")
+    rows = []
+    for a in artifacts:
+        if a.is_dir():
+            raise UsageError(f"{a}: shard sets do not run on adb: devices", hint="give a .pte from export --target android")
+        got = bench_android(target, a, prompt_tokens=settings.prompt_tokens, new_tokens=settings.new_tokens,
+                            repeat=settings.repeat, threads=settings.threads, runner=runner)
+        rows.append(Row(Case(a.resolve()), a.stat().st_size, got["runs"], device=got["device"]))
+    return rows
 
 
 def _remote_options(s, keep_going: bool, memory_budget: str | None, precision: str | None, mode: str | None,

@@ -34,7 +34,10 @@ def run(
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions the run may use (prompt + generated). With --memory-budget the KV cache is planned and charged for these (default: the prompt's tokens + -n); otherwise the artifact's max_seq_len.")] = None,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="Run on this device instead: ssh:user@host:port, user and port optional. "
+    runner: Annotated[Optional[Path], typer.Option("--runner", help="With --device adb:SERIAL: ExecuTorch's llama_main "
+                                                   "built for Android arm64 (pushed once; see the README, Android).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Run on this device instead: ssh:user@host:port, user and port optional, or adb:SERIAL (a .pte from "
+                                                  "`export --target android`, run by ExecuTorch's llama_main). "
                                                   "The .pte or shard set is sent to the device's store once (by sha256); "
                                                   "a budget is planned with the device's own measured figures.")] = None,
 ):
@@ -48,9 +51,11 @@ def run(
 
     if system and not chat:
         raise UsageError("--system needs --chat")
+    if runner is not None and device is None:
+        raise UsageError("--runner needs --device adb:SERIAL")
     if device is not None:
         _run_on_device(device, artifact, prompt, n, temperature, top_p, seed, chat, system, threads, json_out,
-                       memory_budget, latency_target, mode, precision, plan_file, show_plan, ctx_size)
+                       memory_budget, latency_target, mode, precision, plan_file, show_plan, ctx_size, runner)
         return
     budget = None
     if memory_budget is not None:
@@ -99,7 +104,7 @@ def run(
 def _run_on_device(device: str, artifact: Path, prompt: str | None, n: int, temperature: float, top_p: float,
                    seed: int | None, chat: bool, system: str | None, threads: int | None, json_out: bool,
                    memory_budget: str | None, latency_target: float | None, mode: str, precision: str | None,
-                   plan_file: Path | None, show_plan: bool, ctx_size: int | None) -> None:
+                   plan_file: Path | None, show_plan: bool, ctx_size: int | None, runner: Path | None) -> None:
     """`--device`: the artifact sent to the device (edgectl/device/store.py), the same `run`
     there, its output streamed back; exits with its status. A shard set run with a budget or
     a latency target is planned with the device's own figures (`shard --remeasure` there, once)."""
@@ -109,8 +114,15 @@ def _run_on_device(device: str, artifact: Path, prompt: str | None, n: int, temp
     if prompt is None and not show_plan:
         raise UsageError("--prompt is required (unless --plan)")
     target = parse_target(device)
+    if not artifact.exists():
+        raise UsageError(f"no such file or directory: {artifact}")
     if target.kind == "adb":
-        raise UsageError("adb: targets are not supported by `run` yet", hint="use ssh:[user@]host[:port]")
+        _run_on_android(target, artifact, prompt, n, temperature, top_p, seed, chat, system, threads, json_out, runner,
+                        memory_budget=memory_budget, latency_target=latency_target, precision=precision,
+                        plan_file=plan_file, plan=show_plan, ctx_size=ctx_size)
+        return
+    if runner is not None:
+        raise UsageError("--runner is for adb: devices (ExecuTorch's llama_main)")
     if not artifact.exists():
         raise UsageError(f"no such file or directory: {artifact}")
     if memory_budget is not None:
@@ -130,6 +142,22 @@ def _run_on_device(device: str, artifact: Path, prompt: str | None, n: int, temp
         args += ["--plan-file", send_artifact(target, plan_file)]
     args += [flag for flag, on in (("--chat", chat), ("--plan", show_plan), ("--json", json_out)) if on]
     rc = run_edgectl(target, args)
+    if rc:
+        raise typer.Exit(rc)
+
+
+def _run_on_android(target, artifact: Path, prompt: str, n: int, temperature: float, top_p: float, seed: int | None,
+                    chat: bool, system: str | None, threads: int | None, json_out: bool, runner: Path | None,
+                    **shard_options) -> None:
+    """`--device adb:SERIAL`: ExecuTorch's llama_main on the phone (edgectl/device/android.py)."""
+    from edgectl.device.android import run_android
+
+    given = [k for k, v in shard_options.items() if v not in (None, False)]
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} is not supported with adb: devices",
+                         hint="the phone runs ExecuTorch's stock runner on one .pte (export --target android)")
+    rc = run_android(target, artifact, prompt=prompt, n=n, temperature=temperature, top_p=top_p, seed=seed, chat=chat,
+                     system=system, threads=threads, json_out=json_out, runner=runner)
     if rc:
         raise typer.Exit(rc)
 

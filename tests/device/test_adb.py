@@ -338,3 +338,31 @@ def test_board_run_and_bench(capsys, board, android_pte, monkeypatch):  # noqa: 
     assert run["prompt_tokens"] == 12 and run["new_tokens"] == 6 and run["emulated"] is True
     assert run["decode_tok_s"] > 0 and run["load_ms"] >= 0
     board(f"rm -rf {BOARD_PHONE}")
+
+
+# -- the CLI: run and bench --device adb:SERIAL -----------------------------------------
+
+
+def test_cli_run_and_bench(capsys, phone, android_pte):
+    """`edgectl run/bench --device adb:SERIAL --runner PATH` reach the same code as above,
+    and bench's rows carry the phone and merge with local ones."""
+    def cli(*argv):
+        rc = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    rc, out, err = cli("run", android_pte, "--device", "adb:standin-0", "--runner", LLAMA_MAIN, "-p", PROMPT, "-n", "16")
+    assert rc == 0, err
+    assert out.strip() == _local_text(android_pte).strip()
+    rc, out, err = cli("bench", android_pte, "--device", "local", "--device", "adb:standin-0", "--runner", LLAMA_MAIN,
+                       "--repeat", "1", "--prompt-tokens", "12", "--new-tokens", "4", "--json")
+    assert rc == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["device"]["name"] for r in rows] == ["here", "edgectl adb stand-in"]
+    assert rows[0]["artifact"] == rows[1]["artifact"] == str(android_pte.resolve())
+    assert rows[1]["runs"][0]["new_tokens"] == 4 and rows[1]["summary"]["decode_tok_s"]["mean"] > 0
+    assert rows[1]["summary"]["peak_rss"] is None  # llama_main reports no peak
+    rc, out, err = cli("run", android_pte, "--device", "adb:standin-0", "-p", "x", "--memory-budget", "300MB")
+    assert rc == 2 and "--memory-budget is not supported with adb: devices" in err
+    rc, out, err = cli("run", android_pte, "-p", "x", "--runner", LLAMA_MAIN)
+    assert rc == 2 and "--runner needs --device adb:SERIAL" in err
