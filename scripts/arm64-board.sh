@@ -284,8 +284,9 @@ build_base() {  # name resolution and CAs for apt/pip in the board; services nev
 
 build_sshd() {
   mount_runtime "$ROOTFS"
-  in_board apt-get install -y -qq --no-install-recommends openssh-server >"$DIR/apt.log" 2>&1 \
-    || { unmount_all "$ROOTFS"; die "apt-get install openssh-server in the board failed: see $DIR/apt.log"; }
+  # libatomic1: ExecuTorch's LLM runner library (_llm_runner, what the stand-in llama_main calls) links libatomic.so.1
+  in_board apt-get install -y -qq --no-install-recommends openssh-server libatomic1 >"$DIR/apt.log" 2>&1 \
+    || { unmount_all "$ROOTFS"; die "apt-get install openssh-server libatomic1 in the board failed: see $DIR/apt.log"; }
   unmount_all "$ROOTFS"
   rm -rf "$ROOTFS/var/cache/apt/archives/"*.deb "$ROOTFS/var/lib/apt/lists/"*_Packages
 }
