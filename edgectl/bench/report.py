@@ -333,7 +333,7 @@ def render_table(report: BenchReport):
             p = [x["plan_total_bytes"] for x in r.ok_runs if x.get("plan_total_bytes") is not None]
             cells.append(f"{p[0] / 1e6:.1f}" if p else "")
         if s.cgroup:
-            peaks = [x["cgroup_peak"] for x in r.runs if "cgroup_peak" in x]
+            peaks = [x["cgroup_peak"] for x in r.runs if x.get("cgroup_peak") is not None]
             cells.append(f"{max(peaks) / 1e6:.0f}" if peaks else "")
         if show_status:
             cells.append(r.status)
