@@ -55,6 +55,15 @@ def sample(logits, cfg: SamplingConfig, rng=None) -> int:
     logits = np.asarray(logits).reshape(-1)
     if cfg.temperature <= 0:
         return int(np.argmax(logits))
+    return draw(probabilities(logits, cfg), rng)
+
+
+def probabilities(logits, cfg: SamplingConfig):
+    """The distribution `sample` draws from at temperature > 0 (float64 numpy): the softmax
+    of a logits row at `temperature`, cut to the top_p nucleus and renormalised."""
+    import numpy as np
+
+    logits = np.asarray(logits).reshape(-1)
     z = logits.astype(np.float64) / cfg.temperature
     probs = np.exp(z - z.max())
     probs /= probs.sum()
@@ -65,6 +74,13 @@ def sample(logits, cfg: SamplingConfig, rng=None) -> int:
         probs = np.zeros_like(probs)
         probs[order[keep]] = sorted_p[keep]
         probs /= probs.sum()
+    return probs
+
+
+def draw(probs, rng=None) -> int:
+    """One token drawn from the distribution `probs` with `rng` (numpy's Generator)."""
+    import numpy as np
+
     rng = rng if rng is not None else np.random.default_rng()
     return int(min(np.searchsorted(np.cumsum(probs), rng.random(), side="right"), len(probs) - 1))
 

@@ -1,0 +1,271 @@
+"""Speculative decoding (edgectl/runtime/speculative.py): the acceptance step leaves the
+target's distribution unchanged (exactly, on hand-made distributions, and statistically
+through the whole loop on small Markov models with position-indexed caches); greedy output
+is token-identical to the target alone on stories260K (a draft at another precision of the
+same shard set, another .pte, lookup) and on SmolLM2 over MT-Bench prompts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgectl.runtime.generate import SamplingConfig, generate
+from edgectl.runtime.speculative import (LookupDraft, ModelDraft, SpeculativeGeneration, accept_probability,
+                                         parse_draft, residual, speculative_generate, verify)
+from edgectl.util.errors import EdgectlError, UsageError
+
+# ---------------------------------------------------------------------------------------
+# The acceptance step, exactly
+
+P = np.array([0.5, 0.2, 0.15, 0.1, 0.05, 0.0])
+QS = [
+    np.array([0.1, 0.1, 0.3, 0.3, 0.1, 0.1]),  # q puts mass where p has none
+    np.array([0.9, 0.0, 0.05, 0.05, 0.0, 0.0]),  # q misses tokens p has
+    np.array([0.0, 0.0, 0.0, 0.0, 1.0, 0.0]),  # a point mass on a token p finds unlikely
+    P.copy(),
+]
+
+
+@pytest.mark.parametrize("q", QS, ids=["spread", "narrow", "point", "equal"])
+def test_one_step_gives_p_exactly(q):
+    """Sum over drafts x ~ q of [keep x with a(x), else draw from the residual] is p."""
+    out = np.zeros_like(P)
+    for x in np.flatnonzero(q):
+        a = accept_probability(P, q, x)
+        assert 0.0 <= a <= 1.0
+        out[x] += q[x] * a
+        out += q[x] * (1 - a) * residual(P, q, x)
+    np.testing.assert_allclose(out, P, atol=1e-12)
+
+
+@pytest.mark.parametrize("x", range(6))
+def test_point_mass_draft_gives_p_exactly(x):
+    """A lookup draft (q a point mass on x, for any x): keep x with p(x), else draw from p without x."""
+    a = accept_probability(P, None, x)
+    out = a * np.eye(len(P))[x] + (1 - a) * residual(P, None, x)
+    np.testing.assert_allclose(out, P, atol=1e-12)
+
+
+def test_greedy_verify_keeps_the_agreeing_prefix():
+    logits = np.full((4, 6), -1.0)
+    for row, best in enumerate((2, 5, 1, 3)):
+        logits[row, best] = 1.0
+    g = SamplingConfig()
+    assert verify(logits, [2, 5, 1], None, g, None) == ([2, 5, 1, 3], 3)  # all kept, then the bonus
+    assert verify(logits, [2, 4, 1], None, g, None) == ([2, 5], 1)  # the correction replaces the first miss
+    assert verify(logits, [0, 5, 1], None, g, None) == ([2], 0)
+    assert verify(logits[:1], [], None, g, None) == ([2], 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Small Markov models with a position-indexed cache, through the whole loop
+
+
+class MarkovModel:
+    """The Model protocol over a table of logits by the two previous tokens, which it reads
+    from its own cache (token ids by position): a stale entry (a rejected draft not
+    overwritten) or a gap before `start` changes or fails what it returns."""
+
+    def __init__(self, table: np.ndarray, max_seq_len: int = 64):
+        self.table, self.max_seq_len, self.calls = table, max_seq_len, []
+        self.cache = np.full(max_seq_len, -1)
+        self.meta = {"model": {"vocab_size": table.shape[-1]}}
+
+    def reset(self) -> None:
+        self.cache[:] = -1
+
+    def forward(self, tokens, start, all_logits=False):
+        assert start + len(tokens) <= self.max_seq_len and (self.cache[:start] >= 0).all()
+        self.calls.append(len(tokens))
+        self.cache[start : start + len(tokens)] = tokens
+        pos = range(start, start + len(tokens)) if all_logits else [start + len(tokens) - 1]
+        return np.stack([self.table[self.cache[i - 1] if i else -1, self.cache[i]] for i in pos])
+
+
+def _tables(vocab: int, seed: int, scale: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    r = np.random.default_rng(seed)
+    target = r.normal(0, scale, (vocab + 1, vocab, vocab))  # [prev2 (last: none), prev1, next]
+    return target, target + r.normal(0, scale, target.shape)  # a draft that is often wrong
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+@pytest.mark.parametrize("draft_kind", ["model", "lookup"])
+def test_sampled_output_follows_the_target(draft_kind):
+    """20k sampled 4-token continuations (the last 3 from draft-and-verify blocks), with a
+    draft q != p, against the target's own chain probabilities: chi-square over the 81
+    sequences, and each frequency within 0.01."""
+    vocab, n, prompt = 3, 20_000, [0, 1, 0, 1, 2]
+    target_t, draft_t = _tables(vocab, 1)
+    target = MarkovModel(target_t)
+    draft = ModelDraft(MarkovModel(draft_t), "markov") if draft_kind == "model" else LookupDraft(3)
+    counts, proposed, accepted = {}, 0, 0
+    for seed in range(n):
+        st = speculative_generate(target, draft, prompt, 4, (), SamplingConfig(1.0, seed=seed), k=3)
+        counts[tuple(st.tokens)] = counts.get(tuple(st.tokens), 0) + 1
+        proposed, accepted = proposed + st.proposed, accepted + st.accepted
+    assert proposed > n and 0 < accepted < proposed  # drafts were offered, some kept, some not
+    chi2, worst = 0.0, 0.0
+    for seq in itertools.product(range(vocab), repeat=4):
+        hist, p = list(prompt), 1.0
+        for t in seq:
+            p *= _softmax(target_t[hist[-2], hist[-1]])[t]
+            hist.append(t)
+        chi2 += (counts.get(seq, 0) - n * p) ** 2 / (n * p)
+        worst = max(worst, abs(counts.get(seq, 0) / n - p))
+    assert chi2 < 146.0 and worst < 0.01, (chi2, worst)  # df 80: P(chi2 > 146) ~ 1e-5 for a right sampler
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize("draft_kind", ["model", "same", "lookup"])
+def test_markov_greedy_is_the_target_alone(draft_kind, k):
+    """Greedy: the same tokens as generate() on the target alone, a draft equal to the
+    target has every proposal kept (its cache follows the output), and near max_seq_len
+    the loop stops where generate() does."""
+    vocab = 5
+    target_t, draft_t = _tables(vocab, 2)
+    for prompt, n, seq in (([0, 1, 2], 30, 64), ([3, 3, 1, 0, 3, 3], 12, 64), ([1, 2], 40, 20)):
+        target = MarkovModel(target_t, seq)
+        alone = generate(target, prompt, n, (), SamplingConfig())
+        draft = {"model": lambda: ModelDraft(MarkovModel(draft_t, seq), "markov"),
+                 "same": lambda: ModelDraft(MarkovModel(target_t, seq), "same"), "lookup": lambda: LookupDraft(2)}
+        st = speculative_generate(target, draft[draft_kind](), prompt, n, (), SamplingConfig(), k=k)
+        assert st.tokens == alone.tokens and st.stopped == alone.stopped, (prompt, st.tokens, alone.tokens)
+        assert max(target.calls[1:]) <= k + 1 and st.target_calls == len(target.calls) - 1
+        if draft_kind == "same":
+            assert st.accepted == st.proposed > 0
+    assert alone.stopped == "max_seq_len"
+
+
+def test_eos_and_max_new_tokens_mid_block():
+    """A block that would run past EOS or max_new_tokens stops exactly where generate() does."""
+    target_t, _ = _tables(5, 2)
+    target = MarkovModel(target_t)
+    alone = generate(target, [0, 1, 2], 30, (), SamplingConfig())
+    eos = alone.tokens[7]  # a token the target emits: the run stops at its first occurrence
+    first = alone.tokens.index(eos)
+    same = ModelDraft(MarkovModel(target_t), "same")  # every draft kept: blocks of k + 1 tokens
+    for n in (1, 2, 5, 9, 10):
+        st = speculative_generate(target, same, [0, 1, 2], n, (), SamplingConfig(), k=4)
+        assert st.tokens == alone.tokens[:n] and st.stopped == "length"
+    st = speculative_generate(target, same, [0, 1, 2], 30, (eos,), SamplingConfig(), k=4)
+    assert st.tokens == alone.tokens[: first + 1] and st.stopped == "eos"
+    assert st.tokens == generate(target, [0, 1, 2], 30, (eos,), SamplingConfig()).tokens
+
+
+def test_lookup_proposes_what_followed_the_latest_match():
+    d, g = LookupDraft(3), SamplingConfig()
+    assert d.propose([5, 6, 7, 8, 9, 5, 6, 7], 3, g, None) == ([8, 9, 5], None)
+    assert d.propose([1, 2, 9, 1, 2, 3, 4, 1, 2], 2, g, None) == ([3, 4], None)  # the most recent of two
+    assert d.propose([4, 1, 7, 2, 7], 4, g, None) == ([2, 7], None)  # n = 1, what is left after it
+    assert d.propose([1, 2, 3], 4, g, None) == ([], None)
+    assert LookupDraft(1).propose([5, 6, 9, 6, 5, 6], 2, g, None) == ([9, 6], None)
+
+
+def test_draft_spec_parsing(tmp_path):
+    assert parse_draft("lookup", tmp_path) == ("lookup", 3)
+    assert parse_draft("lookup:5", tmp_path) == ("lookup", 5)
+    for bad in ("lookup:0", "lookup:x", "int8", str(tmp_path / "nope.pte")):
+        with pytest.raises(UsageError) as e:
+            parse_draft(bad, tmp_path)
+        assert "\n" not in str(e.value)
+    f = tmp_path / "d.pte"
+    f.write_bytes(b"")
+    assert parse_draft(str(f), tmp_path) == ("path", f)
+    with pytest.raises(UsageError):
+        SpeculativeGeneration(MarkovModel(_tables(3, 0)[0]), LookupDraft(), [1], 4, k=0)
+
+
+# ---------------------------------------------------------------------------------------
+# stories260K: greedy output identical to the target alone
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _stories_prompts(tok, n: int = 4) -> list[list[int]]:
+    lines = [ln for ln in (FIXTURES / "corpus" / "tinystories-valid-40.txt").read_text().splitlines() if ln.strip()]
+    return [tok.encode(" ".join(ln.split()[:w])) for ln, w in zip(lines[::7][:n], (6, 12, 20, 30))]
+
+
+@pytest.fixture(scope="module")
+def stories_two_precisions(tmp_path_factory, stories_dir) -> Path:
+    """stories260K shards at fp32 and 8da4w (max_seq_len 512)."""
+    from helpers import build_shard_set
+
+    return build_shard_set(stories_dir, tmp_path_factory.mktemp("spec") / "stories", 512, ("fp32", "8da4w"))
+
+
+def test_stories_greedy_identical(stories_two_precisions, stories_pte):
+    """fp32 shards as the target; drafts: the same shard set at 8da4w (its own KV cache),
+    the fp32 .pte, lookup; K 1, 3, 6; runs ending on max_new_tokens inside a block, on an
+    EOS inside a block, and on a context of 48 positions."""
+    from edgectl.runtime.artifact import open_artifact
+    from edgectl.runtime.run import tokenizer_for
+    from edgectl.runtime.speculative import open_draft
+
+    target = open_artifact(stories_two_precisions, precision="fp32")
+    tok = tokenizer_for(target)
+    drafts = {"8da4w": open_draft(("precision", "8da4w"), stories_two_precisions, target),
+              "pte": open_draft(("path", stories_pte), stories_two_precisions, target),
+              "lookup": LookupDraft(3)}
+    rates, stops = {}, set()
+    prompts = _stories_prompts(tok)
+    for p_i, prompt in enumerate(prompts):
+        n = (40, 97, 200, 61)[p_i]
+        alone = generate(target, prompt, n, tok.eos_ids, SamplingConfig())
+        # stories260K greedy does not end a story within these lengths: a token it does emit
+        # stands in for EOS in a second run of each prompt
+        eos = alone.tokens[n // 2 + p_i]
+        alone_eos = generate(target, prompt, n, (eos,), SamplingConfig())
+        assert alone_eos.stopped == "eos" and len(alone_eos.tokens) <= n // 2 + p_i + 1
+        for name, draft in drafts.items():
+            for k in (1, 3, 6):
+                for eos_ids, ref in ((tok.eos_ids, alone), ((eos,), alone_eos)):
+                    st = speculative_generate(target, draft, prompt, n, eos_ids, SamplingConfig(), k)
+                    assert st.tokens == ref.tokens and st.stopped == ref.stopped, (name, k, p_i, eos_ids)
+                    rates.setdefault(name, []).append((st.accepted, st.proposed))
+                    stops.add(st.stopped)
+    assert stops == {"length", "eos"}
+    for name, pairs in rates.items():
+        acc, prop = map(sum, zip(*pairs))
+        assert prop > 0, name
+        print(f"stories260K draft {name}: {acc}/{prop} accepted ({acc / prop:.0%})")
+    acc, prop = map(sum, zip(*rates["pte"]))
+    assert acc == prop  # the fp32 .pte drafting for the fp32 shards: the same model, every draft kept
+
+    small = open_artifact(stories_two_precisions, precision="fp32", context=48)
+    alone = generate(small, prompts[1], 100, tok.eos_ids, SamplingConfig())
+    assert alone.stopped == "max_seq_len"
+    for draft in (open_draft(("precision", "8da4w"), stories_two_precisions, small), LookupDraft(2)):
+        for k in (3, 6):
+            st = speculative_generate(small, draft, prompts[1], 100, tok.eos_ids, SamplingConfig(), k)
+            assert st.tokens == alone.tokens and st.stopped == "max_seq_len"
+
+
+def test_draft_tokenizer_must_match(stories_pte):
+    """A draft whose tokenizer has another vocabulary (or size) than the target's: one line;
+    the same vocabulary written out differently is accepted."""
+    from types import SimpleNamespace
+
+    from edgectl.runtime.runtime import read_meta
+    from edgectl.runtime.speculative import check_same_tokenizer
+
+    meta, text = read_meta(stories_pte)
+    vocab_size = meta["model"]["vocab_size"]
+    spec = json.loads(text)
+    check_same_tokenizer(SimpleNamespace(meta=meta, tokenizer_json=json.dumps(spec, indent=3)), stories_pte, "t")
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens swap ids
+    for target in (SimpleNamespace(meta=meta, tokenizer_json=json.dumps(spec)),
+                   SimpleNamespace(meta={"model": {"vocab_size": vocab_size + 1}}, tokenizer_json=text)):
+        with pytest.raises(EdgectlError) as e:
+            check_same_tokenizer(target, stories_pte, "t")
+        assert "\n" not in str(e.value) and "--draft" in str(e.value)
