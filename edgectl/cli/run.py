@@ -32,6 +32,11 @@ def run(
                                                       "--plan --json`) instead of planning; the one `export --plan` takes.")] = None,
     show_plan: Annotated[bool, typer.Option("--plan", help="Shard sets: print the plan (table, or JSON with --json) and exit.")] = False,
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions the run may use (prompt + generated). With --memory-budget the KV cache is planned and charged for these (default: the prompt's tokens + -n); otherwise the artifact's max_seq_len.")] = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: the draft that proposes tokens "
+                                                 "for the target to check: lookup[:N] (prompt n-gram lookup), a .pte or "
+                                                 "shard set with the same tokenizer, or a precision of the shard set "
+                                                 "(e.g. --precision fp32 --draft 8da4w). Greedy output is unchanged.")] = None,
+    draft_tokens: Annotated[int, typer.Option("--draft-tokens", min=1, help="With --draft: tokens drafted per target call.")] = 4,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
     runner: Annotated[Optional[Path], typer.Option("--runner", help="With --device adb:SERIAL: ExecuTorch's llama_main "
@@ -53,6 +58,10 @@ def run(
         raise UsageError("--system needs --chat")
     if runner is not None and device is None:
         raise UsageError("--runner needs --device adb:SERIAL")
+    if draft is None and draft_tokens != 4:
+        raise UsageError("--draft-tokens needs --draft")
+    if device is not None and draft is not None:
+        raise UsageError("--draft is not supported with --device yet", hint="run speculative decoding on this machine")
     if device is not None:
         _run_on_device(device, artifact, prompt, n, temperature, top_p, seed, chat, system, threads, json_out,
                        memory_budget, latency_target, mode, precision, plan_file, show_plan, ctx_size, runner)
@@ -77,7 +86,7 @@ def run(
         artifact, prompt, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
         chat=chat, system=system, threads=threads, on_text=None if json_out else stream,
         budget=budget, mode=mode, latency_target_ms=latency_target, precision=precision, plan_file=plan_file,
-        context=ctx_size,
+        context=ctx_size, draft=draft, draft_tokens=draft_tokens,
     )
     if json_out:
         ui.emit_json(res)
@@ -89,7 +98,9 @@ def run(
 
     ui.info(
         f"[dim]{'emulated (timings mean nothing): ' if emulated() else ''}{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new ({s['stopped']}) | load {res['load_ms']:.0f} ms | "
-        f"TTFT {s['ttft_ms']:.0f} ms | prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s[/dim]"
+        f"TTFT {s['ttft_ms']:.0f} ms | prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s"
+        + (f" | accepted {sp['acceptance']:.0%} ({sp['tokens_per_target_call']:.2f} tokens/target call)"
+           if (sp := res.get("speculative")) else "") + "[/dim]"
     )
     if "memory" in res:
         mem = res["memory"]

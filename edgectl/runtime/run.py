@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from edgectl.runtime.generate import SamplingConfig, generate
+from edgectl.runtime.generate import GenerationStats, SamplingConfig, generate
 
 
 def _tokenizer(tokenizer_json: str, tokenizer_config: dict, model: dict, source: str = "the tokenizer"):
@@ -66,14 +66,23 @@ def run_prompt(
     precision: str | None = None,
     plan_file: str | Path | None = None,
     context: int | None = None,
+    draft: str | None = None,
+    draft_tokens: int = 4,
 ) -> dict:
     """Generate from `artifact`; `on_text` receives printable text increments as they come.
     `budget`/`mode`/`latency_target_ms` apply to a shard set (a directory with manifest.json).
     `context`: positions the run may use; with a budget, by default the prompt's tokens +
-    max_new_tokens (the shard set plans its KV cache for those)."""
+    max_new_tokens (the shard set plans its KV cache for those).
+    `draft`: speculative decoding (speculative.py) with `draft_tokens` drafts per target
+    call: `lookup[:N]`, a `.pte` or shard set path, or a precision of the shard set."""
     from edgectl.runtime.artifact import open_artifact
     from edgectl.runtime.runtime import set_threads  # loads the runtime library (no torch with the native shim)
 
+    spec = None
+    if draft is not None:
+        from edgectl.runtime.speculative import parse_draft
+
+        spec = parse_draft(draft, artifact)  # a usage error before anything loads
     set_threads(threads)
     shard_kw = {"precision": precision} if precision else {}
     if plan_file is not None:
@@ -97,16 +106,29 @@ def run_prompt(
         if text and on_text:
             on_text(text)
 
-    stats = generate(model, ids, max_new_tokens, tok.eos_ids, SamplingConfig(temperature, top_p, seed), on_token)
+    sampling = SamplingConfig(temperature, top_p, seed)
+    if spec is None:
+        stats = generate(model, ids, max_new_tokens, tok.eos_ids, sampling, on_token)
+    else:
+        from edgectl.runtime.speculative import open_draft, speculative_generate
+
+        drafter = open_draft(spec, artifact, model)
+        stats = speculative_generate(model, drafter, ids, max_new_tokens, tok.eos_ids, sampling, draft_tokens, on_token)
     text_ids = [t for t in stats.tokens if t not in tok.eos_ids]
     return {
         "artifact": str(artifact),
         "text": tok.decode(text_ids),
         "tokens": stats.tokens,
         "load_ms": load_ms,
-        "stats": stats.to_dict(),
+        "stats": GenerationStats.to_dict(stats),
+        **({"speculative": {**stats.speculative_dict(), "draft_load_ms": _draft_load_ms(drafter)}} if spec else {}),
         **({"memory": model.memory_report(), "plan": model.plan.to_dict()} if hasattr(model, "memory_report") else {}),
     }
+
+
+def _draft_load_ms(drafter) -> float:
+    model = getattr(drafter, "model", None)  # a lookup draft loads nothing
+    return model.trace.total("load") * 1e3 if model is not None else 0.0
 
 
 def is_shard_set(artifact: str | Path) -> bool:
