@@ -284,9 +284,10 @@ build_base() {  # name resolution and CAs for apt/pip in the board; services nev
 
 build_sshd() {
   mount_runtime "$ROOTFS"
-  # libatomic1: ExecuTorch's LLM runner library (_llm_runner, what the stand-in llama_main calls) links libatomic.so.1
-  in_board apt-get install -y -qq --no-install-recommends openssh-server libatomic1 >"$DIR/apt.log" 2>&1 \
-    || { unmount_all "$ROOTFS"; die "apt-get install openssh-server libatomic1 in the board failed: see $DIR/apt.log"; }
+  # libatomic1: ExecuTorch's LLM runner library (_llm_runner, what the stand-in llama_main calls) links libatomic.so.1;
+  # g++: edgectl compiles its native shim on first use (about 35 s emulated), so runs there need no torch
+  in_board apt-get install -y -qq --no-install-recommends openssh-server libatomic1 g++ >"$DIR/apt.log" 2>&1 \
+    || { unmount_all "$ROOTFS"; die "apt-get install openssh-server libatomic1 g++ in the board failed: see $DIR/apt.log"; }
   unmount_all "$ROOTFS"
   rm -rf "$ROOTFS/var/cache/apt/archives/"*.deb "$ROOTFS/var/lib/apt/lists/"*_Packages
 }

@@ -8,7 +8,8 @@ it over the first N tokens of the text (all logits, one program call per chunk),
 the logits back as a .npy; this machine computes the same. Printed: the positions whose
 argmax agrees, the max and mean absolute logit difference, how far the two disagree in
 probability (max |p_dev - p_here| over the vocabulary), and next-token accuracy on the text
-of each. ARM kernels round differently from x86 ones, so the logits are compared, not only
+of each; where the argmaxes differ, how close a call it was here (the top logit minus the logit
+of the device's choice). ARM kernels round differently from x86 ones, so the logits are compared, not only
 a few greedy tokens. The device's time means nothing when it is emulated.
 """
 
@@ -91,11 +92,17 @@ def main() -> int:
     diff = np.abs(here - there)
     p_diff = np.abs(softmax(here.astype(np.float64)) - softmax(there.astype(np.float64))).max(-1)
     nxt = np.array(ids[1:])
+    a_here, a_there = here.argmax(-1), there.argmax(-1)
+    rows = np.arange(len(ids))
+    # where the argmaxes differ: how close a call it was here (top logit minus the logit of the device's choice)
+    gap = (here[rows, a_here] - here[rows, a_there])[a_here != a_there]
     res = {
         "pte": a.pte.name, "device": a.device, "tokens": len(ids),
-        "argmax_agree": float((here.argmax(-1) == there.argmax(-1)).mean()),
+        "argmax_agree": float((a_here == a_there).mean()),
         "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
         "logit_scale_abs_mean": float(np.abs(here).mean()),
+        "argmax_disagreements": int(gap.size),
+        "disagreement_logit_gap_max": float(gap.max()) if gap.size else 0.0,
         "max_prob_diff": float(p_diff.max()), "median_prob_diff": float(np.median(p_diff)),
         "next_token_acc_here": float((here[:-1].argmax(-1) == nxt).mean()),
         "next_token_acc_device": float((there[:-1].argmax(-1) == nxt).mean()),
