@@ -281,11 +281,11 @@ def machine() -> dict:
 
 
 def device_label(d: dict | None) -> str:
-    """`name (CPU, N cores, M GB[, emulated])` for the table's device column."""
+    """`name (CPU ×cores, M GiB[, emulated])` for the table's device column."""
     if not d:
         return "here"
     mem = f", {d['mem_total_bytes'] / 2**30:.0f} GiB" if d.get("mem_total_bytes") else ""
-    return f"{d['name']} ({d.get('cpu') or d.get('machine') or '?'}, {d.get('cores')} cores{mem}" + \
+    return f"{d['name']} ({d.get('cpu') or d.get('machine') or '?'} ×{d.get('cores')}{mem}" + \
         (", emulated)" if d.get("emulated") else ")")
 
 
