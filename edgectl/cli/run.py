@@ -36,7 +36,8 @@ def run(
                                                  "for the target to check: lookup[:N] (prompt n-gram lookup), a .pte or "
                                                  "shard set with the same tokenizer, or a precision of the shard set "
                                                  "(e.g. --precision fp32 --draft 8da4w). Greedy output is unchanged.")] = None,
-    draft_tokens: Annotated[int, typer.Option("--draft-tokens", min=1, help="With --draft: tokens drafted per target call.")] = 4,
+    draft_tokens: Annotated[Optional[str], typer.Option("--draft-tokens", help="With --draft: tokens drafted per target "
+                                                        "call (default 4), or auto (more while all are kept, fewer when not).")] = None,
     json_out: JsonOpt = False,
     recipe: RecipeOpt = None,
     runner: Annotated[Optional[Path], typer.Option("--runner", help="With --device adb:SERIAL: ExecuTorch's llama_main "
@@ -58,7 +59,7 @@ def run(
         raise UsageError("--system needs --chat")
     if runner is not None and device is None:
         raise UsageError("--runner needs --device adb:SERIAL")
-    if draft is None and draft_tokens != 4:
+    if draft is None and draft_tokens is not None:
         raise UsageError("--draft-tokens needs --draft")
     if device is not None and draft is not None:
         raise UsageError("--draft is not supported with --device yet", hint="run speculative decoding on this machine")
@@ -86,7 +87,7 @@ def run(
         artifact, prompt, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
         chat=chat, system=system, threads=threads, on_text=None if json_out else stream,
         budget=budget, mode=mode, latency_target_ms=latency_target, precision=precision, plan_file=plan_file,
-        context=ctx_size, draft=draft, draft_tokens=draft_tokens,
+        context=ctx_size, draft=draft, draft_tokens=draft_tokens or 4,
     )
     if json_out:
         ui.emit_json(res)

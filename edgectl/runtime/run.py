@@ -67,22 +67,22 @@ def run_prompt(
     plan_file: str | Path | None = None,
     context: int | None = None,
     draft: str | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int | str = 4,
 ) -> dict:
     """Generate from `artifact`; `on_text` receives printable text increments as they come.
     `budget`/`mode`/`latency_target_ms` apply to a shard set (a directory with manifest.json).
     `context`: positions the run may use; with a budget, by default the prompt's tokens +
     max_new_tokens (the shard set plans its KV cache for those).
     `draft`: speculative decoding (speculative.py) with `draft_tokens` drafts per target
-    call: `lookup[:N]`, a `.pte` or shard set path, or a precision of the shard set."""
+    call (or "auto"): `lookup[:N]`, a `.pte` or shard set path, or a precision of the shard set."""
     from edgectl.runtime.artifact import open_artifact
     from edgectl.runtime.runtime import set_threads  # loads the runtime library (no torch with the native shim)
 
     spec = None
     if draft is not None:
-        from edgectl.runtime.speculative import parse_draft
+        from edgectl.runtime.speculative import parse_draft, parse_draft_tokens
 
-        spec = parse_draft(draft, artifact)  # a usage error before anything loads
+        spec, draft_tokens = parse_draft(draft, artifact), parse_draft_tokens(draft_tokens)  # before anything loads
     set_threads(threads)
     shard_kw = {"precision": precision} if precision else {}
     if plan_file is not None:

@@ -28,6 +28,7 @@ from edgectl.runtime.generate import Generation, GenerationStats, SamplingConfig
 from edgectl.util.errors import EdgectlError, UsageError
 
 LOOKUP_N = 3  # `lookup` alone: n-grams of 3 tokens down to 1
+AUTO_K = (4, 1, 12)  # --draft-tokens auto: start, least, most
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def verify(logits, drafts: list[int], qs: list | None, sampling: SamplingConfig,
 @dataclass
 class SpeculativeStats(GenerationStats):
     draft: str = ""
-    k: int = 0
+    k: int | str = 0  # drafts per call, or "auto"
     proposed: int = 0  # draft tokens offered to the target
     accepted: int = 0  # of those, kept
     target_calls: int = 0  # target forward calls after the prefill
@@ -177,14 +178,14 @@ class SpeculativeStats(GenerationStats):
 
 class SpeculativeGeneration(Generation):
     """Generation's iterator with a draft: the same tokens at temperature 0, the same
-    distribution when sampling; EOS, max_new_tokens and max_seq_len as Generation."""
+    distribution when sampling; EOS, max_new_tokens and max_seq_len as Generation.
+    `k`: drafts per target call, or "auto": from AUTO_K's start, 2 more after a call that
+    kept them all, 1 fewer after one that did not."""
 
     def __init__(self, model, draft, prompt_ids: list[int], max_new_tokens: int, eos_ids: tuple[int, ...] = (),
-                 sampling: SamplingConfig = SamplingConfig(), k: int = 4):
+                 sampling: SamplingConfig = SamplingConfig(), k: int | str = 4):
         super().__init__(model, prompt_ids, max_new_tokens, eos_ids, sampling)
-        if k < 1:
-            raise UsageError(f"--draft-tokens {k}: at least 1")
-        self.draft, self.k = draft, k
+        self.draft, self.k = draft, parse_draft_tokens(k)
 
     def __iter__(self) -> Iterator[int]:
         import numpy as np
@@ -202,6 +203,7 @@ class SpeculativeGeneration(Generation):
         out, hist = [tok], [*self.prompt_ids, tok]
         yield tok
         t_dec = time.perf_counter()
+        k_now = AUTO_K[0] if self.k == "auto" else self.k
         while True:
             if out[-1] in eos_ids:
                 st.stopped = "eos"
@@ -212,7 +214,7 @@ class SpeculativeGeneration(Generation):
             if L - 1 >= model.max_seq_len:
                 st.stopped = "max_seq_len"
                 break
-            k = min(self.k, self.max_new_tokens - len(out) - 1, model.max_seq_len - L)
+            k = min(k_now, self.max_new_tokens - len(out) - 1, model.max_seq_len - L)
             t_d = time.perf_counter()
             drafts, qs = draft.propose(hist, k, sampling, gen) if k > 0 else ([], None)
             st.draft_s += time.perf_counter() - t_d
@@ -221,6 +223,8 @@ class SpeculativeGeneration(Generation):
             st.proposed += len(drafts)
             new, kept = verify(logits, drafts, qs, sampling, gen)
             st.accepted += kept
+            if self.k == "auto" and drafts:
+                k_now = min(k_now + 2, AUTO_K[2]) if kept == len(drafts) else max(k_now - 1, AUTO_K[1])
             for t in new:
                 out.append(t)
                 hist.append(t)
@@ -233,7 +237,7 @@ class SpeculativeGeneration(Generation):
 
 
 def speculative_generate(model, draft, prompt_ids: list[int], max_new_tokens: int, eos_ids: tuple[int, ...] = (),
-                         sampling: SamplingConfig = SamplingConfig(), k: int = 4,
+                         sampling: SamplingConfig = SamplingConfig(), k: int | str = 4,
                          on_token: Callable[[int], None] | None = None) -> SpeculativeStats:
     """generate() with a draft (LookupDraft or ModelDraft) proposing `k` tokens a call."""
     run = SpeculativeGeneration(model, draft, prompt_ids, max_new_tokens, eos_ids, sampling, k)
@@ -267,6 +271,17 @@ def parse_draft(spec: str, artifact: str | Path) -> tuple[str, object]:
                          f"{artifact} ({', '.join(have)})")
     raise UsageError(f"--draft {spec}: not lookup[:N] nor an existing .pte or shard set "
                      "(a precision name needs a shard set as the artifact)")
+
+
+def parse_draft_tokens(k: int | str) -> int | str:
+    """`--draft-tokens`: a whole number >= 1, or "auto"."""
+    if k == "auto":
+        return k
+    if isinstance(k, str) and k.strip().isdigit():
+        k = int(k)
+    if not isinstance(k, int) or k < 1:
+        raise UsageError(f"--draft-tokens {k}: a whole number >= 1, or auto")
+    return k
 
 
 def _tokenizer_files(path: Path) -> tuple[str, int]:
