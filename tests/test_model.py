@@ -68,6 +68,61 @@ def test_parity_with_transformers(arch, over):
     assert (inc - ref).abs().max() < 1e-4
 
 
+GEMMA3_TINY = dict(TINY, head_dim=16, num_hidden_layers=4, sliding_window=5, query_pre_attn_scalar=24,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])
+
+
+def _gemma3_hf(**over):
+    cfg = transformers.Gemma3TextConfig(**{**GEMMA3_TINY, **over})
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # Gemma's norms start at w = 0 (scale 1 + w): make each one matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("over", [
+    {},  # 40 tokens through sliding windows of 5: the window, not the causal mask, decides
+    {"final_logit_softcapping": 3.0},
+    {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+])
+def test_gemma3_parity_with_transformers(over):
+    hf = _gemma3_hf(**over)
+    ours = _ours(hf)
+    ids = torch.randint(0, 128, (40,)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+        full = _incremental_logits(ours, ids, split=len(ids))
+        inc = _incremental_logits(ours, ids, split=7)
+    assert (full - ref).abs().max() < 1e-4
+    assert (inc - ref).abs().max() < 1e-4
+
+
+def test_gemma3_args_from_config():
+    hf = _gemma3_hf(final_logit_softcapping=30.0, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    a = ModelArgs.from_hf_config(hf.config.to_dict())
+    assert a.layer_types == tuple(GEMMA3_TINY["layer_types"]) and [a.sliding(i) for i in range(4)] == [1, 1, 0, 1]
+    assert (a.sliding_window, a.rope_theta, a.rope_local_theta) == (5, 1e6, 10000.0)
+    assert a.rope_scaling["rope_type"] == "linear" and a.rope_scaling["factor"] == 8.0
+    assert a.attn_scale == 24 ** -0.5 and a.final_logit_softcap == 30.0 and a.embed_scale == torch.tensor(8.0).item()
+    assert a.norm_plus_one and a.sandwich_norms and a.qk_norm and a.mlp_act == "gelu_tanh" and a.tie_embeddings
+    assert ModelArgs.from_dict(a.to_dict()) == a
+    # an old-style config.json: sliding_window_pattern, rope_local_base_freq, rope_scaling
+    old = {"architectures": ["Gemma3ForCausalLM"], **TINY, "num_hidden_layers": 7, "sliding_window_pattern": 3,
+           "rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    b = ModelArgs.from_hf_config(old)
+    assert [b.sliding(i) for i in range(7)] == [1, 1, 0, 1, 1, 0, 1]
+    assert (b.rope_theta, b.rope_local_theta, b.rope_scaling["factor"]) == (1e6, 1e4, 8.0)
+    with pytest.raises(EdgectlError, match="soft-capping"):
+        ModelArgs.from_hf_config({**old, "attn_logit_softcapping": 50.0})
+
+
 def test_stories260k_parity(stories_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
     ours = load_model(resolve(str(stories_dir)), 128)

@@ -61,9 +61,9 @@ class LayersProgram(nn.Module):
         T, start = h.shape[1], pos[0].item()
         torch._check(start >= 0)
         torch._check(start + T <= caches[0].shape[1])
-        cos, sin = self.rope(pos)
+        ropes = self.rope(pos)
         for i, block in enumerate(self.blocks):
-            h = block(h, cos, sin, caches[2 * i], caches[2 * i + 1], start)
+            h = block(h, *ropes[block.rope_kind], caches[2 * i], caches[2 * i + 1], start)
         return h
 
 
