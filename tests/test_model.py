@@ -141,6 +141,52 @@ def test_smollm2_eager_parity(smol_gguf, smol_hf_model):
         assert (_incremental_logits(ours, ids, split=5) - ref).abs().max() < 1e-4
 
 
+@pytest.fixture(scope="module")
+def gemma_ours(gemma_gguf):
+    return load_model(resolve(str(gemma_gguf)), 640)
+
+
+@pytest.mark.real_model
+def test_gemma3_270m_eager_parity(gemma_ours, gemma_hf_model):
+    ids = [2, 105, 2364, 107, 3689, 563, 506, 5279, 529, 7001, 236881, 106, 107, 105, 4368, 107]  # the chat prompt
+    with torch.no_grad():
+        ref = gemma_hf_model(torch.tensor([ids])).logits[0]
+        assert (_incremental_logits(gemma_ours, ids, split=5) - ref).abs().max() < 1e-4
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_gemma3_270m_eager_parity_past_the_window(gemma_ours, gemma_hf_model):
+    """540 tokens: from position 512 on, the sliding layers see only their window of 512.
+    Random tokens give logits up to ~130, whose fp32 sums over 540 positions differ by up to
+    5e-4 (4e-6 relative): the bound is relative, as for the SmolLM2 `.pte` (2e-5)."""
+    torch.manual_seed(1)
+    ids = [2] + torch.randint(236, 200000, (539,)).tolist()
+    with torch.no_grad():
+        ref = gemma_hf_model(torch.tensor([ids])).logits[0]
+        ours = _incremental_logits(gemma_ours, ids, split=520)
+    assert gemma_ours.args.sliding_window == 512
+    assert (ours - ref).abs().max() < 2e-5 * ref.abs().max()
+
+
+@pytest.mark.real_model
+def test_gemma3_270m_eager_greedy_64(gemma_gguf, gemma_ours, gemma_hf_model):
+    from edgectl.runtime.tokenizer import Tokenizer
+
+    ck = resolve(str(gemma_gguf))
+    ids = Tokenizer(ck.tokenizer_json, ck.tokenizer_config, None, ()).encode("Once upon a time")
+    k, v = gemma_ours.empty_caches()
+    seq, start = list(ids), 0
+    with torch.no_grad():
+        while len(seq) < len(ids) + 64:
+            new = seq[start:]
+            logits = gemma_ours(torch.tensor([new]), torch.arange(start, start + len(new)), torch.tensor([len(new) - 1]), k, v)
+            start = len(seq)
+            seq.append(int(logits[0, -1].argmax()))
+        ref = gemma_hf_model.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    assert seq == ref[0].tolist()
+
+
 def test_unsupported_architecture_names_the_supported_ones():
     with pytest.raises(EdgectlError) as e:
         ModelArgs.from_hf_config({"architectures": ["GPTNeoXForCausalLM"]})
