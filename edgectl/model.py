@@ -182,6 +182,13 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(1, T, self.n_heads * self.head_dim))
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation (HF's gelu_pytorch_tanh), written out as PyTorch computes it:
+    XNNPACK's GELU is the exact (erf) one whatever `approximate` says (ExecuTorch 1.4's
+    op_gelu.py drops it), up to 5e-4 off, which moved Gemma 3's logits by 0.1."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
+
+
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -196,7 +203,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj((F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up)
+        return self.down_proj((gelu_tanh(gate) if self.gelu else F.silu(gate)) * up)
 
 
 class Block(nn.Module):

@@ -154,6 +154,13 @@ def smol_pte(tmp_path_factory, smol_gguf) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_pte(tmp_path_factory, gemma_gguf) -> Path:
+    """Gemma 3 270M exported once per test session (fp32, XNNPACK, 640 positions: past the
+    sliding layers' window of 512); a minute or two."""
+    return _export_once(tmp_path_factory, gemma_gguf, "gemma-3-270m.pte", 640)
+
+
+@pytest.fixture(scope="session")
 def smol_hf_model(smol_gguf):
     """transformers' LlamaForCausalLM holding the dequantized GGUF weights (the reference)."""
     transformers = pytest.importorskip("transformers")
