@@ -5,7 +5,7 @@ cache's layout, without torch: what a `.pte`'s metadata records and the runtime 
 from __future__ import annotations
 
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from edgectl.util.errors import EdgectlError
 
@@ -100,11 +100,19 @@ class ModelArgs:
         return cls(**fields)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, Gemma's only where they differ from Llama's defaults: a Llama-family
+        artifact's metadata stays what runtimes before Gemma support read."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k not in _GEMMA_DEFAULTS or v != _GEMMA_DEFAULTS[k]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
         return cls(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ())), "layer_types": tuple(d.get("layer_types", ()))})
+
+
+_GEMMA_FIELDS = ("layer_types", "sliding_window", "rope_local_theta", "norm_plus_one", "sandwich_norms", "qk_norm",
+                 "embed_scale", "mlp_act", "attn_scale", "final_logit_softcap")
+_GEMMA_DEFAULTS = {f.name: f.default for f in fields(ModelArgs) if f.name in _GEMMA_FIELDS}
 
 
 def _gemma3_fields(cfg: dict) -> dict:

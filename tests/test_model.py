@@ -113,6 +113,10 @@ def test_gemma3_args_from_config():
     assert a.attn_scale == 24 ** -0.5 and a.final_logit_softcap == 30.0 and a.embed_scale == torch.tensor(8.0).item()
     assert a.norm_plus_one and a.sandwich_norms and a.qk_norm and a.mlp_act == "gelu_tanh" and a.tie_embeddings
     assert ModelArgs.from_dict(a.to_dict()) == a
+    # a Llama's metadata carries none of Gemma's fields: what runtimes before them read
+    llama = ModelArgs.from_hf_config(_hf_model("LlamaForCausalLM").config.to_dict())
+    assert not {"layer_types", "embed_scale", "norm_plus_one", "mlp_act"} & set(llama.to_dict())
+    assert ModelArgs.from_dict(llama.to_dict()) == llama
     # an old-style config.json: sliding_window_pattern, rope_local_base_freq, rope_scaling
     old = {"architectures": ["Gemma3ForCausalLM"], **TINY, "num_hidden_layers": 7, "sliding_window_pattern": 3,
            "rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
