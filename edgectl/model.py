@@ -2,6 +2,11 @@
 
 Covers Llama 2/3 (incl. llama3 RoPE scaling), SmolLM/SmolLM2, Mistral-style and Qwen2
 (q/k/v bias): RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, tied embeddings.
+Gemma 3 is the same decoder with the ModelArgs flags that say where it differs: sliding-
+window layers with their own RoPE base, norms before and after attention and the MLP,
+q/k norms, scaled embeddings, GELU-tanh, its attention scale and logit soft-capping. Its
+RMSNorms scale by (1 + w) in the checkpoint; load_model folds the 1 into w, so RMSNorm
+here is Llama's for every model.
 
 The KV cache lives *outside* the model, in the caller's buffers: every decoder layer is
 
@@ -10,7 +15,8 @@ The KV cache lives *outside* the model, in the caller's buffers: every decoder l
 with `k_cache`/`v_cache` ([1, S, n_kv_heads, head_dim], position-major) the layer's whole
 cache, written in place: the T new entries go to positions start..start+T
 (llama::update_cache), then causal attention reads positions < start + T only
-(llama::custom_sdpa; grouped-query heads read the cache where it is, no copy). Those are
+(llama::custom_sdpa; grouped-query heads read the cache where it is, no copy). A sliding
+layer's attention masks the whole cache to its window instead (window_mask). Those are
 ExecuTorch's LLM custom ops, which every exported program runs with its runtime kernels:
 the eager model, the monolithic `.pte`, the stock-runner form (lower/stock.py) and each
 layer shard of a shard set (shard/shard_build.py) share this one attention. A step costs
@@ -29,21 +35,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgectl.model_args import KV_LAYOUT, ModelArgs, cache_shapes  # noqa: F401  (the model's own names)
+from edgectl.model_args import KV_LAYOUT, SLIDING, ModelArgs, cache_shapes  # noqa: F401  (the model's own names)
 
 
 # ---------------------------------------------------------------------------------------
 # Rotary embeddings
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
-    s = args.rope_scaling
-    if s is None:
+def rope_inv_freq(theta: float, head_dim: int, scaling: dict | None = None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
         return inv_freq.float()
+    if scaling["rope_type"] == "linear":  # positions divided by `factor` (Gemma 3's global layers)
+        return (inv_freq / scaling["factor"]).float()
     # llama3: long wavelengths slowed by `factor`, short ones kept, smooth in between.
-    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_ctx = s["original_max_position_embeddings"]
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     smooth = (old_ctx / wavelen - lo) / (hi - lo)
     scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
@@ -51,9 +58,9 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled).float()
 
 
-def rope_tables(args: ModelArgs, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(inv_freq: torch.Tensor, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.arange(max_seq_len, dtype=torch.float64)
-    freqs = torch.outer(t, rope_inv_freq(args).double())
+    freqs = torch.outer(t, inv_freq.double())
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().float(), emb.sin().float()
 
@@ -70,23 +77,30 @@ def rotation_matrix(head_dim: int) -> torch.Tensor:
 
 
 class Rope(nn.Module):
-    """RoPE's cos/sin tables for max_seq_len positions; rope(pos) -> (cos, sin), each
-    [T, 1, head_dim], for the T positions in `pos`."""
+    """RoPE's cos/sin tables for max_seq_len positions, one pair per kind of layer: kind 0
+    (every layer of a Llama; Gemma 3's global layers), kind 1 (Gemma 3's sliding layers,
+    their own base). rope(pos) -> [(cos, sin) of each kind], each [T, 1, head_dim], for
+    the T positions in `pos`; a layer takes `rope(pos)[layer.rope_kind]`."""
 
     def __init__(self, args: ModelArgs, max_seq_len: int):
         super().__init__()
         self.args, self.max_seq_len = args, max_seq_len
-        self.register_buffer("cos", None, persistent=False)
-        self.register_buffer("sin", None, persistent=False)
+        self.kinds = 2 if args.rope_local_theta is not None and SLIDING in args.layer_types else 1
+        for name in ("cos", "sin", "cos_local", "sin_local")[: 2 * self.kinds]:
+            self.register_buffer(name, None, persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """(Re)compute the tables on the CPU, also after building on the meta device."""
+        a = self.args
         with torch.device("cpu"):
-            self.cos, self.sin = rope_tables(self.args, self.max_seq_len)
+            self.cos, self.sin = rope_tables(rope_inv_freq(a.rope_theta, a.head_dim, a.rope_scaling), self.max_seq_len)
+            if self.kinds == 2:
+                self.cos_local, self.sin_local = rope_tables(rope_inv_freq(a.rope_local_theta, a.head_dim), self.max_seq_len)
 
     def forward(self, pos):
-        return self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        tables = [(self.cos, self.sin)] + ([(self.cos_local, self.sin_local)] if self.kinds == 2 else [])
+        return [(cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)) for cos, sin in tables]
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,19 +124,31 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(F.linear(x * x, self.mean_w) + self.eps))
 
 
+def window_mask(start, T: int, S: int, window: int) -> torch.Tensor:
+    """[T, S] additive mask of a sliding layer over a whole cache: the query at position
+    start+t sees positions start+t-window < p <= start+t (Hugging Face's sliding window)."""
+    q = torch.arange(T).unsqueeze(1) + start
+    p = torch.arange(S).unsqueeze(0)
+    return torch.zeros(T, S).masked_fill((p > q) | (p <= q - window), float("-inf"))
+
+
 class Attention(nn.Module):
     """Grouped-query attention over the caller's [1, S, KV, D] caches, written in place
-    (see the module docstring)."""
+    (see the module docstring). `window`: a sliding layer's window (None: global)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, window: int | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.scale, self.window = args.attn_scale, window  # scale None: 1/sqrt(head_dim)
         bias = args.attention_bias
         self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.qkv = None  # export's one linear for q/k/v, which then replaces them (quant_modules.fuse_projections)
+        if args.qk_norm:  # per head, before RoPE
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
         self.register_buffer("rot", None, persistent=False)
         self.reset_buffers()
 
@@ -139,6 +165,8 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = q.view(1, T, H, D), k.view(1, T, KV, D), v.view(1, T, KV, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         return q * cos + F.linear(q, self.rot) * sin, k * cos + F.linear(k, self.rot) * sin, v
 
     def forward(self, x, cos, sin, k_cache, v_cache, start):
@@ -146,8 +174,19 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         torch.ops.llama.update_cache(k, k_cache, start)
         torch.ops.llama.update_cache(v, v_cache, start)
-        o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True)  # scale None: 1/sqrt(D)
+        if self.window is None:  # causal: reads positions < start + T
+            o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, self.scale)
+        else:  # the window as a mask over the whole cache
+            mask = window_mask(start, T, k_cache.shape[1], self.window)
+            o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, mask, 0.0, False, self.scale)
         return self.o_proj(o.reshape(1, T, self.n_heads * self.head_dim))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation (HF's gelu_pytorch_tanh), written out as PyTorch computes it:
+    XNNPACK's GELU is the exact (erf) one whatever `approximate` says (ExecuTorch 1.4's
+    op_gelu.py drops it), up to 5e-4 off, which moved Gemma 3's logits by 0.1."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
 
 
 class MLP(nn.Module):
@@ -157,28 +196,43 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.gate_up = None  # export's one linear for gate/up (quant_modules.fuse_projections)
+        self.gelu = args.mlp_act == "gelu_tanh"  # else SiLU (SwiGLU)
 
     def forward(self, x):
         if self.gate_up is not None:
             gate, up = self.gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj((gelu_tanh(gate) if self.gelu else F.silu(gate)) * up)
 
 
 class Block(nn.Module):
-    """One decoder layer: Block(x, cos, sin, k_cache, v_cache, start) -> x, its cache
-    written in place at positions start..start+T."""
+    """Decoder layer `layer`: Block(x, cos, sin, k_cache, v_cache, start) -> x, its cache
+    written in place at positions start..start+T; (cos, sin) = rope(pos)[block.rope_kind].
 
-    def __init__(self, args: ModelArgs):
+    Norm names are Hugging Face's, whose meaning differs: Llama's post_attention_layernorm
+    is the MLP's input norm; with sandwich norms (Gemma) it normalises the attention's
+    output, and pre_/post_feedforward_layernorm wrap the MLP."""
+
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
+        sliding = args.sliding(layer)
+        self.rope_kind = 1 if sliding and args.rope_local_theta is not None else 0
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, args.sliding_window if sliding else None)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
+        self.sandwich = args.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(args.dim, args.norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, k_cache, v_cache, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -186,10 +240,12 @@ class Embedding(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.scale = args.embed_scale  # Gemma: sqrt(dim); the tied head uses the table unscaled
 
     def forward(self, tokens, table=None):
         # `table` lets an exported program take a tied matrix as an input (export.py).
-        return F.embedding(tokens, self.embed_tokens.weight if table is None else table)
+        x = F.embedding(tokens, self.embed_tokens.weight if table is None else table)
+        return x if self.scale is None else x * self.scale
 
 
 class Head(nn.Module):
@@ -199,9 +255,14 @@ class Head(nn.Module):
         super().__init__()
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.softcap = args.final_logit_softcap
 
     def forward(self, x, idx):
-        return self.lm_head(self.norm(x.index_select(1, idx)))
+        return self.logits(x.index_select(1, idx))
+
+    def logits(self, h):
+        y = self.lm_head(self.norm(h))
+        return y if self.softcap is None else torch.tanh(y / self.softcap) * self.softcap
 
 
 class Transformer(nn.Module):
@@ -224,7 +285,7 @@ class Transformer(nn.Module):
         self.args, self.max_seq_len = args, max_seq_len
         self.rope = Rope(args, max_seq_len)
         self.embed = Embedding(args)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.head = Head(args)
         if args.tie_embeddings:
             self.head.lm_head.weight = self.embed.embed_tokens.weight
@@ -235,9 +296,9 @@ class Transformer(nn.Module):
         torch._check(start >= 0)
         if k_caches:
             torch._check(start + tokens.shape[1] <= k_caches[0].shape[1])
-        cos, sin = self.rope(pos)
+        ropes = self.rope(pos)
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
-            x = layer(x, cos, sin, k_cache, v_cache, start)
+            x = layer(x, *ropes[layer.rope_kind], k_cache, v_cache, start)
         return self.head(x, idx)
 
     def empty_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -4,14 +4,17 @@ cache's layout, without torch: what a `.pte`'s metadata records and the runtime 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import struct
+from dataclasses import asdict, dataclass, field, fields
 
 from edgectl.util.errors import EdgectlError
 
 # Hugging Face `architectures[0]` values the one model definition (model.py) builds
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM")
 # config.json `model_type` -> architecture, for configs without `architectures`
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "gemma3_text": "Gemma3ForCausalLM"}
+SLIDING, FULL = "sliding_attention", "full_attention"  # Hugging Face's `layer_types` values
 
 
 def hf_architecture(config: dict) -> str:
@@ -46,6 +49,20 @@ class ModelArgs:
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Gemma 3's differences from Llama; the defaults are Llama's.
+    layer_types: tuple[str, ...] = ()  # per layer SLIDING or FULL; () all FULL
+    sliding_window: int | None = None  # positions a SLIDING layer attends to, its own included
+    rope_local_theta: float | None = None  # RoPE base of the SLIDING layers (unscaled)
+    norm_plus_one: bool = False  # the checkpoint's RMSNorms scale by (1 + w): load_model folds the 1 into w
+    sandwich_norms: bool = False  # RMSNorms before *and after* attention and the MLP
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE
+    embed_scale: float | None = None  # embeddings times this (Gemma: sqrt(dim), rounded to float32)
+    mlp_act: str = "silu"  # gate activation: "silu" or "gelu_tanh"
+    attn_scale: float | None = None  # attention scores' scale; None: 1/sqrt(head_dim)
+    final_logit_softcap: float | None = None  # logits = c * tanh(logits / c)
+
+    def sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == SLIDING
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
@@ -53,12 +70,14 @@ class ModelArgs:
         n_heads = cfg["num_attention_heads"]
         dim = cfg["hidden_size"]
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if FULL in rope:  # per layer type (Gemma 3): the global layers' RoPE, maybe scaled
+            rope = {"rope_theta": cfg.get("rope_theta", 1e6), **(rope[FULL] or {})}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise EdgectlError(f"unsupported RoPE scaling {rope_type!r}", hint="supported: default, llama3")
+        if rope_type not in ("default", "llama3", "linear"):
+            raise EdgectlError(f"unsupported RoPE scaling {rope_type!r}", hint="supported: default, llama3, linear")
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        return cls(
+        fields = dict(
             architecture=arch,
             dim=dim,
             n_layers=cfg["num_hidden_layers"],
@@ -69,20 +88,67 @@ class ModelArgs:
             vocab_size=cfg["vocab_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-            rope_scaling=dict(rope) if rope_type == "llama3" else None,
+            rope_scaling=dict(rope, rope_type=rope_type) if rope_type != "default" else None,
             attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos,
         )
+        if arch == "Gemma3ForCausalLM":
+            fields.update(_gemma3_fields(cfg))
+        return cls(**fields)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, Gemma's only where they differ from Llama's defaults: a Llama-family
+        artifact's metadata stays what runtimes before Gemma support read."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k not in _GEMMA_DEFAULTS or v != _GEMMA_DEFAULTS[k]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
-        return cls(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ()))})
+        return cls(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ())), "layer_types": tuple(d.get("layer_types", ()))})
+
+
+_GEMMA_FIELDS = ("layer_types", "sliding_window", "rope_local_theta", "norm_plus_one", "sandwich_norms", "qk_norm",
+                 "embed_scale", "mlp_act", "attn_scale", "final_logit_softcap")
+_GEMMA_DEFAULTS = {f.name: f.default for f in fields(ModelArgs) if f.name in _GEMMA_FIELDS}
+
+
+def _gemma3_fields(cfg: dict) -> dict:
+    """ModelArgs fields of a Gemma 3 config (transformers' Gemma3TextConfig, its defaults)."""
+    n = cfg["num_hidden_layers"]
+    pattern = cfg.get("sliding_window_pattern", 6)  # older configs: every pattern-th layer is global
+    types = tuple(cfg.get("layer_types") or (SLIDING if (i + 1) % pattern else FULL for i in range(n)))
+    if len(types) != n or not set(types) <= {SLIDING, FULL}:
+        raise EdgectlError(f"layer_types {list(types)!r} is not {n} of {SLIDING!r}/{FULL!r}")
+    rope = cfg.get("rope_parameters") or {}
+    local = (rope.get(SLIDING) or {}) if SLIDING in rope else {}
+    if local.get("rope_type", "default") != "default":
+        raise EdgectlError(f"unsupported RoPE scaling {local['rope_type']!r} on the sliding layers", hint="supported: default")
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise EdgectlError("attention logit soft-capping is not supported", hint="Gemma 3 does not use it; Gemma 2 does")
+    if cfg.get("use_bidirectional_attention"):
+        raise EdgectlError("bidirectional attention is not supported", hint="a causal language model is expected")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise EdgectlError(f"unsupported MLP activation {act!r}", hint="supported: gelu_pytorch_tanh")
+    return dict(
+        layer_types=types,
+        sliding_window=cfg.get("sliding_window", 4096) if SLIDING in types else None,
+        rope_local_theta=local.get("rope_theta", cfg.get("rope_local_base_freq", 10000.0)),
+        norm_plus_one=True,
+        sandwich_norms=True,
+        qk_norm=True,
+        # HF casts the scale to the weights' dtype: the float32 nearest sqrt(hidden_size)
+        embed_scale=struct.unpack("<f", struct.pack("<f", cfg["hidden_size"] ** 0.5))[0],
+        mlp_act="gelu_tanh",
+        attn_scale=cfg.get("query_pre_attn_scalar", 256) ** -0.5,
+        final_logit_softcap=cfg.get("final_logit_softcapping"),
+        tie_embeddings=cfg.get("tie_word_embeddings", True),
+        max_position_embeddings=cfg.get("max_position_embeddings", 131072),
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+    )
 
 
 # A `.pte`'s cache inputs (its meta records this): the runtime's whole [1, S, KV, D]

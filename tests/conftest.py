@@ -1,8 +1,9 @@
 """Shared fixtures. Markers (real_model, slow) are declared in pyproject.toml.
 
 stories260K and the text corpus ship in tests/fixtures, so a fresh clone needs nothing
-beside it. SmolLM2-135M comes from ../shared/models beside the checkout ($EDGECTL_SHARED)
-or from the edgectl cache that scripts/fetch_models.py fills (scripts/test.sh runs it).
+beside it. SmolLM2-135M and Gemma 3 270M come from ../shared/models beside the checkout
+($EDGECTL_SHARED) or from the edgectl cache that scripts/fetch_models.py fills
+(scripts/test.sh runs it).
 A test may skip only for hardware this machine lacks, through `needs_hardware`:
 .ci/run fails on any other skip: `--skip-report PATH` writes them all (.ci/check_skips.py).
 """
@@ -20,6 +21,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED = Path(os.environ.get("EDGECTL_SHARED", REPO.parent / "shared"))
 CACHE = Path(os.environ.get("EDGECTL_CACHE", Path.home() / ".cache" / "edgectl"))
 SMOL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_DIR, GEMMA_NAME = "gemma-3-270m", "gemma-3-270m-q4_k_m.gguf"
 
 
 def _first(*paths: Path) -> Path | None:
@@ -98,6 +100,32 @@ def smol_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Gemma 3 270M as a Q4_K_M GGUF (253 MB), where scripts/fetch_models.py puts it."""
+    p = _first(SHARED / "models" / GEMMA_DIR / GEMMA_NAME, CACHE / "models" / GEMMA_DIR / GEMMA_NAME)
+    if p is None:
+        pytest.skip("Gemma 3 270M GGUF in neither $EDGECTL_SHARED/models nor the edgectl cache "
+                    "(scripts/test.sh fetches it: scripts/fetch_models.py --model gemma3)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def gemma_hf_model(gemma_gguf):
+    """transformers' Gemma3ForCausalLM holding the dequantized GGUF weights (the reference)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from edgectl.checkpoint.checkpoint import resolve
+
+    ckpt = resolve(str(gemma_gguf))
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**ckpt.config)).eval()
+    missing, unexpected = model.load_state_dict(dict(ckpt.tensors()), strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    model.tie_weights()
+    return model.to(torch.float32)
+
+
+@pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     """tests/fixtures/corpus: tinystories-valid-40.txt (calibration and perplexity text)."""
     return _fixture("corpus")
@@ -123,6 +151,13 @@ def stories_pte(tmp_path_factory, stories_dir) -> Path:
 def smol_pte(tmp_path_factory, smol_gguf) -> Path:
     """SmolLM2-135M-Instruct exported once per test session (fp32, XNNPACK, 1024); minutes."""
     return _export_once(tmp_path_factory, smol_gguf, "smollm2-135m.pte", 1024)
+
+
+@pytest.fixture(scope="session")
+def gemma_pte(tmp_path_factory, gemma_gguf) -> Path:
+    """Gemma 3 270M exported once per test session (fp32, XNNPACK, 640 positions: past the
+    sliding layers' window of 512); a minute or two."""
+    return _export_once(tmp_path_factory, gemma_gguf, "gemma-3-270m.pte", 640)
 
 
 @pytest.fixture(scope="session")

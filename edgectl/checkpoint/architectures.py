@@ -15,7 +15,7 @@ from edgectl.model_args import MODEL_TYPES, SUPPORTED_ARCHITECTURES, check_hf_co
 from edgectl.util.errors import EdgectlError
 
 # GGUF `general.architecture` values gguf_loader converts
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("gemma3", "llama", "qwen2")
 
 _GGUF_MAGIC = b"GGUF"
 # GGUF metadata value types: fixed sizes of the scalar ones; 8 = string, 9 = array

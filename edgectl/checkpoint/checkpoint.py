@@ -193,20 +193,23 @@ def load_model(ckpt: Checkpoint, max_seq_len: int | None = None):
     """
     import torch
 
-    from edgectl.model import Transformer, reset_buffers
+    from edgectl.model import RMSNorm, Transformer, reset_buffers
 
     args = ckpt.args
     max_seq_len = max_seq_len or min(args.max_position_embeddings, 2048)
     with torch.device("meta"):
         model = Transformer(args, max_seq_len)
     params = dict(model.named_parameters())
+    # Gemma's RMSNorms scale by (1 + w): the 1 is folded in here, once (float32, as HF adds it)
+    plus_one = {n + ".weight" for n, m in model.named_modules() if isinstance(m, RMSNorm)} if args.norm_plus_one else set()
     for key, t in ckpt.tensors():
         ours = hf_key_to_ours(key)
         if ours is None or ours not in params:
             continue
         if tuple(t.shape) != tuple(params[ours].shape):
             raise EdgectlError(f"{ckpt.source}: {key} has shape {tuple(t.shape)}, config expects {tuple(params[ours].shape)}")
-        _assign(model, ours, torch.nn.Parameter(t.to(torch.float32), requires_grad=False))
+        t = t.to(torch.float32)
+        _assign(model, ours, torch.nn.Parameter(1.0 + t if ours in plus_one else t, requires_grad=False))
     if args.tie_embeddings:
         model.head.lm_head.weight = model.embed.embed_tokens.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]

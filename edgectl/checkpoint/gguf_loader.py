@@ -13,24 +13,18 @@ stored (F32, Q8_0, Q4_1, ...), so a later stage can reproduce the original quant
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
 from edgectl.checkpoint.architectures import GGUF_ARCHITECTURES
+from edgectl.checkpoint.gguf_tokenizer import END_OF_TURN, GEMMA_CHAT_TEMPLATE, gguf_tokenizer
 from edgectl.util.errors import EdgectlError
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class GGUFCheckpoint:
@@ -47,11 +41,14 @@ class _Arch:
     permute_qk: bool  # llama.cpp interleaved the Q/K rows for its rotary layout
     attention_bias: bool | None  # None: whether the file has q/k/v biases
     extra: dict
+    gemma: bool = False  # Gemma 3's norms (stored as 1 + w), q/k norms, sliding layers (_gemma3_config)
 
 
 ARCHITECTURES = {
     "llama": _Arch("LlamaForCausalLM", "llama", True, None, {"mlp_bias": False, "pretraining_tp": 1}),
     "qwen2": _Arch("Qwen2ForCausalLM", "qwen2", False, True, {"use_sliding_window": False}),
+    "gemma3": _Arch("Gemma3ForCausalLM", "gemma3_text", False, False,
+                    {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}, gemma=True),
 }
 
 _GLOBAL_TENSORS = {
@@ -63,6 +60,10 @@ _BLOCK_TENSORS = {  # blk.{i}.<key>.{weight,bias} -> model.layers.{i}.<value>.{w
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}  # fmt: skip
+_GEMMA_BLOCK_TENSORS = {  # Gemma 3: ffn_norm is the MLP's input norm, and four more
+    **_BLOCK_TENSORS, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }  # fmt: skip
 _CONFIG_DEFAULTS = {"attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02, "use_cache": True}
 _CONFIG_DEFAULTS["torch_dtype"] = "float32"  # what the iterator yields
@@ -82,9 +83,14 @@ def read_gguf(path) -> tuple[GGUFCheckpoint, Iterator[tuple[str, torch.Tensor]]]
     tensors = {t.name: t for t in reader.tensors}
     config = _config(meta, arch_name, arch, tensors, path)
     plan = _tensor_plan(tensors, config, arch, path)
-    tokenizer_json, tokenizer_config = _tokenizer(meta, path)
+    tokenizer_json, tokenizer_config = gguf_tokenizer(meta, path)
+    if arch.gemma:
+        tokenizer_config["chat_template"] = tokenizer_config["chat_template"] or GEMMA_CHAT_TEMPLATE
+        if END_OF_TURN in meta["tokenizer.ggml.tokens"]:  # as llama.cpp: a turn's end ends generation
+            turn_end = meta["tokenizer.ggml.tokens"].index(END_OF_TURN)
+            config["eos_token_id"] = [i for i in (config["eos_token_id"], turn_end) if i is not None]
     quant = {hf: tensors[name].tensor_type.name for name, hf, _ in plan if name is not None}
-    tensor_iter = _iter_tensors(path, tensors, plan, config if arch.permute_qk else None)
+    tensor_iter = _iter_tensors(path, tensors, plan, config if arch.permute_qk else None, arch.gemma)
     return GGUFCheckpoint(config, tokenizer_json, tokenizer_config, quant), tensor_iter
 
 
@@ -141,7 +147,31 @@ def _config(meta: dict, arch_name: str, arch: _Arch, tensors: dict, path: Path) 
     }
     if meta.get("tokenizer.ggml.padding_token_id") is not None:
         config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
+    if arch.gemma:
+        config.update(_gemma3_config(key, config))
     return config
+
+
+def _gemma3_config(key, config: dict) -> dict:
+    """Gemma 3's settings: those the file does not store are llama.cpp's, which fixes them
+    for the architecture (src/llama-model.cpp): every 6th layer global, the sliding layers'
+    RoPE base 10000, scores scaled by 1/sqrt(head_dim) (27B: 1/sqrt(hidden/heads))."""
+    n, hidden, heads = config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]
+    scaling = config.pop("rope_scaling")
+    out = {
+        "sliding_window": int(key("attention.sliding_window")),
+        "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", **(scaling or {}), "rope_theta": config.pop("rope_theta")},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        "query_pre_attn_scalar": hidden // heads if n == 62 else config["head_dim"],
+        "final_logit_softcapping": key("final_logit_softcapping", None),
+        "attn_logit_softcapping": key("attn_logit_softcapping", None),
+    }
+    if scaling is not None and scaling["rope_type"] != "linear":
+        raise EdgectlError(f"GGUF gemma3 with {scaling['rope_type']!r} RoPE scaling is not supported", hint="supported: linear")
+    return out
 
 
 def _f32(value) -> float:
@@ -183,12 +213,13 @@ def _llama3_scaling(rope_freqs, theta: float, head_dim: int, path: Path) -> dict
     return scaling
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, arch: _Arch) -> str | None:
     if name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[name]
+    block = _GEMMA_BLOCK_TENSORS if arch.gemma else _BLOCK_TENSORS
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if match and match[2] in _BLOCK_TENSORS:
-        return f"model.layers.{match[1]}.{_BLOCK_TENSORS[match[2]]}.{match[3]}"
+    if match and match[2] in block:
+        return f"model.layers.{match[1]}.{block[match[2]]}.{match[3]}"
     return None
 
 
@@ -206,6 +237,9 @@ def _hf_shapes(c: dict, arch: _Arch) -> dict[str, tuple[int, ...]]:
         "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
         "mlp.down_proj.weight": (hidden, inter),
     }  # fmt: skip
+    if arch.gemma:
+        layer.update({"pre_feedforward_layernorm.weight": (hidden,), "post_feedforward_layernorm.weight": (hidden,),
+                      "self_attn.q_norm.weight": (c["head_dim"],), "self_attn.k_norm.weight": (c["head_dim"],)})
     if c["attention_bias"]:  # HF Llama then has an o_proj bias too; Qwen2 never does
         layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
         if arch.attention_bias is None:
@@ -221,7 +255,7 @@ def _tensor_plan(tensors: dict, config: dict, arch: _Arch, path: Path) -> list[t
     wanted = _hf_shapes(config, arch)
     plan, unknown, checked_types = [], [], set()
     for name, tensor in tensors.items():
-        hf = _hf_name(name)
+        hf = _hf_name(name, arch)
         if hf not in wanted:
             unknown += [] if name == _ROPE_FREQS else [name]
             continue
@@ -255,7 +289,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _iter_tensors(path, tensors, plan, permute_config) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(path, tensors, plan, permute_config, norm_minus_one=False) -> Iterator[tuple[str, torch.Tensor]]:
     for name, hf, shape in plan:
         if name is None:
             yield hf, torch.zeros(shape)
@@ -264,137 +298,8 @@ def _iter_tensors(path, tensors, plan, permute_config) -> Iterator[tuple[str, to
         if permute_config is not None and hf.split(".")[-2] in ("q_proj", "k_proj"):
             heads = permute_config["num_attention_heads" if "q_proj" in hf else "num_key_value_heads"]
             array = _unpermute(array, heads)
+        if norm_minus_one and hf.endswith("norm.weight"):  # llama.cpp stored Gemma's 1 + w; HF's w, as transformers'
+            array = array - np.float32(1)
         if not array.flags.writeable:  # a view of the read-only memory map (F32 tensors)
             array = array.copy()
         yield hf, torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-
-
-_CONTROL, _UNKNOWN, _USER_DEFINED = 3, 2, 4  # tokenizer.ggml.token_type values
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-def _gpt2_pre():
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-
-
-def _digits_then_gpt2_pre():  # StarCoder-style: every digit its own pre-token, as in SmolLM's tokenizer.json
-    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_pre()])
-
-
-def _split_pre(pattern: str):
-    split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
-    return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-
-# tokenizer.ggml.pre names -> pre-tokenizer factory, BPE ignore_merges, NFC normalizer (as llama.cpp and the
-# original tokenizer.json of each family do)
-_PRE_FAMILIES = [
-    (("default", "gpt2"), _gpt2_pre, False, False),
-    (("smollm", "starcoder", "refact"), _digits_then_gpt2_pre, False, False),
-    (("llama-bpe", "llama3", "llama-v3", "smaug-bpe"), partial(_split_pre, _LLAMA3_SPLIT), True, False),
-    (("qwen2", "deepseek-r1-qwen"), partial(_split_pre, _QWEN2_SPLIT), False, True),
-]
-_BPE_PRE = {name: spec for names, *spec in _PRE_FAMILIES for name in names}
-_LLAMA3_PRE = _PRE_FAMILIES[2][0]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of the 256 byte values."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    moved = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
-
-
-def _byte_level(meta: dict, tokens: list[str]) -> tuple[Tokenizer, set[str]]:
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens]
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in _BPE_PRE:
-        logger.warning("GGUF pre-tokenizer %r is unknown; splitting text the GPT-2 way", pre)
-    pre_factory, ignore_merges, nfc = _BPE_PRE.get(pre, _BPE_PRE["default"])
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", ())]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(spelled)}, merges, ignore_merges=ignore_merges))
-    tok.pre_tokenizer = pre_factory()
-    tok.decoder = decoders.ByteLevel()
-    if nfc:
-        tok.normalizer = normalizers.NFC()
-    return tok, alphabet
-
-
-def _sentencepiece(meta: dict, tokens: list[str]) -> tuple[Tokenizer, None]:
-    vocab = {t: i for i, t in enumerate(tokens)}
-    if "tokenizer.ggml.merges" in meta:
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    else:  # older files: every split of a token into two tokens, best-scored merged token first
-        scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-        ranked = []
-        for token, score in zip(tokens, scores):
-            pairs = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
-            pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
-            ranked += [(score, len(a), len(b), a, b) for a, b in pairs]
-        ranked.sort(key=lambda r: r[:3], reverse=True)
-        merges = [(a, b) for *_, a, b in ranked]
-    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-    unk = tokens[unk_id] if unk_id is not None else None
-    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme="first" if prefix else "never", split=False)
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    return tok, None
-
-
-# tokenizer.ggml.model -> (builder returning the tokenizer and its byte alphabet, if any; default add_bos)
-_TOKENIZER_MODELS = {"gpt2": (_byte_level, False), "llama": (_sentencepiece, True)}
-
-
-def _tokenizer(meta: dict, path: Path) -> tuple[str, dict]:
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if kind not in _TOKENIZER_MODELS or not tokens:
-        supported = ", ".join(sorted(_TOKENIZER_MODELS))
-        raise EdgectlError(f"{path}: GGUF tokenizer {kind!r} is not supported (supported: {supported})")
-    builder, default_bos = _TOKENIZER_MODELS[kind]
-    tok, alphabet = builder(meta, tokens)
-    special, plain = [], []
-    for token, token_type in zip(tokens, meta.get("tokenizer.ggml.token_type") or ()):
-        # a control token spelled outside the byte alphabet is a llama.cpp mislabel: adding it would grow the vocab
-        if token_type in (_CONTROL, _UNKNOWN) and (alphabet is None or set(token) <= alphabet):
-            special.append(AddedToken(token, special=True, normalized=False))
-        elif token_type == _USER_DEFINED and tok.token_to_id(token) is not None:
-            plain.append(AddedToken(token, special=False, normalized=False))
-    tok.add_special_tokens(special)
-    tok.add_tokens(plain)
-
-    def token(key):
-        index = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
-
-    bos, eos = token("bos_token_id"), token("eos_token_id")
-    if kind == "gpt2" and meta.get("tokenizer.ggml.pre") in _LLAMA3_PRE:
-        default_bos = True  # llama.cpp's default for these vocabularies
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    if add_bos or add_eos:
-        single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
-        pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
-        ids = {t: tok.token_to_id(t) for t in (bos if add_bos else None, eos if add_eos else None) if t}
-        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(ids.items()))
-    elif kind == "gpt2":
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-        "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id"),
-        "add_bos_token": add_bos, "add_eos_token": add_eos, "chat_template": meta.get("tokenizer.chat_template"),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": meta.get(f"{meta.get('general.architecture')}.context_length"),
-    }  # fmt: skip
-    return tok.to_str(), config

@@ -52,11 +52,11 @@ class StockTransformer(nn.Module):
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start + T <= self.cache_len)
-        cos, sin = m.rope(torch.arange(T) + input_pos[:1])
+        ropes = m.rope(torch.arange(T) + input_pos[:1])
         x = m.embed(tokens)
         for i, layer in enumerate(m.layers):
-            x = layer(x, cos, sin, getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), start)
-        return m.head.lm_head(m.head.norm(x[:, -1]))  # [1, vocab]
+            x = layer(x, *ropes[layer.rope_kind], getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), start)
+        return m.head.logits(x[:, -1])  # [1, vocab]
 
 
 def example(chunk: int):

@@ -157,6 +157,7 @@ def apply_recorded_quantization(model, ckpt) -> dict | None:
             gs = w["group_size"] or w["shape"][1]
             offsets = take(base + ".offsets") if form == "emb_a4" else None
             model.embed = QuantEmbedding(codes, scales, w["bits"], gs, w["shape"][1], offsets)
+            model.embed.scale = model.args.embed_scale
             built[name] = (codes, scales, w["bits"], gs, offsets)
             continue
         bias = tensors.pop(base + ".bias", None)

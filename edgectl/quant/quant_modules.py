@@ -131,6 +131,7 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("scales", scales.to(torch.float32).contiguous())
         # 4-bit asymmetric (Asym4Linear's grid): w = scales * (u - 8) + offsets, per group
         self.register_buffer("offsets", None if offsets is None else offsets.to(torch.float32).contiguous())
+        self.scale = None  # rows times this (model.Embedding's, Gemma's sqrt(dim)), set by whoever replaces one
 
     def forward(self, tokens, table=None):
         codes, scales, *rest = table if table is not None else (self.codes, self.scales, self.offsets)
@@ -148,7 +149,8 @@ class QuantEmbedding(nn.Module):
                 e = e + offsets.index_select(0, idx).unsqueeze(-1)
         else:
             e = rows.to(torch.float32) * s
-        return e.reshape(1, -1, self.dim)
+        e = e.reshape(1, -1, self.dim)
+        return e if self.scale is None else e * self.scale
 
     def dequantized(self) -> torch.Tensor:
         if self.bits == 4:

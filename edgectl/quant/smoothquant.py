@@ -121,7 +121,8 @@ def smooth(model, amax: dict[str, torch.Tensor], alpha: float, pairs=PAIRS, laye
         if "qkv" in pairs:
             used.append(_fold_norm(blk.input_layernorm, [at.q_proj, at.k_proj, at.v_proj], amax[p + "self_attn.q_proj"], alpha))
         if "gate_up" in pairs:
-            used.append(_fold_norm(blk.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj],
+            mlp_norm = blk.pre_feedforward_layernorm if blk.sandwich else blk.post_attention_layernorm
+            used.append(_fold_norm(mlp_norm, [mlp.gate_proj, mlp.up_proj],
                                    amax[p + "mlp.gate_proj"], alpha))
         if "v_o" in pairs:
             used.append(_fold_v_o(at, amax[p + "self_attn.o_proj"], alpha))

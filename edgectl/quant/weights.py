@@ -254,7 +254,9 @@ def quantize_module(module, scheme: QuantScheme, progress: Callable[[int, int], 
                 weights["head.lm_head"] = {"form": "fp32", "shape": list(emb_w.shape), "tied_to": "embed.embed_tokens",
                                            "note": "tied to the embedding, which --embedding none keeps fp32"}
         else:
+            scale = module.embed.scale  # Gemma's sqrt(dim), kept by the quantized table
             entry, module.embed, head, head_form = _embedding(emb_w, scheme, tied)
+            module.embed.scale = scale
             weights["embed.embed_tokens"] = entry
             if tied:
                 module.head.lm_head = head

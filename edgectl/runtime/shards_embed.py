@@ -7,9 +7,17 @@ from pathlib import Path
 from edgectl.runtime.runtime import Table, tied_table
 
 
-def embed_rows(tables: list[Table], spec: dict, idx) -> "np.ndarray":  # noqa: F821
-    """Rows for token ids `idx` (int64 [T]) from the mapped tables, as [1, T, dim] float32:
-    fp32 rows as they are; int8 rows times their row scale; int4 rows (two codes a byte,
+def embed_rows(tables: list[Table], spec: dict, idx, scale: float | None = None) -> "np.ndarray":  # noqa: F821
+    """Rows for token ids `idx` (int64 [T]) from the mapped tables, as [1, T, dim] float32,
+    times `scale` when given (ModelArgs.embed_scale, Gemma's sqrt(dim), as model.Embedding)."""
+    import numpy as np
+
+    rows = _rows(tables, spec, idx)
+    return rows if scale is None else rows * np.float32(scale)
+
+
+def _rows(tables: list[Table], spec: dict, idx) -> "np.ndarray":  # noqa: F821
+    """fp32 rows as they are; int8 rows times their row scale; int4 rows (two codes a byte,
     low nibble = even column, code - 8) times their group's scale, plus the group's offset
     when there is a third table (4-bit asymmetric, as quant_modules.QuantEmbedding)."""
     import numpy as np
@@ -32,10 +40,10 @@ def embed_rows(tables: list[Table], spec: dict, idx) -> "np.ndarray":  # noqa: F
 class _Embed:
     """Embedding rows gathered from the tied matrix in the head's file (page cache)."""
 
-    def __init__(self, directory: Path, variant):
+    def __init__(self, directory: Path, variant, scale: float | None = None):
         spec = variant.extra["table"]
         path = directory / spec["file"]
-        self.spec = spec
+        self.spec, self.scale = spec, scale
         self.table = [tied_table(path, t) for t in spec.get("tensors", [spec])]  # codes, scales[, offsets] or the matrix
 
     def fn(self, tokens: list[int]):
@@ -44,7 +52,7 @@ class _Embed:
 
         idx = np.asarray(tokens, dtype=np.int64).reshape(-1)
         self.read_ahead(idx)
-        rows = np.ascontiguousarray(embed_rows(self.table, self.spec, idx), dtype=np.float32)
+        rows = np.ascontiguousarray(embed_rows(self.table, self.spec, idx, self.scale), dtype=np.float32)
         self.release()
         return rows
 

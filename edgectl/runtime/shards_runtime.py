@@ -165,7 +165,7 @@ class ShardModel(StartupCosts):
         order = [(packed.existing(sha.get(path)) if packed is not None else None) or path
                  for _, _, path, _, placement in self.steps if placement == "resident"]
         self.prefetcher = ld.prefetch(order, self.trace) if os.environ.get("EDGECTL_PREFETCH", "1") != "0" else None
-        self.embed = _Embed(self.dir, embed)
+        self.embed = _Embed(self.dir, embed, m.model.get("embed_scale"))
         if native is not None:  # the manifest's planned_bytes, else read from each program's header
             planned = {s.name: s.variants[c.precision].extra.get("planned_bytes") for c in plan.shards
                        for s in [by_name[c.name]]}

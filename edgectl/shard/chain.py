@@ -25,14 +25,14 @@ def table_tensors(directory: Path, spec: dict) -> list:
     return [tied_table(path, t) for t in spec.get("tensors", [spec])]
 
 
-def embed_rows(tables: list, spec: dict, tokens):
-    """Rows for `tokens` [1,T] (a torch tensor) from the mapped tables, as the runtime
-    gathers them (shards_embed.embed_rows): [1, T, dim] fp32."""
+def embed_rows(tables: list, spec: dict, tokens, scale: float | None = None):
+    """Rows for `tokens` [1,T] (a torch tensor) from the mapped tables, times `scale` if
+    given, as the runtime gathers them (shards_embed.embed_rows): [1, T, dim] fp32."""
     import torch
 
     from edgectl.runtime.shards_embed import embed_rows as rows
 
-    return torch.from_numpy(rows(tables, spec, tokens.reshape(-1).numpy()))
+    return torch.from_numpy(rows(tables, spec, tokens.reshape(-1).numpy(), scale))
 
 
 class ShardChain:
@@ -103,7 +103,7 @@ class ShardChain:
         h = None
         for shard, how, obj in self.steps:
             if shard.kind == "embed":
-                h = embed_rows(*obj, tok) if how == "table" else obj[1].execute([tok])[0]
+                h = embed_rows(*obj, tok, self.args.embed_scale) if how == "table" else obj[1].execute([tok])[0]
             elif shard.kind == "layers":  # writes its layers' new entries into the caches
                 with native_stderr_captured():  # custom_sdpa's "No temp allocator provided", every call
                     h = obj[1].execute([h, pos, *[t for i in shard.layers for t in (self.k[i], self.v[i])]])[0]

@@ -45,7 +45,8 @@ TOP = "fp32"
 class LayersProgram(nn.Module):
     """forward(h [1,T,dim], pos [T], k_0, v_0, ...) -> h. Each cache is the runtime's own
     [1, S, KV, D] buffer, written in place (model.Block's attention); positions >= pos[0] + T
-    are never read. The exported program keeps no copy of a cache: export.lower drops the
+    are never read, except by a sliding layer (Gemma 3), which reads the whole cache under a
+    mask that drops them (the runtime's caches read as zeros there). The exported program keeps no copy of a cache: export.lower drops the
     copy-back outputs torch.export adds for mutated inputs, and inputs are not memory
     planned, so the kernels write the caller's memory."""
 
@@ -61,9 +62,9 @@ class LayersProgram(nn.Module):
         T, start = h.shape[1], pos[0].item()
         torch._check(start >= 0)
         torch._check(start + T <= caches[0].shape[1])
-        cos, sin = self.rope(pos)
+        ropes = self.rope(pos)
         for i, block in enumerate(self.blocks):
-            h = block(h, cos, sin, caches[2 * i], caches[2 * i + 1], start)
+            h = block(h, *ropes[block.rope_kind], caches[2 * i], caches[2 * i + 1], start)
         return h
 
 

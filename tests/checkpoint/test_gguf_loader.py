@@ -24,7 +24,7 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _byte_level_vocab():
-    from edgectl.checkpoint.gguf_loader import _bytes_to_unicode
+    from edgectl.checkpoint.gguf_tokenizer import _bytes_to_unicode
 
     merges = ["Ġ t", "h e", "Ġt he", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld"]
     tokens = SPECIALS + sorted(set(_bytes_to_unicode().values())) + [m.replace(" ", "") for m in merges]
@@ -70,13 +70,22 @@ def write_gguf(
     w.add_token_types(types)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_chat_template("{{ messages }}")
+    if arch == "gemma3":  # no chat template in the file (as in the real one): Gemma's own is supplied
+        w.add_sliding_window(3)
+        w.add_key_length(HEAD_DIM)
+        w.add_value_length(HEAD_DIM)
+    else:
+        w.add_chat_template("{{ messages }}")
     expected = {}
 
     def add(name, hf_name, shape, qtype=Q.F32, heads=None):
         x = rng.standard_normal(shape).astype(np.float32)
         stored = _llama_cpp_permute(x, heads) if heads and arch == "llama" else x
-        if qtype == Q.F32:
+        if qtype == Q.F32 and arch == "gemma3" and name.endswith("norm.weight"):
+            stored = x + np.float32(1)  # convert_hf_to_gguf.py stores Gemma's 1 + w; HF (and we) read w back
+            w.add_tensor(name, stored)
+            expected[hf_name] = stored - np.float32(1)
+        elif qtype == Q.F32:
             w.add_tensor(name, stored)
             expected[hf_name] = x
         else:  # blocks run along rows, so quantizing commutes with the row permutation
@@ -95,7 +104,14 @@ def write_gguf(
             add(p + "attn_k.bias", h + "self_attn.k_proj.bias", (KV_HEADS * HEAD_DIM,), Q.F32, KV_HEADS)
             add(p + "attn_v.bias", h + "self_attn.v_proj.bias", (KV_HEADS * HEAD_DIM,))
         add(p + "attn_output.weight", h + "self_attn.o_proj.weight", (HIDDEN, HEADS * HEAD_DIM), quant)
-        add(p + "ffn_norm.weight", h + "post_attention_layernorm.weight", (HIDDEN,))
+        if arch == "gemma3":
+            add(p + "attn_q_norm.weight", h + "self_attn.q_norm.weight", (HEAD_DIM,))
+            add(p + "attn_k_norm.weight", h + "self_attn.k_norm.weight", (HEAD_DIM,))
+            add(p + "post_attention_norm.weight", h + "post_attention_layernorm.weight", (HIDDEN,))
+            add(p + "ffn_norm.weight", h + "pre_feedforward_layernorm.weight", (HIDDEN,))
+            add(p + "post_ffw_norm.weight", h + "post_feedforward_layernorm.weight", (HIDDEN,))
+        else:
+            add(p + "ffn_norm.weight", h + "post_attention_layernorm.weight", (HIDDEN,))
         add(p + "ffn_gate.weight", h + "mlp.gate_proj.weight", (INTER, HIDDEN), quant)
         add(p + "ffn_up.weight", h + "mlp.up_proj.weight", (INTER, HIDDEN), quant)
         add(p + "ffn_down.weight", h + "mlp.down_proj.weight", (HIDDEN, INTER), quant)
@@ -153,6 +169,30 @@ def test_qwen2_keeps_its_layout_and_biases(tmp_path):
     assert c["architectures"] == ["Qwen2ForCausalLM"] and c["model_type"] == "qwen2"
     assert c["attention_bias"] and not c["tie_word_embeddings"]
     assert checkpoint.gguf_quant["lm_head.weight"] == "Q8_0"
+
+
+def test_gemma3_norms_layers_and_chat_template(tmp_path):
+    expected = write_gguf(tmp_path / "g3.gguf", arch="gemma3", spm=True, quant=Q.Q8_0)
+    checkpoint, tensors = read_gguf(tmp_path / "g3.gguf")
+    _check_tensors(tensors, expected)  # the norms as HF's w (file: 1 + w), q/k norms, no permutation
+    c = checkpoint.config
+    assert c["architectures"] == ["Gemma3ForCausalLM"] and c["model_type"] == "gemma3_text"
+    assert c["layer_types"] == ["sliding_attention", "sliding_attention"] and c["sliding_window"] == 3
+    assert c["rope_parameters"]["full_attention"]["rope_theta"] == 500000.0
+    assert c["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
+    assert c["query_pre_attn_scalar"] == HEAD_DIM and c["final_logit_softcapping"] is None
+    import transformers  # the config is one transformers accepts as it is
+
+    hf = transformers.Gemma3TextConfig(**c)
+    assert hf.layer_types == c["layer_types"] and hf.rope_parameters["sliding_attention"]["rope_theta"] == 10000.0
+    tc = checkpoint.tokenizer_config
+    from edgectl.runtime.tokenizer import Tokenizer as Tok
+
+    tok = Tok(checkpoint.tokenizer_json, tc, None, ())
+    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": " hello "},
+                                    {"role": "assistant", "content": "world"}, {"role": "user", "content": "!"}])
+    assert text == ("<s><start_of_turn>user\nBe brief.\n\nhello<end_of_turn>\n<start_of_turn>model\nworld<end_of_turn>\n"
+                    "<start_of_turn>user\n!<end_of_turn>\n<start_of_turn>model\n")
 
 
 def test_llama_with_biases_unpermutes_them_too(tmp_path):
@@ -217,7 +257,7 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     write_gguf(tmp_path / "g.gguf", arch="gemma2")
-    with pytest.raises(EdgectlError, match=r"'gemma2' is not supported \(supported: llama, qwen2\)"):
+    with pytest.raises(EdgectlError, match=r"'gemma2' is not supported \(supported: gemma3, llama, qwen2\)"):
         read_gguf(tmp_path / "g.gguf")
 
 

@@ -394,3 +394,55 @@ def test_linears_of_different_kinds_are_not_fused():
     assert fuse_linears([q4.layers[0].self_attn.q_proj, a.k_proj, a.v_proj]) is None  # 4-bit with fp32
     assert fuse_linears([q4.layers[0].self_attn.q_proj, q8.layers[0].self_attn.k_proj]) is None  # 4-bit with 8-bit
     assert fuse_linears([a.q_proj]) is None
+
+
+def _tiny_gemma3():
+    """A random Gemma 3: sandwich norms (the MLP's input norm is pre_feedforward_layernorm),
+    q/k norms, embeddings scaled by sqrt(64) = 8, sliding windows of 4."""
+    from edgectl.model import ModelArgs, Transformer
+
+    args = ModelArgs.from_hf_config({
+        "architectures": ["Gemma3ForCausalLM"], "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 96, "sliding_window": 4,
+        "sliding_window_pattern": 3})
+    torch.manual_seed(0)
+    m = Transformer(args, 64).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    return m
+
+
+def test_gemma3_smoothquant_fold_preserves_fp32_outputs():
+    import copy
+
+    from edgectl.quant import smoothquant as sq
+
+    m = _with_outliers(_tiny_gemma3())
+    windows = [torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(3)]
+    ref = copy.deepcopy(m)
+    info = sq.smooth(m, sq.calibrate(m, windows), 0.5, sq.PAIRS)
+    assert info["max_scale"] / info["min_scale"] > 5
+    assert not torch.equal(m.layers[0].pre_feedforward_layernorm.weight, ref.layers[0].pre_feedforward_layernorm.weight)
+    assert torch.equal(m.layers[0].post_attention_layernorm.weight, ref.layers[0].post_attention_layernorm.weight)
+    toks = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(7)).tolist()
+    a, b = _prefill_then_decode(ref, toks, 12), _prefill_then_decode(m, toks, 12)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max(), float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("embedding", ["int8", "int4"])
+def test_gemma3_quantized_embedding_keeps_the_scale(embedding):
+    import copy
+
+    from edgectl.quant.scheme import QuantScheme
+    from edgectl.quant.weights import quantize_module
+
+    m = _tiny_gemma3()
+    q = copy.deepcopy(m)
+    quantize_module(q, QuantScheme("fp32", 32, embedding, 32))
+    assert q.embed.scale == m.args.embed_scale == 8.0
+    toks = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        e, eq = m.embed(toks), q.embed(toks)
+    assert (eq - e).abs().max() < 0.05 * e.abs().max()  # the table's rounding only; without the scale: 8x off

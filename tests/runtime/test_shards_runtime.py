@@ -383,3 +383,59 @@ def test_loader_reads_the_next_shard_ahead():
     loader.close()
     assert calls[:8] == [("ahead", "B"), ("load", "A"), ("ahead", "C"), ("load", "B"),
                          ("ahead", "A"), ("load", "C"), ("ahead", "B"), ("load", "A")]
+
+
+# ---------------------------------------------------------------------------------------
+# Gemma 3: a shard set's embedding rows (read from the head's tied matrix) take sqrt(dim)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory, stories_dir):
+    """A random 3-layer Gemma 3 (windows of 6 on two sliding layers) as a Hugging Face
+    directory with stories260K's tokenizer, and transformers' model of it."""
+    import shutil
+
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=512, max_position_embeddings=256, sliding_window=6, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.3)
+    d = tmp_path_factory.mktemp("gemma3") / "tiny"
+    hf.save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(stories_dir / f, d / f)
+    return d, hf
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_gemma3_shard_set_matches_transformers(tiny_gemma3, tmp_path, engine):
+    import torch
+
+    from edgectl.runtime.shards_runtime import ShardModel
+    from edgectl.shard.chain import ShardChain
+    from helpers import build_shard_set
+
+    d, hf = tiny_gemma3
+    shards = build_shard_set(d, tmp_path / "shards", 64, ("fp32",))
+    seq = [1] + [(37 * i) % 500 + 3 for i in range(19)]  # past the window of 6
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0].numpy()
+    sm = ShardModel(shards, budget=1 << 40, engine=engine)
+    try:
+        sm.reset()
+        ours = np.concatenate([sm.forward(seq[:12], 0, all_logits=True)]
+                              + [sm.forward([t], 12 + i, all_logits=True) for i, t in enumerate(seq[12:])])
+    finally:
+        sm.close()
+    assert ours.shape == ref.shape and _maxdiff(ours, ref) < 1e-4
+    chain = ShardChain(shards)  # what `shard` checks its figures with
+    assert _maxdiff(chain.forward(seq, 0, all_logits=True).numpy(), ref) < 1e-4
