@@ -1,7 +1,11 @@
 """One Llama-family decoder, readable top to bottom.
 
 Covers Llama 2/3 (incl. llama3 RoPE scaling), SmolLM/SmolLM2, Mistral-style and Qwen2
-(q/k/v bias): RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, tied embeddings.
+(q/k/v bias): RMSNorm, rotary embeddings (rope.py), grouped-query attention, SwiGLU, tied
+embeddings. Qwen3 adds q/k norms (plain RMSNorm per head, before RoPE). Phi-3's fused
+qkv_proj and gate_up_proj are split at load (checkpoint.py) into the projections here;
+its RoPE may be partial (rope_dim) or longrope, and a sliding window makes every layer a
+sliding one.
 Gemma 3 is the same decoder with the ModelArgs flags that say where it differs: sliding-
 window layers with their own RoPE base, norms before and after attention and the MLP,
 q/k norms, scaled embeddings, GELU-tanh, its attention scale and logit soft-capping. Its
@@ -36,71 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgectl.model_args import KV_LAYOUT, SLIDING, ModelArgs, cache_shapes  # noqa: F401  (the model's own names)
-
-
-# ---------------------------------------------------------------------------------------
-# Rotary embeddings
-
-
-def rope_inv_freq(theta: float, head_dim: int, scaling: dict | None = None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    if scaling is None:
-        return inv_freq.float()
-    if scaling["rope_type"] == "linear":  # positions divided by `factor` (Gemma 3's global layers)
-        return (inv_freq / scaling["factor"]).float()
-    # llama3: long wavelengths slowed by `factor`, short ones kept, smooth in between.
-    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_ctx = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_ctx / wavelen - lo) / (hi - lo)
-    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
-    mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
-    return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled).float()
-
-
-def rope_tables(inv_freq: torch.Tensor, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    t = torch.arange(max_seq_len, dtype=torch.float64)
-    freqs = torch.outer(t, inv_freq.double())
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().float(), emb.sin().float()
-
-
-def rotation_matrix(head_dim: int) -> torch.Tensor:
-    """R with x @ R.T == rotate_half(x) == cat(-x[half:], x[:half]): RoPE's rotation as a
-    linear, which XNNPACK runs inside the layer's delegate (a slice with a dynamic
-    sequence length would fall out of it). Exact: one +-1 term per output."""
-    half = head_dim // 2
-    r = torch.zeros(head_dim, head_dim)
-    r[torch.arange(half), torch.arange(half) + half] = -1.0
-    r[torch.arange(half) + half, torch.arange(half)] = 1.0
-    return r
-
-
-class Rope(nn.Module):
-    """RoPE's cos/sin tables for max_seq_len positions, one pair per kind of layer: kind 0
-    (every layer of a Llama; Gemma 3's global layers), kind 1 (Gemma 3's sliding layers,
-    their own base). rope(pos) -> [(cos, sin) of each kind], each [T, 1, head_dim], for
-    the T positions in `pos`; a layer takes `rope(pos)[layer.rope_kind]`."""
-
-    def __init__(self, args: ModelArgs, max_seq_len: int):
-        super().__init__()
-        self.args, self.max_seq_len = args, max_seq_len
-        self.kinds = 2 if args.rope_local_theta is not None and SLIDING in args.layer_types else 1
-        for name in ("cos", "sin", "cos_local", "sin_local")[: 2 * self.kinds]:
-            self.register_buffer(name, None, persistent=False)
-        self.reset_buffers()
-
-    def reset_buffers(self) -> None:
-        """(Re)compute the tables on the CPU, also after building on the meta device."""
-        a = self.args
-        with torch.device("cpu"):
-            self.cos, self.sin = rope_tables(rope_inv_freq(a.rope_theta, a.head_dim, a.rope_scaling), self.max_seq_len)
-            if self.kinds == 2:
-                self.cos_local, self.sin_local = rope_tables(rope_inv_freq(a.rope_local_theta, a.head_dim), self.max_seq_len)
-
-    def forward(self, pos):
-        tables = [(self.cos, self.sin)] + ([(self.cos_local, self.sin_local)] if self.kinds == 2 else [])
-        return [(cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)) for cos, sin in tables]
+from edgectl.rope import Rope, rope_inv_freq, rope_tables, rotation_matrix  # noqa: F401  (the model's own names)
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,6 +79,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, window: int | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.rope_dim = args.rope_dim
         self.scale, self.window = args.attn_scale, window  # scale None: 1/sqrt(head_dim)
         bias = args.attention_bias
         self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
@@ -154,7 +95,7 @@ class Attention(nn.Module):
 
     def reset_buffers(self) -> None:
         with torch.device("cpu"):
-            self.rot = rotation_matrix(self.head_dim)
+            self.rot = rotation_matrix(self.head_dim, self.rope_dim)
 
     def project(self, x, cos, sin):
         """q [1,T,H,D], k and v [1,T,KV,D] of the T tokens in x, RoPE applied to q and k."""

@@ -4,16 +4,19 @@ cache's layout, without torch: what a `.pte`'s metadata records and the runtime 
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import asdict, dataclass, field, fields
 
 from edgectl.util.errors import EdgectlError
 
 # Hugging Face `architectures[0]` values the one model definition (model.py) builds
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM", "Gemma3ForCausalLM")
 # config.json `model_type` -> architecture, for configs without `architectures`
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "gemma3_text": "Gemma3ForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 SLIDING, FULL = "sliding_attention", "full_attention"  # Hugging Face's `layer_types` values
 
 
@@ -60,6 +63,7 @@ class ModelArgs:
     mlp_act: str = "silu"  # gate activation: "silu" or "gelu_tanh"
     attn_scale: float | None = None  # attention scores' scale; None: 1/sqrt(head_dim)
     final_logit_softcap: float | None = None  # logits = c * tanh(logits / c)
+    rope_dim: int | None = None  # RoPE rotates each head's first rope_dim dims (Phi's partial_rotary_factor); None: all
 
     def sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == SLIDING
@@ -73,8 +77,10 @@ class ModelArgs:
         if FULL in rope:  # per layer type (Gemma 3): the global layers' RoPE, maybe scaled
             rope = {"rope_theta": cfg.get("rope_theta", 1e6), **(rope[FULL] or {})}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise EdgectlError(f"unsupported RoPE scaling {rope_type!r}", hint="supported: default, llama3, linear")
+        if arch == "Phi3ForCausalLM" and rope_type in ("su", "yarn"):  # transformers' Phi3Config reads both as longrope
+            rope_type = "longrope"
+        if rope_type not in ROPE_TYPES:
+            raise EdgectlError(f"unsupported RoPE scaling {rope_type!r}", hint=f"supported: {', '.join(ROPE_TYPES)}")
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         fields = dict(
@@ -95,8 +101,18 @@ class ModelArgs:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos,
         )
+        if rope_type == "longrope":
+            fields["rope_scaling"] = _longrope(cfg, rope)
         if arch == "Gemma3ForCausalLM":
             fields.update(_gemma3_fields(cfg))
+        if arch == "Qwen3ForCausalLM":
+            if cfg.get("use_sliding_window"):
+                raise EdgectlError("Qwen3 with use_sliding_window is not supported", hint="its released models do not use it")
+            if cfg.get("attention_bias"):  # Qwen3's o_proj takes a bias then too, which this model has not
+                raise EdgectlError("Qwen3 with attention_bias is not supported", hint="its released models do not use it")
+            fields["qk_norm"] = True  # plain RMSNorm over each head of q and k
+        if arch == "Phi3ForCausalLM":
+            fields.update(_phi3_fields(cfg, rope, fields["head_dim"]))
         return cls(**fields)
 
     def to_dict(self) -> dict:
@@ -111,8 +127,33 @@ class ModelArgs:
 
 
 _GEMMA_FIELDS = ("layer_types", "sliding_window", "rope_local_theta", "norm_plus_one", "sandwich_norms", "qk_norm",
-                 "embed_scale", "mlp_act", "attn_scale", "final_logit_softcap")
+                 "embed_scale", "mlp_act", "attn_scale", "final_logit_softcap", "rope_dim")  # and Qwen3's, Phi-3's
 _GEMMA_DEFAULTS = {f.name: f.default for f in fields(ModelArgs) if f.name in _GEMMA_FIELDS}
+
+
+def _longrope(cfg: dict, rope: dict) -> dict:
+    """longrope's parameters as transformers computes them (_compute_longrope_parameters)."""
+    # the top-level key wins, as in transformers' Phi3Config (which writes it into rope_parameters)
+    orig = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+    if not orig or not rope.get("short_factor") or not rope.get("long_factor"):
+        raise EdgectlError("longrope RoPE scaling without original_max_position_embeddings, short_factor and long_factor")
+    factor = rope.get("factor") or cfg.get("max_position_embeddings", orig) / orig
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return dict(rope_type="longrope", original_max_position_embeddings=orig, attention_factor=attention_factor,
+                short_factor=list(rope["short_factor"]), long_factor=list(rope["long_factor"]))
+
+
+def _phi3_fields(cfg: dict, rope: dict, head_dim: int) -> dict:
+    """ModelArgs fields of a Phi-3 config (transformers' Phi3Config): partial RoPE, and a
+    sliding window (Phi-3-mini-4k: 2047) over every layer."""
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    rope_dim = int(head_dim * partial)
+    window = cfg.get("sliding_window")
+    n = cfg["num_hidden_layers"]
+    return dict(rope_dim=rope_dim if rope_dim < head_dim else None, sliding_window=window,
+                layer_types=(SLIDING,) * n if window is not None else ())
 
 
 def _gemma3_fields(cfg: dict) -> dict:

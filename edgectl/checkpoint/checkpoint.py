@@ -202,14 +202,15 @@ def load_model(ckpt: Checkpoint, max_seq_len: int | None = None):
     params = dict(model.named_parameters())
     # Gemma's RMSNorms scale by (1 + w): the 1 is folded in here, once (float32, as HF adds it)
     plus_one = {n + ".weight" for n, m in model.named_modules() if isinstance(m, RMSNorm)} if args.norm_plus_one else set()
-    for key, t in ckpt.tensors():
-        ours = hf_key_to_ours(key)
-        if ours is None or ours not in params:
-            continue
-        if tuple(t.shape) != tuple(params[ours].shape):
-            raise EdgectlError(f"{ckpt.source}: {key} has shape {tuple(t.shape)}, config expects {tuple(params[ours].shape)}")
-        t = t.to(torch.float32)
-        _assign(model, ours, torch.nn.Parameter(1.0 + t if ours in plus_one else t, requires_grad=False))
+    for key, fused in ckpt.tensors():
+        for ours, t in split_fused(hf_key_to_ours(key), fused, args):
+            if ours is None or ours not in params:
+                continue
+            if tuple(t.shape) != tuple(params[ours].shape):
+                raise EdgectlError(f"{ckpt.source}: {key} has shape {tuple(fused.shape)}, "
+                                   f"config expects {tuple(params[ours].shape)} for {ours}")
+            t = t.to(torch.float32)
+            _assign(model, ours, torch.nn.Parameter(1.0 + t if ours in plus_one else t, requires_grad=False))
     if args.tie_embeddings:
         model.head.lm_head.weight = model.embed.embed_tokens.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -225,6 +226,25 @@ def _assign(model, name: str, value) -> None:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("EDGECTL_CACHE", Path.home() / ".cache" / "edgectl"))
+
+
+def split_fused(ours: str | None, t, args) -> list[tuple[str | None, "torch.Tensor"]]:  # noqa: F821
+    """Phi-3's fused projections as this model's own: qkv_proj's rows are q's, k's, then
+    v's; gate_up_proj's are gate's, then up's (transformers' Phi3Attention and Phi3MLP).
+    Each part is cloned, so none holds the whole fused tensor alive. Any other key: as is."""
+    if ours is None or not ours.endswith(("self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight")):
+        return [(ours, t)]
+    stem = ours.rsplit(".", 2)[0]
+    if ours.endswith("qkv_proj.weight"):
+        q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        if t.shape[0] != q + 2 * kv:  # checked here: a wrong split would load silently
+            raise EdgectlError(f"{ours}: {t.shape[0]} rows, config expects {q + 2 * kv} (q, k, v)")
+        names, sizes = ("q_proj", "k_proj", "v_proj"), [q, kv, kv]
+    else:
+        if t.shape[0] != 2 * args.hidden_dim:
+            raise EdgectlError(f"{ours}: {t.shape[0]} rows, config expects {2 * args.hidden_dim} (gate, up)")
+        names, sizes = ("gate_proj", "up_proj"), [args.hidden_dim, args.hidden_dim]
+    return [(f"{stem}.{n}.weight", part.clone()) for n, part in zip(names, t.split(sizes, dim=0))]
 
 
 def hf_key_to_ours(key: str) -> str | None:
