@@ -316,6 +316,8 @@ def run_bench(
                 break
             if not row.runs or row.error is not None or any(r.get("status") == "infeasible" for r in row.runs):
                 continue
+            if row.case.options.get("draft") is not None:
+                continue  # speculative decoding leaves the target's distribution unchanged: its no-draft row's ppl
             progress(f"{row.case.label}: perplexity on {settings.ppl_file.name}")
             allowance = scoring_allowance(row.case.artifact, settings.ctx_size) if settings.cgroup else 0
             cap = _capped(row.case, settings, allowance)

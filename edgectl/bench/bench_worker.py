@@ -10,6 +10,7 @@ Modes:
        through the same code path as `edgectl run` (artifact.open_artifact + generate).
        With warmup, one generation first (its figures are reported as `warmup`: they
        are what `edgectl run` shows, first-call costs included), then the measured one.
+       With a `draft` option, speculative decoding (see bench_draft.py).
   ppl  perplexity of the artifact itself on a text file (see `ppl_windows`).
   baseline  set up torch, the runtime, the tokenizer library and the thread pool, open
        nothing, and report the process's memory: the interpreter baseline that
@@ -140,8 +141,13 @@ def _gen_figures(stats) -> dict:
     }
 
 
-def measure_gen(job: Job, model, tok) -> dict:
-    from edgectl.runtime.generate import generate
+def measure_gen(job: Job, model, tok, drafter=None) -> dict:
+    from edgectl.bench.bench_draft import generate_fixed, output_digest, speculative_figures
+
+    def gen():
+        stats = generate_fixed(model, ids, job.new_tokens, drafter, job.options, model.trace)
+        figures = _gen_figures(stats)
+        return {**figures, "speculative": speculative_figures(stats, drafter)} if drafter else figures, stats
 
     ids = prompt_ids(tok, job.prompt_tokens)
     need = len(ids) + job.new_tokens
@@ -156,12 +162,12 @@ def measure_gen(job: Job, model, tok) -> dict:
     o = model.trace.origin
     if job.warmup:
         t0 = time.perf_counter()
-        warm = _gen_figures(generate(model, ids, job.new_tokens, eos_ids=()))
+        warm = gen()[0]
         phases["warmup"] = [t0 - o, time.perf_counter() - o]
     t0 = time.perf_counter()
-    stats = generate(model, ids, job.new_tokens, eos_ids=())
+    figures, stats = gen()
     phases["measured"] = [t0 - o, time.perf_counter() - o]
-    return {**_gen_figures(stats), "warmup": warm, "phases": phases}
+    return {**figures, "output_sha256": output_digest(stats.tokens), "warmup": warm, "phases": phases}
 
 
 def encode_for_ppl(tok, path: str, n_tokens: int | None) -> list[int]:
@@ -242,7 +248,7 @@ def measure(job: Job) -> dict:
     from edgectl.runtime.tokenizer import Tokenizer  # noqa: F401  (imports `tokenizers`)
 
     options = job.options
-    if unknown := set(options) - {"budget", "mode", "precision", "plan_file"}:
+    if unknown := set(options) - {"budget", "mode", "precision", "plan_file", "draft", "draft_tokens"}:
         from edgectl.util.errors import EdgectlError
 
         raise EdgectlError(f"unsupported bench options for {job.artifact}: {sorted(unknown)}")
@@ -273,10 +279,13 @@ def measure(job: Job) -> dict:
     kw["context"] = job.ctx_size or (job.prompt_tokens + job.new_tokens if job.mode == "gen" else None)
     t_open = time.perf_counter()
     model = artifact.open_artifact(job.artifact, trace=trace, **kw)
+    from edgectl.bench.bench_draft import merge_trace, open_case_draft
+
+    drafter = open_case_draft(job.artifact, options, model) if job.mode == "gen" else None
     after_load = read_status()
     tok = tokenizer_for(model)
-    open_ms = (time.perf_counter() - t_open) * 1e3
-    result = measure_gen(job, model, tok) if job.mode == "gen" else measure_ppl(job, model, tok)
+    open_ms = (time.perf_counter() - t_open) * 1e3  # the draft's opening included
+    result = measure_gen(job, model, tok, drafter) if job.mode == "gen" else measure_ppl(job, model, tok)
     result["open_ms"] = open_ms
     if job.mode == "gen":  # wall time from opening the artifact to its first generated token
         result["first_token_ms"] = open_ms + (result["warmup"] or result)["ttft_ms"]
@@ -294,8 +303,9 @@ def measure(job: Job) -> dict:
         model_rss=end["VmHWM"] - before["VmRSS"],
         max_seq_len=getattr(model, "cache_len", model.max_seq_len),
         context=model.max_seq_len,
-        trace=trace.to_dict()["spans"],
     )
+    merge_trace(trace, drafter)  # the draft's spans on the "draft" lane (after load_ms, the target's)
+    result["trace"] = trace.to_dict()["spans"]
     plan = getattr(model, "plan", None)
     if plan is not None:
         result.update(plan_mode=plan.mode, plan_total_bytes=plan.total_bytes, plan_budget_bytes=plan.budget_bytes,

@@ -1,8 +1,9 @@
 """Timeline picture of one bench run: a Gantt chart of the spans the runtime traced.
 
 One panel per bench row (the row's last run), one horizontal lane per trace lane ("load",
-"compute", and with shard sets "loader" and whatever else the runtime records), one bar per
-span. Consecutive decode steps alternate in shade so single steps stay visible. The warm-up
+"compute", and with shard sets "loader" and whatever else the runtime records; a draft row's
+"verify" and "draft" lanes are coloured by lane, a bar per target call and per draft step),
+one bar per span. Consecutive decode steps alternate in shade so single steps stay visible. The warm-up
 and measured generations are marked as bands. matplotlib is imported here only, lazily.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-LANE_ORDER = ("read", "loader", "load", "compute")
+LANE_ORDER = ("read", "loader", "load", "compute", "verify", "draft")
 COLORS = {
     "load_program": "#4c72b0",
     "load_method": "#55a868",
@@ -18,6 +19,10 @@ COLORS = {
     "decode": ("#dd8452", "#f2b880"),  # alternate shades: one bar per step
 }
 OTHER = ("#8172b3", "#b3a7d9")
+LANE_COLORS = {  # speculative decoding (bench --draft): whatever the spans are named
+    "verify": ("verify (a bar per target call)", ("#2a9d8f", "#8fd3c9")),
+    "draft": ("draft (a bar per draft call or load)", ("#937860", "#c9b29b")),
+}
 
 
 def _lanes(spans: list[dict]) -> list[str]:
@@ -47,15 +52,19 @@ def plot_timeline(rows: list[dict], out: str | Path) -> Path:
         y = {ln: i for i, ln in enumerate(reversed(lanes))}
         parity: dict[str, int] = {}
         for s in spans:
-            named = s["name"] in COLORS
-            c = COLORS[s["name"]] if named else OTHER
+            by_lane = s["lane"] in LANE_COLORS
+            named = s["name"] in COLORS and not by_lane
+            c = LANE_COLORS[s["lane"]][1] if by_lane else COLORS[s["name"]] if named else OTHER
             if isinstance(c, tuple):  # alternate shades: per name (decode steps), else per lane
                 key = s["name"] if named else ("lane", s["lane"])
                 k = parity.get(key, 0)
                 parity[key] = k + 1
                 c = c[k % 2]
             # shard sets trace one span per shard, file and setup step: one legend entry for all
-            used.setdefault(s["name"] if named else "shards, files, setup (a bar each)", c if named else OTHER[0])
+            if by_lane:
+                used.setdefault(LANE_COLORS[s["lane"]][0], LANE_COLORS[s["lane"]][1][0])
+            else:
+                used.setdefault(s["name"] if named else "shards, files, setup (a bar each)", c if named else OTHER[0])
             ax.broken_barh([(s["start"] * 1e3, max((s["end"] - s["start"]) * 1e3, 1e-3))], (y[s["lane"]] - 0.35, 0.7), facecolors=c, linewidth=0)
         for name, (a, b) in run.get("phases", {}).items():
             ax.axvspan(a * 1e3, b * 1e3, color="#999999" if name == "warmup" else "#4c72b0", alpha=0.08, linewidth=0)

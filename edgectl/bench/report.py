@@ -17,34 +17,55 @@ Sizes in bytes, times in ms, rates in tokens per second:
     rows: [{
         label: str                      file name plus options (#n for repeats), as in the table
         artifact: str                   absolute path (.pte file or shard-set directory)
-        options: {str: any}             the Case's options ({} for a plain artifact)
+        options: {str: any}             the Case's options ({} for a plain artifact); with
+                                        `bench --draft`: draft (a precision of the shard set,
+                                        a .pte/shard-set path, or lookup[:N]) and, when given,
+                                        draft_tokens (K or "auto"; 4 when absent)
         file_bytes: int                 the .pte, or all files of a directory
         runs: [{                        one per repeat, in order
             cache_dropped: bool
             loadavg_1m: float           the machine's 1-minute load average before the run
             prompt_tokens, new_tokens: int
             ttft_ms, prefill_ms, decode_ms, prefill_tok_s, decode_tok_s: float
-            load_ms: float              sum of the trace's "load" lane (as `edgectl run`)
+            output_sha256: str          16 hex digits of the sha256 of the generated ids (greedy:
+                                        a draft row's equals its no-draft row's)
+            load_ms: float              sum of the trace's "load" lane (as `edgectl run`): the
+                                        target's; a draft's is speculative.draft_load_ms
             open_ms: float              wall time of opening the artifact and its tokenizer
+                                        (and the draft, with one)
             first_token_ms: float       open_ms + TTFT of the process's first generation (the
                                         warm-up's when there is one): start to first token
             rss_before_load: int        VmRSS after torch + runtime import, before load
             rss_after_load, rss_end, rss_anon_end, rss_file_end: int
             peak_rss: int               VmHWM at the end of the run
-            model_rss: int              peak_rss - rss_before_load
+            model_rss: int              peak_rss - rss_before_load (a draft model's included)
             max_seq_len: int            the artifact's KV cache length
             context: int                positions the run could use (--ctx-size; its KV
                                         cache was planned and charged for these)
             plan: {...} | null          a shard set's plan (planner.Plan.to_dict), also as
                                         plan_mode, plan_total_bytes, plan_precisions, ...
             warmup: {prompt_tokens, new_tokens, ttft_ms, prefill_ms, decode_ms,
-                     prefill_tok_s, decode_tok_s} | null
+                     prefill_tok_s, decode_tok_s, speculative?} | null
             phases: {warmup?: [start_s, end_s], measured: [start_s, end_s]}
             trace: [{lane, name: str, start, end: float seconds from the trace origin}]
+                                        lanes "load", "compute", ...; with a draft also
+                                        "verify" (a span per target call after the prefill)
+                                        and "draft" (a draft model's own spans, or a span
+                                        per lookup proposal)
+            speculative: {draft: str, draft_tokens: int | "auto", proposed, accepted: int,
+                          acceptance: float (accepted / proposed),
+                          tokens_per_target_call: float ((new_tokens - 1) / target_calls),
+                          target_calls: int, draft_ms, draft_load_ms: float}
+                                        only on a draft row (speculative decoding, greedy;
+                                        exactly new_tokens generated, EOS ignored as without)
         }]
-        summary: {load_ms, ttft_ms, first_token_ms, prefill_tok_s, decode_tok_s, peak_rss, model_rss:
+        summary: {load_ms, ttft_ms, first_token_ms, prefill_tok_s, decode_tok_s, peak_rss, model_rss
+                  [, acceptance, tokens_per_target_call on a draft row]:
                   {mean: float, sd: float | null (null when n < 2), min, max: float, n: int}}
         decode_ratio: float             mean decode tok/s over the first row's
+        speedup_vs_no_draft: float | null  a draft row's mean decode tok/s over the no-draft
+                                        row of the same artifact and other options in this
+                                        bench (null: no draft, or no such row measured)
         device: {name, machine, cpu: str, cores: int, mem_total_bytes: int | null,
                  emulated: bool} | null   where the row ran (`bench --device`; null: here)
         ppl: {file: str, ppl, nll: float, tokens_scored, text_tokens, windows,
@@ -53,7 +74,8 @@ Sizes in bytes, times in ms, rates in tokens per second:
               see scoring_allowance),
               followed_generation_plan: bool (a budget row with --ctx-size scores the
               plan its first generation run made, see _same_plan),
-              peak_rss, model_rss: int, ...} | null
+              peak_rss, model_rss: int, ...} | null   (null on a draft row: speculative
+              decoding leaves the target's distribution, its no-draft row's ppl, unchanged)
     }]
 """
 
@@ -66,6 +88,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgectl.bench.bench_draft import DRAFT_OPTIONS, DRAFT_SUMMARY_KEYS, has_draft, set_draft_speedups
 from edgectl.util.version import __version__
 
 FAILED = ("failed", "oom")  # run statuses that fail a row (and the bench, without --keep-going)
@@ -79,8 +102,9 @@ class Case:
     """One table row: an artifact and the options it runs with.
 
     Options: `budget` (bytes; a shard set is planned into it, and with --cgroup any
-    artifact runs under a cap of its budget, which counts the whole process) and `mode`
-    (a shard set's placement mode, planner.MODES)."""
+    artifact runs under a cap of its budget, which counts the whole process), `mode`
+    (a shard set's placement mode, planner.MODES), `precision`, `plan_file`, and `draft`
+    with `draft_tokens` (speculative decoding, bench_draft.py; shown last)."""
 
     artifact: Path
     options: dict = field(default_factory=dict)
@@ -88,11 +112,11 @@ class Case:
     @property
     def label(self) -> str:
         def fmt(k, v):
-            if k == "plan_file":
-                return f"plan={Path(v).name}"
+            if k == "plan_file" or (k == "draft" and os.sep in str(v)):
+                return f"{'plan' if k == 'plan_file' else k}={Path(v).name}"
             return f"{k}={v / 1e6:g}MB" if k == "budget" else f"{k}={v}"
 
-        opts = " ".join(fmt(k, v) for k, v in sorted(self.options.items()))
+        opts = " ".join(fmt(k, v) for k, v in sorted(self.options.items(), key=lambda kv: (kv[0] in DRAFT_OPTIONS, kv[0])))
         return f"{self.artifact.name} {opts}".strip()
 
 
@@ -117,6 +141,7 @@ class Row:
     ppl: dict | None = None
     decode_ratio: float = float("nan")
     device: dict | None = None  # where it ran, with --device (see the schema)
+    speedup_vs_no_draft: float | None = None  # a draft row's (bench_draft.set_draft_speedups)
 
     @property
     def ok_runs(self) -> list[dict]:
@@ -150,7 +175,10 @@ class Row:
         ok = self.ok_runs
         if not ok:
             return None
-        return {k: summarise([r[k] for r in ok]) if all(r.get(k) is not None for r in ok) else None for k in SUMMARY_KEYS}
+        out = {k: summarise([r[k] for r in ok]) if all(r.get(k) is not None for r in ok) else None for k in SUMMARY_KEYS}
+        if has_draft(self.case.options) and all(r.get("speculative") for r in ok):
+            out.update({k: summarise([r["speculative"][k] for r in ok]) for k in DRAFT_SUMMARY_KEYS})
+        return out
 
     def to_dict(self, label: str | None = None) -> dict:
         return {
@@ -164,6 +192,7 @@ class Row:
             "runs": self.runs,
             "summary": self.summary,
             "decode_ratio": self.decode_ratio,
+            "speedup_vs_no_draft": self.speedup_vs_no_draft,
             "ppl": self.ppl,
             "device": self.device,
         }
@@ -173,17 +202,19 @@ class Row:
         """A row of another bench's JSON (a device's), its artifact named by the local path."""
         return cls(Case(artifact or Path(d["artifact"]), dict(d.get("options") or {})), d["file_bytes"],
                    list(d.get("runs") or []), d.get("ppl"), d.get("decode_ratio", float("nan")),
-                   device if device is not None else d.get("device"))
+                   device if device is not None else d.get("device"), d.get("speedup_vs_no_draft"))
 
 
 def set_decode_ratios(rows: list[Row]) -> None:
-    """Each row's mean decode tok/s over the first measured row's."""
+    """Each row's mean decode tok/s over the first measured row's, and each draft row's over
+    its no-draft row's (speedup_vs_no_draft)."""
     def decode(r: Row) -> float | None:
         return r.summary["decode_tok_s"]["mean"] if r.summary and r.summary["decode_tok_s"] else None
 
     base = next((d for r in rows if (d := decode(r))), None)
     for row in rows:
         row.decode_ratio = decode(row) / base if base and decode(row) else float("nan")
+    set_draft_speedups(rows)
 
 
 @dataclass
@@ -318,6 +349,9 @@ def render_table(report: BenchReport):
         cols.append("status")
     if any(r.ppl for r in report.rows):
         cols.append("ppl")
+    drafts = any(has_draft(r.case.options) for r in report.rows)
+    if drafts:
+        cols += ["accept %", "tok/call", "× no draft"]
     cols.append("decode ×")
     for name in cols:
         t.add_column(name, justify="left" if name in ("artifact", "device") else "right", no_wrap=True)
@@ -340,6 +374,10 @@ def render_table(report: BenchReport):
         if "ppl" in cols:
             pp = r.ppl if r.ppl and r.ppl.get("status", "ok") == "ok" else None
             cells.append(f"{pp['ppl']:.3f} ({pp['tokens_scored']} tok)" if pp else (r.ppl or {}).get("status", ""))
+        if drafts:
+            acc, per = (m or {}).get("acceptance"), (m or {}).get("tokens_per_target_call")
+            cells += [f"{acc['mean'] * 100:.0f}" if acc else "", _pm(per, ".2f") if per else "",
+                      f"{r.speedup_vs_no_draft:.2f}×" if r.speedup_vs_no_draft else ""]
         cells.append(f"{r.decode_ratio:.2f}×")
         t.add_row(*cells)
     return t

@@ -35,6 +35,12 @@ def bench(
     mode: Annotated[Optional[str], typer.Option("--mode", help="Shard sets: placement mode(s), comma-separated (auto, resident, pipelined, on-demand), one row each.")] = None,
     cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at its budget, which counts the whole process (root; cgroup v2 or v1); OOM kills become a row status.")] = False,
     ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions each run uses: a shard set's KV cache is planned and charged for these, and --ppl scores windows this long (default: prompt + new tokens for generation, the artifact's max_seq_len for --ppl).")] = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: also a row per draft (comma-separated), "
+                                                 "beside the same case without one: a precision of the shard set, a "
+                                                 ".pte or shard set with the same tokenizer, or lookup[:N] (prompt "
+                                                 "n-gram lookup). Greedy; e.g. --precision fp32 --draft 8da4w,lookup.")] = None,
+    draft_tokens: Annotated[Optional[str], typer.Option("--draft-tokens", help="With --draft: tokens drafted per target "
+                                                        "call, K (default 4) or auto.")] = None,
     device: Annotated[Optional[list[str]], typer.Option("--device", help="Measure on this device: ssh:user@host:port (user "
                                                         "and port optional; the artifacts are sent to its store once, "
                                                         "by sha256), or `local`. Repeat it for rows of several devices "
@@ -71,7 +77,9 @@ def bench(
     if runner is not None and not device:
         raise UsageError("--runner needs --device adb:SERIAL")
     settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup, ctx_size)
-    cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision, plan_file)
+    if device and draft is not None:
+        raise UsageError("--draft is not supported with --device yet", hint="bench speculative decoding on this machine")
+    cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision, plan_file, draft, draft_tokens)
     with ui.stages("benchmarking") as step:
         if device:
             report = _bench_devices(device, artifacts, cases, settings, step, keep_going, runner, memory_budget=memory_budget,
@@ -190,10 +198,13 @@ def _json_path_given_as_artifact(artifacts: list[Path]) -> None:
 
 
 def bench_cases(artifacts: list[Path], memory_budget: str | None, mode: str | None, cgroup: bool,
-                precision: str | None = None, plan_file: Path | None = None) -> list:
+                precision: str | None = None, plan_file: Path | None = None, draft: str | None = None,
+                draft_tokens: str | None = None) -> list:
     """One Case per artifact x budget x mode x precision: a shard set gets every budget, mode
     and precision ('plan' = the planner's own mix); a .pte gets every budget only under
-    --cgroup (as a cap), and no mode or precision."""
+    --cgroup (as a cap), and no mode or precision. With `draft` (comma-separated --draft
+    specs), each of those cases is followed by one Case per draft, the same options plus
+    `draft` (a path made absolute) and, when given, `draft_tokens`."""
     from edgectl.bench.report import Case
     from edgectl.runtime.plan import MODES, parse_bytes
 
@@ -222,4 +233,29 @@ def bench_cases(artifacts: list[Path], memory_budget: str | None, mode: str | No
             cases += [Case(a, {"budget": b}) for b in budgets]
         else:
             cases.append(Case(a))
-    return cases
+    return _with_drafts(cases, draft, draft_tokens)
+
+
+def _with_drafts(cases: list, draft: str | None, draft_tokens: str | None) -> list:
+    """Each case, then the same case with each `--draft` spec (checked here: one line, exit 2)."""
+    from dataclasses import replace
+
+    from edgectl.runtime.speculative import parse_draft, parse_draft_tokens
+
+    if draft is None:
+        if draft_tokens is not None:
+            raise UsageError("--draft-tokens needs --draft")
+        return cases
+    specs = [d.strip() for d in draft.split(",")]
+    if not all(specs):
+        raise UsageError(f"--draft {draft!r}: an empty spec", hint="e.g. --draft 8da4w,lookup")
+    k = {"draft_tokens": parse_draft_tokens(draft_tokens)} if draft_tokens is not None else {}
+    out = []
+    for c in cases:
+        out.append(c)
+        for spec in specs:
+            kind, value = parse_draft(spec, c.artifact)
+            if kind == "path" and not (value.is_file() or (value / "manifest.json").is_file()):
+                raise UsageError(f"--draft {spec}: neither a .pte file nor a shard set (a directory with manifest.json)")
+            out.append(replace(c, options={**c.options, "draft": str(value.resolve()) if kind == "path" else spec, **k}))
+    return out

@@ -15,12 +15,17 @@ distribution (temperature, top_p); a lookup draft's q is a point mass.
 The KV caches are indexed by position, so rejected entries are simply overwritten by the
 next call at those positions: the target has always processed every output token but the
 last; the draft re-feeds whatever accepted tokens it has not processed.
+
+Trace lanes (with `trace`, e.g. the target's): "verify", one span per target call after
+the prefill; "draft", the draft's work: a lookup's proposals as spans, a model draft's own
+trace (its model's spans) merged in by merge_draft_trace.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from edgectl.util.errors import EdgectlError, UsageError
 
 LOOKUP_N = 3  # `lookup` alone: n-grams of 3 tokens down to 1
 AUTO_K = (4, 1, 12)  # --draft-tokens auto: start, least, most
+DRAFT_LANE, VERIFY_LANE = "draft", "verify"  # trace lanes
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,9 +189,9 @@ class SpeculativeGeneration(Generation):
     kept them all, 1 fewer after one that did not."""
 
     def __init__(self, model, draft, prompt_ids: list[int], max_new_tokens: int, eos_ids: tuple[int, ...] = (),
-                 sampling: SamplingConfig = SamplingConfig(), k: int | str = 4):
+                 sampling: SamplingConfig = SamplingConfig(), k: int | str = 4, trace=None):
         super().__init__(model, prompt_ids, max_new_tokens, eos_ids, sampling)
-        self.draft, self.k = draft, parse_draft_tokens(k)
+        self.draft, self.k, self.trace = draft, parse_draft_tokens(k), trace
 
     def __iter__(self) -> Iterator[int]:
         import numpy as np
@@ -204,6 +210,9 @@ class SpeculativeGeneration(Generation):
         yield tok
         t_dec = time.perf_counter()
         k_now = AUTO_K[0] if self.k == "auto" else self.k
+        trace = self.trace
+        # a model draft's work is in its model's trace (merge_draft_trace); a lookup's is spanned here
+        draft_trace = trace if getattr(draft, "model", None) is None else None
         while True:
             if out[-1] in eos_ids:
                 st.stopped = "eos"
@@ -216,9 +225,11 @@ class SpeculativeGeneration(Generation):
                 break
             k = min(k_now, self.max_new_tokens - len(out) - 1, model.max_seq_len - L)
             t_d = time.perf_counter()
-            drafts, qs = draft.propose(hist, k, sampling, gen) if k > 0 else ([], None)
+            with _span(draft_trace if k > 0 else None, DRAFT_LANE, draft.name):
+                drafts, qs = draft.propose(hist, k, sampling, gen) if k > 0 else ([], None)
             st.draft_s += time.perf_counter() - t_d
-            logits = model.forward([hist[-1], *drafts], L - 1, all_logits=bool(drafts))
+            with _span(trace, VERIFY_LANE, "verify"):
+                logits = model.forward([hist[-1], *drafts], L - 1, all_logits=bool(drafts))
             st.target_calls += 1
             st.proposed += len(drafts)
             new, kept = verify(logits, drafts, qs, sampling, gen)
@@ -238,13 +249,30 @@ class SpeculativeGeneration(Generation):
 
 def speculative_generate(model, draft, prompt_ids: list[int], max_new_tokens: int, eos_ids: tuple[int, ...] = (),
                          sampling: SamplingConfig = SamplingConfig(), k: int | str = 4,
-                         on_token: Callable[[int], None] | None = None) -> SpeculativeStats:
-    """generate() with a draft (LookupDraft or ModelDraft) proposing `k` tokens a call."""
-    run = SpeculativeGeneration(model, draft, prompt_ids, max_new_tokens, eos_ids, sampling, k)
+                         on_token: Callable[[int], None] | None = None, trace=None) -> SpeculativeStats:
+    """generate() with a draft (LookupDraft or ModelDraft) proposing `k` tokens a call;
+    with `trace`, its "verify" and "draft" lanes (see the module's docstring)."""
+    run = SpeculativeGeneration(model, draft, prompt_ids, max_new_tokens, eos_ids, sampling, k, trace)
     for tok in run:
         if on_token:
             on_token(tok)
     return run.stats
+
+
+def _span(trace, lane: str, name: str):
+    return trace.span(lane, name) if trace is not None else nullcontext()
+
+
+def merge_draft_trace(trace, draft) -> None:
+    """Append a model draft's own trace spans (its loads and forward calls) to `trace` on
+    the "draft" lane, their times moved onto `trace`'s origin. A lookup draft has none."""
+    from edgectl.runtime.trace import Span
+
+    own = getattr(getattr(draft, "model", None), "trace", None)
+    if own is None or own is trace:
+        return
+    shift = own.origin - trace.origin
+    trace.spans += [Span(DRAFT_LANE, s.name, s.start + shift, s.end + shift) for s in own.spans]
 
 
 # ---------------------------------------------------------------------------------------
