@@ -162,3 +162,12 @@ def _ppl(logits, tokens) -> float:
 
     n = logits.shape[0]
     return math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(tokens[1:n])).item())
+
+
+def default_sigint() -> None:
+    """A `preexec_fn` for a child a test sends Ctrl-C: SIGINT's default disposition, as under a
+    terminal. A test run launched as a background job inherits SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

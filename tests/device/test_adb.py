@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from helpers import default_sigint
 from edgectl.cli.main import main
 from edgectl.device import adb
 from edgectl.device.android import Output, bench_android, figures, run_android
@@ -251,7 +252,8 @@ def test_ctrl_c_stops_the_phones_runner(phone, android_pte, tmp_path):
             f"run_android(parse_target('adb:standin-0'), Path({str(android_pte)!r}), prompt='x', n=2, temperature=0.0, "
             f"top_p=1.0, seed=None, chat=False, system=None, threads=None, json_out=False, runner=Path({str(slow)!r}))")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=os.environ.copy())
+                            env=os.environ.copy(),
+                            preexec_fn=default_sigint)
     assert proc.stdout.read(8) == b"started."  # streamed as produced
     pid = int((tmp_path / "runner.pid").read_text())
     proc.send_signal(signal.SIGINT)

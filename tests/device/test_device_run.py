@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgectl.cli.main import main
-from helpers import build_shard_set
+from helpers import build_shard_set, default_sigint
 from test_device_info import _stand_in
 
 ARGS = ["-p", "Once upon a time", "-n", "16", "--temperature", "0"]
@@ -222,7 +222,8 @@ def test_ctrl_c_stops_the_remote_run(tmp_path, monkeypatch):
     pte.write_bytes(b"x" * 1000)
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from edgectl.cli.main import main; sys.exit(main())",
                              "run", str(pte), "--device", "ssh:board", "-p", "x"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy(),
+                            preexec_fn=default_sigint)
     assert proc.stdout.readline() == b"started\n"
     pid = int((tmp_path / "remote.pid").read_text())
     proc.send_signal(signal.SIGINT)
