@@ -151,6 +151,11 @@ def figures(obs: dict) -> dict:
     def span(a: str, b: str) -> float:
         return float(max(obs.get(b, 0) - obs.get(a, 0), 0))
 
+    def rate(tokens: int, ms: float) -> float | None:
+        # llama_main stamps whole milliseconds: a span that reads 0 ms was too short to time, so its
+        # rate is unknown (None), never 0 tok/s or infinite
+        return tokens / ms * 1e3 if tokens and ms else None
+
     prompt, gen = int(obs.get("prompt_tokens", 0)), int(obs.get("generated_tokens", 0))
     prefill, decode = span("inference_start_ms", "prompt_eval_end_ms"), span("prompt_eval_end_ms", "inference_end_ms")
     return {
@@ -160,8 +165,8 @@ def figures(obs: dict) -> dict:
         "ttft_ms": span("inference_start_ms", "first_token_ms"),
         "prefill_ms": prefill,
         "decode_ms": decode,
-        "prefill_tok_s": prompt / prefill * 1e3 if prefill else 0.0,
-        "decode_tok_s": gen / decode * 1e3 if decode and gen else 0.0,
+        "prefill_tok_s": rate(prompt, prefill),
+        "decode_tok_s": rate(gen, decode),
         "first_token_ms": span("model_load_start_ms", "first_token_ms"),
     }
 
@@ -224,8 +229,11 @@ def _runner_failed(target: Target, rc: int, stderr: str) -> EdgectlError:
 
 def stats_line(s: dict, load_ms: float, emulated: bool = False) -> str:
     """The figures as `edgectl run` prints them."""
+    def tps(x: float | None) -> str:
+        return f"{x:.1f} tok/s" if x is not None else "<1 ms, untimed"
+
     return (f"[dim]{s['prompt_tokens']} prompt tokens, {s['new_tokens']} new ({s['stopped']}) | load {load_ms:.0f} ms | "
-            f"TTFT {s['ttft_ms']:.0f} ms | prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s "
+            f"TTFT {s['ttft_ms']:.0f} ms | prefill {tps(s['prefill_tok_s'])} | decode {tps(s['decode_tok_s'])} "
             f"(llama_main{', emulated' if emulated else ''})[/dim]")
 
 
