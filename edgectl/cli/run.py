@@ -135,8 +135,6 @@ def _run_on_device(device: str, artifact: Path, prompt: str | None, n: int, temp
         return
     if runner is not None:
         raise UsageError("--runner is for adb: devices (ExecuTorch's llama_main)")
-    if not artifact.exists():
-        raise UsageError(f"no such file or directory: {artifact}")
     if memory_budget is not None:
         from edgectl.runtime.plan import parse_bytes
 

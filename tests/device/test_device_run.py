@@ -114,8 +114,10 @@ def test_usage_errors(capsys, tmp_path, monkeypatch, stories_pte):
     assert rc == 2 and "not a shard set (no manifest.json)" in err
     rc, out, err = _run(capsys, "run", stories_pte, "--device", "ssh:board", "-p", "x", "--memory-budget", "30 parsecs")
     assert rc == 2 and "--memory-budget" not in out
-    rc, out, err = _run(capsys, "run", tmp_path / "absent.pte", "--device", "ssh:board", "-p", "x")
-    assert rc == 2 and "no such file" in err
+    for device in ("ssh:board", "adb:standin-0"):  # one check, before the adb/ssh split
+        rc, out, err = _run(capsys, "run", tmp_path / "absent.pte", "--device", device, "-p", "x")
+        assert rc == 2 and out == "" and "no such file" in err, device
+        assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
     assert not (tmp_path / "args.json").exists()  # no ssh at all
 
 
