@@ -22,6 +22,7 @@ from pathlib import Path
 from edgectl.device.target import Target
 from edgectl.formats.integrity import sha256_file
 from edgectl.util import ui
+from edgectl.util.emulation import emulated_from, parse_cpuinfo
 from edgectl.util.errors import EdgectlError
 
 ROOT = "/data/local/tmp/edgectl"
@@ -233,21 +234,17 @@ def device_facts(target: Target) -> dict:
     r = shell(target, _FACTS, timeout=60)
     parts = [p.strip() for p in r.stdout.split(_SEP)]
     model, soc, qemu, machine, nproc, midr_text, meminfo, cpuinfo_text = (parts + [""] * 8)[:8]
-    cpuinfo: dict = {}
-    for line in cpuinfo_text.splitlines():
-        k, _, v = line.partition(":")
-        cpuinfo.setdefault(k.strip(), v.strip())
+    cpuinfo = parse_cpuinfo(cpuinfo_text)
     mem = {k.strip(): v.split() for k, _, v in (ln.partition(":") for ln in meminfo.splitlines())}
     try:
         midr = int(midr_text.split()[0], 16)
     except (IndexError, ValueError):
         midr = None
-    x86_host = any(k in cpuinfo for k in ("vendor_id", "flags")) and machine.startswith(("aarch64", "arm"))
     return {
         "name": model or target.serial,
         "cpu": soc or _core(midr, cpuinfo) or cpuinfo.get("Hardware") or cpuinfo.get("model name"),
         "cores": int(nproc) if nproc.isdigit() else None,
         "mem_total_bytes": int(mem["MemTotal"][0]) * 1024 if mem.get("MemTotal", [""])[0].isdigit() else None,
         "machine": machine or None,
-        "emulated": qemu == "1" or x86_host,
+        "emulated": qemu == "1" or emulated_from(machine, cpuinfo_text),
     }

@@ -8,10 +8,12 @@ and edgectl itself only for the native shim check, so a device without edgectl s
 
 from __future__ import annotations
 
+import inspect
 import json
 
 from edgectl.device.ssh import run_ssh
 from edgectl.device.target import Target
+from edgectl.util import emulation
 from edgectl.util.errors import EdgectlError, UsageError
 
 NO_PYTHON = "edgectl-device: no python3"
@@ -26,20 +28,15 @@ FIND_PYTHON = (
 )
 REMOTE_COMMAND = FIND_PYTHON + 'exec "$p" -'
 
-SCRIPT = r'''
+# the device's Python runs it without edgectl: emulation's functions travel as their source
+SCRIPT = "".join(inspect.getsource(f) + "\n\n" for f in emulation.EMBEDDED) + r'''
 import json, os, platform, shutil, sys
 facts = {"machine": platform.machine(), "cpu": None, "cores": os.cpu_count(), "emulated": False,
          "mem_total_mb": None, "mem_available_mb": None, "disk_free_gb": None,
          "python": platform.python_version(), "python_path": sys.executable,
          "edgectl": None, "executorch": None, "native_shim": False, "native_why_not": None}
-try:
-    cpu = {}
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            cpu.setdefault(k.strip(), v.strip())
-except OSError:
-    cpu = {}
+cpuinfo_text = read_cpuinfo()
+cpu = parse_cpuinfo(cpuinfo_text)
 # Arm: the core from its ID register (sysfs MIDR_EL1, else cpuinfo's "CPU part"); an
 # emulated board's /proc/cpuinfo may be its host's
 ARM = {0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55", 0xd07: "Cortex-A57",
@@ -61,8 +58,7 @@ if part is not None:
     facts["cpu"] = ARM.get(part) if implementer == 0x41 and part in ARM else "Arm implementer 0x%02x part 0x%03x" % (implementer, part)
 else:
     facts["cpu"] = cpu.get("model name") or cpu.get("Hardware") or None
-# user-mode emulation (qemu-user, as the emulated board): an Arm userland whose kernel reports x86 CPUs
-facts["emulated"] = facts["machine"].startswith(("aarch64", "arm")) and "vendor_id" in cpu
+facts["emulated"] = emulated_from(facts["machine"], cpuinfo_text)  # edgectl/util/emulation.py
 try:
     with open("/proc/meminfo") as f:
         mem = {k: v.split()[0] for k, _, v in (line.partition(":") for line in f)}
