@@ -57,7 +57,7 @@ def child(args) -> dict:
     portable_lib._threadpool_get_thread_count()
     mark("baseline (python, torch, runtime, thread pool)")
     from edgectl.runtime import _native
-    from edgectl.bench.bench_worker import prompt_ids
+    from edgectl.util.scoring import prompt_ids
     from edgectl.runtime.generate import generate
     from edgectl.runtime.run import tokenizer_for
 

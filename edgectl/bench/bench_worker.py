@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 
-from edgectl.util.scoring import PROMPT_TEXT, picked_log_probs, ppl_windows
+from edgectl.util.scoring import picked_log_probs, ppl_windows, prompt_ids
 
 MODES = ("gen", "ppl", "baseline")
 
@@ -83,17 +83,6 @@ def read_status() -> dict[str, int]:
             if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = int(rest.split()[0]) * 1024
     return out
-
-
-def prompt_ids(tok, n: int) -> list[int]:
-    """The first `n` tokens of PROMPT_TEXT (repeated as needed) in the artifact's tokenizer,
-    with its BOS if it adds one."""
-    text = PROMPT_TEXT
-    ids = tok.encode(text)
-    while len(ids) < n:
-        text += PROMPT_TEXT
-        ids = tok.encode(text)
-    return ids[:n]
 
 
 def model_chunk(model) -> int:

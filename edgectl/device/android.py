@@ -23,6 +23,7 @@ from edgectl.device import adb
 from edgectl.device.target import Target
 from edgectl.util import ui
 from edgectl.util.errors import EdgectlError, UsageError
+from edgectl.util.scoring import prompt_ids
 
 STATS = "PyTorchObserver "
 PID = "edgectl-pid "
@@ -338,8 +339,6 @@ def bench_android(target: Target, artifact: Path, *, prompt_tokens: int, new_tok
                   threads: int | None, runner: Path | None) -> dict:
     """`edgectl bench --device adb:SERIAL`: `repeat` llama_main runs of a fixed prompt of
     `prompt_tokens` tokens generating `new_tokens`; {"device": {...}, "runs": [...]}."""
-    from edgectl.bench.bench_worker import prompt_ids
-
     if repeat < 1 or prompt_tokens < 1 or new_tokens < 2:
         raise UsageError("--repeat and --prompt-tokens must be >= 1, --new-tokens >= 2")
     artifact = Path(artifact)

@@ -1,4 +1,4 @@
-"""Perplexity scoring shared by bench, quantize and shard: the built-in prompt text, non-overlapping windows, and float64 log-probs a few rows at a time."""
+"""Perplexity scoring shared by bench, quantize and shard: the built-in prompt text (and its first n tokens), non-overlapping windows, and float64 log-probs a few rows at a time."""
 
 from __future__ import annotations
 
@@ -18,6 +18,17 @@ PROMPT_TEXT = (
     "They climbed the spiral stairs together, counting the steps out loud, and at the top the "
     "keeper opened the heavy book on a table by the window and ran his finger down the page. "
 )
+
+
+def prompt_ids(tok, n: int) -> list[int]:
+    """The first `n` tokens of PROMPT_TEXT (repeated as needed) in the artifact's tokenizer,
+    with its BOS if it adds one: bench's fixed prompt, here and on a phone."""
+    text = PROMPT_TEXT
+    ids = tok.encode(text)
+    while len(ids) < n:
+        text += PROMPT_TEXT
+        ids = tok.encode(text)
+    return ids[:n]
 
 
 def ppl_windows(ids: list[int], max_seq_len: int, bos_id: int | None) -> list[list[int]]:
