@@ -3,7 +3,7 @@
 # clone holds; a platform wheel with the native shim compiled in), install it (not
 # editable) into a fresh venv, and from outside any checkout load the shipped shim (no
 # compiler run), list the shipped recipes, export
-# stories260K (tests/fixtures) and generate from it, once with edgectl's interface and
+# stories260K (from the edgectl cache, scripts/fetch_models.py) and generate from it, once with edgectl's interface and
 # once through the shipped smollm2-135m-android recipe (ExecuTorch's stock interface).
 # Prints each step's seconds on stderr; exits non-zero on the first failure.
 #   bash scripts/wheel_smoke.sh [WORKDIR]     (default: a temporary directory, removed after)
@@ -19,7 +19,7 @@ else
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/edgectl-wheel.XXXXXX"); trap 'rm -rf "$WORK"' EXIT
 fi
 WORK=$(cd "$WORK" && pwd)
-FIXTURE=$ROOT/tests/fixtures/stories260K
+STORIES=$("$PY" scripts/fetch_models.py --model stories260K)  # the cache's copy (before EDGECTL_CACHE is set below)
 T0=$SECONDS; LAST=$SECONDS
 step() { echo "wheel_smoke: $1 ($((SECONDS - LAST)) s)" >&2; LAST=$SECONDS; }
 
@@ -85,11 +85,11 @@ check_lily() {  # greedy stories260K continues "Once upon a time" with a girl na
   "$BIN/python" -c 'import json, sys; d = json.load(open(sys.argv[1])); t = d["text"]
 assert "Lily" in t and d["stats"]["new_tokens"] == 24, t; print("wheel_smoke:  ", repr(t), file=sys.stderr)' "$1"
 }
-"$BIN/edgectl" export "$FIXTURE" -o s.pte --max-seq-len 128 >/dev/null
+"$BIN/edgectl" export "$STORIES" -o s.pte --max-seq-len 128 >/dev/null
 "$BIN/edgectl" run s.pte -p "Once upon a time" -n 24 --json > s.json
 check_lily s.json
 step "export + run (edgectl interface)"
-"$BIN/edgectl" export "$FIXTURE" --recipe smollm2-135m-android -o a.pte >/dev/null
+"$BIN/edgectl" export "$STORIES" --recipe smollm2-135m-android -o a.pte >/dev/null
 ls a.tokenizer.* >/dev/null   # the tokenizer file stock runners take, beside the .pte
 "$BIN/python" -c 'import json, sys; from pathlib import Path; from edgectl.formats.ptefile import constant_bytes
 meta = json.loads(constant_bytes(Path(sys.argv[1]), "edgectl_meta")); assert meta["interface"] == "stock", meta' a.pte

