@@ -74,7 +74,8 @@ def run(
         budget = parse_bytes(memory_budget)
     if show_plan:
         _show_plan(artifact, budget, mode, latency_target, json_out, precision,
-                   _plan_context(artifact, ctx_size, prompt, n, chat, system) if budget else ctx_size)
+                   _plan_context(artifact, ctx_size, prompt, n, chat, system) if budget else ctx_size,
+                   draft, draft_tokens or 4)
         return
     if prompt is None:
         raise UsageError("--prompt is required (unless --plan)")
@@ -190,7 +191,8 @@ def _plan_context(artifact: Path, ctx_size: int | None, prompt: str | None, n: i
 
 
 def _show_plan(artifact: Path, budget: int | None, mode: str, latency_target: float | None, json_out: bool,
-               precision: str | None = None, context: int | None = None) -> None:
+               precision: str | None = None, context: int | None = None, draft: str | None = None,
+               draft_tokens: int | str = 4) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -198,7 +200,7 @@ def _show_plan(artifact: Path, budget: int | None, mode: str, latency_target: fl
     from edgectl.runtime.plan import render_rows
     from edgectl.runtime.run import plan_for
 
-    p = plan_for(artifact, budget, mode, latency_target, precision, context)
+    p = plan_for(artifact, budget, mode, latency_target, precision, context, draft, draft_tokens)
     if json_out:
         ui.emit_json(p.to_dict())
         return

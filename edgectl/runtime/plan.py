@@ -58,9 +58,9 @@ class Infeasible(EdgectlError):
     probed), so the minimum named is a lower bound."""
 
     def __init__(self, budget: int, minimum: int, mode: str, kv: int, positions: int, fixed: int,
-                 partial: bool = False, floor: int = 0):
+                 partial: bool = False, floor: int = 0, draft: int = 0):
         self.args_ = (budget, minimum, mode, kv, positions, fixed)
-        self.floor = floor
+        self.floor, self.draft = floor, draft
         self.minimum = minimum
         what = {"resident": "all shards resident at their smallest precision",
                 "pipelined": "every shard streamed through two loader slots",
@@ -70,7 +70,8 @@ class Infeasible(EdgectlError):
             f"a budget of {budget / 1e6:.1f} MB is below the feasible minimum of {at_least}{minimum / 1e6:.1f} MB "
             f"for mode {mode} ({what}, KV cache {kv / 1e6:.1f} MB for {positions} positions"
             + (f", runtime floor {floor / 1e6:.1f} MB" if floor else "")
-            + (f", measured start-up costs {(fixed - floor) / 1e6:.1f} MB" if fixed - floor else "")
+            + (f", the draft {draft / 1e6:.1f} MB" if draft else "")
+            + (f", measured start-up costs {(fixed - floor - draft) / 1e6:.1f} MB" if fixed - floor - draft else "")
             + (" so far; the first execute, not measured yet, adds more" if partial else "") + ")",
             hint=f"give --memory-budget {'more than ' if partial else ''}{int(-(-minimum // 10**5)) / 10:.1f}MB"
             + ("" if partial else " or more")
@@ -79,7 +80,7 @@ class Infeasible(EdgectlError):
         )
 
     def partial(self) -> "Infeasible":
-        return Infeasible(*self.args_, partial=True, floor=self.floor)
+        return Infeasible(*self.args_, partial=True, floor=self.floor, draft=self.draft)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Plan:
     fixed_bytes: int = 0  # runtime floor + measured start-up costs, counted in total_bytes (see module doc)
     floor_bytes: int = 0  # the runtime floor, part of fixed_bytes (0: planned without a runtime)
     context: int | None = None  # positions the KV cache is planned for (None: max_seq_len)
+    draft: dict | None = None  # the speculative draft planned with (plan_cost.DraftCost.to_dict), counted in fixed_bytes
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,14 +3,85 @@
 The expected time per token comes from simulating one decode step on the measured
 load_ms and (when the manifest has them) compute_ms of each shard: a loader that loads
 streamed shards in forward order into its slots while the executor runs shards.
+
+With a draft (speculative decoding, DraftCost), one step is K draft steps then a target
+call over K+1 tokens (each streamed shard loaded once for all of them, its compute
+scaled by verify_scale(K)), and yields expected_tokens(acceptance, K) tokens: the
+expected time per token is the step's time over its expected tokens.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from edgectl.util.errors import UsageError
+
+# Compute of one target call over K+1 tokens, relative to one token: 1 + VERIFY_SCALE * K,
+# the least-squares slope over K = 1..8 measured by scripts/spec_verify_cost.py on SmolLM2's
+# fp32 shard set (2 threads, all logits): 21.6 ms for 1 token, 48.7 for 5, 71.4 for 9.
+VERIFY_SCALE = 0.29
+# Expected share of drafts the target accepts, when the caller gives none: measured for an
+# 8da4w draft of fp32 SmolLM2 on bench's built-in prompt, K = 4 (80%).
+DEFAULT_ACCEPTANCE = 0.8
+
+
+@dataclass(frozen=True)
+class DraftCost:
+    """What a resident draft adds to a plan: `bytes` it holds (weights, its own KV cache and
+    activation arena), `step_ms` per draft token, `k` tokens drafted per target call, the
+    expected `acceptance` of each draft, and its `precision` (for the plan's notes)."""
+
+    bytes: int
+    step_ms: float
+    k: int
+    acceptance: float = DEFAULT_ACCEPTANCE
+    precision: str = ""
+
+    @property
+    def tokens_per_call(self) -> float:
+        return expected_tokens(self.acceptance, self.k)
+
+    @property
+    def draft_ms(self) -> float:
+        """The draft's work before each target call: k draft steps."""
+        return self.k * self.step_ms
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_call": self.tokens_per_call}
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one target call yields when each of k drafts is accepted with probability
+    `acceptance`, independently, until the first rejection, plus the target's own token:
+    1 + a + a^2 + ... + a^k."""
+    a = min(max(acceptance, 0.0), 1.0)
+    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def verify_scale(k: int) -> float:
+    return 1.0 + VERIFY_SCALE * k
+
+
+def draft_cost(manifest, precision: str, k: int, context: int | None = None,
+               acceptance: float = DEFAULT_ACCEPTANCE) -> DraftCost:
+    """The cost of drafting with the shard set's own `precision`, every shard resident (a
+    draft that streamed would load as much as the target it drafts for): its shards'
+    weights and largest activation arena, and its own KV cache for `context` positions;
+    a step is the sum of its shards' measured compute_ms (0 where not measured)."""
+    from edgectl.runtime.plan import kv_cache_bytes
+
+    m = same_layer_timings(only_precision(manifest, precision))
+    weights = arena = 0
+    step = 0.0
+    for s in m.shards:
+        v = s.variants[precision]
+        if _is_mapped(s, precision):
+            continue
+        weights += _weights(v)
+        arena = max(arena, int(v.extra.get("planned_bytes", 0)))
+        step += _compute_ms(v) or 0.0
+    return DraftCost(weights + arena + kv_cache_bytes(manifest, context), step, k, acceptance, precision)
 
 
 @dataclass
@@ -74,27 +145,31 @@ def _memory(shards, st: _State, kv: int, slots: int, slot_extra: int = 0) -> tup
     return resident, slot, resident + slot + kv
 
 
-def _simulate(shards, st: _State, slots: int, steps: int = 3) -> float:
+def _simulate(shards, st: _State, slots: int, steps: int = 3, draft: DraftCost | None = None) -> float:
     """ms of one decode step in steady state. The executor runs shards in forward order.
     Pipelined (2 slots): a loader loads streamed shards in order, wrapping into the next
     step, as soon as a slot is free (a slot frees when its shard has run), so the next
     load overlaps compute. On-demand (1 slot): the executor loads each streamed shard
-    itself when it reaches it."""
+    itself when it reaches it. With a `draft`: expected ms per output token (module
+    docstring); the executor runs the draft's k steps before each target call while the
+    pipelined loader goes on loading the target's streamed shards."""
     _, table, memo = _table(shards)
     prec, streamed_set = st.prec, st.streamed
-    key = (tuple(prec[name] for name, _ in table), frozenset(streamed_set), slots, steps)
+    key = (tuple(prec[name] for name, _ in table), frozenset(streamed_set), slots, steps, draft)
     if (ms := memo.get(key)) is not None:
         return ms
-    seq = []
+    seq, scale = [], verify_scale(draft.k) if draft else 1.0
     for name, by_prec in table:
         mapped, _, _, load, compute = by_prec[prec[name]]
         if not mapped:
-            seq.append((name in streamed_set, load, compute))
+            seq.append((name in streamed_set, load, compute * scale))
     load_end: list[float] = []  # per streamed execution, in order
     exec_end: list[float] = []
     t, step_start = 0.0, 0.0
     for _ in range(steps):
         step_start = t
+        if draft:
+            t += draft.draft_ms
         for streamed, load, compute in seq:
             if not streamed:
                 t += compute
@@ -110,7 +185,8 @@ def _simulate(shards, st: _State, slots: int, steps: int = 3) -> float:
             load_end.append(end)
             t = (end if end > t else t) + compute
             exec_end.append(t)
-    memo[key] = ms = t - step_start
+    ms = t - step_start
+    memo[key] = ms = ms / draft.tokens_per_call if draft else ms
     return ms
 
 

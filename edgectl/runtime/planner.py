@@ -30,8 +30,9 @@ streamed shards in forward order into its slots while the executor runs shards.
 from __future__ import annotations
 
 from edgectl.runtime.plan import MODES, SLOTS, Infeasible, Plan, ShardChoice, kv_cache_bytes
-from edgectl.runtime.plan_cost import (_compute_ms, _higher, _is_mapped, _kl, _lower, _memory, _sim_cache, _simulate,
-                                       _State, _tied_head, _variant, _weights, only_precision, same_layer_timings)
+from edgectl.runtime.plan_cost import (DraftCost, _compute_ms, _higher, _is_mapped, _kl, _lower, _memory, _sim_cache,
+                                       _simulate, _State, _tied_head, _variant, _weights, only_precision,
+                                       same_layer_timings)
 from edgectl.util.errors import EdgectlError, UsageError
 
 STREAM_SLACK = 0.10  # see _plan step 3a
@@ -47,7 +48,8 @@ PRELOAD_TIE = 0.05
 
 def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mode: str = "auto",
          fixed_bytes: int = 0, precision: str | None = None, slot_extra_bytes: int = 0,
-         context: int | None = None, stream_extra_bytes: int = 0, floor_bytes: int = 0) -> Plan:
+         context: int | None = None, stream_extra_bytes: int = 0, floor_bytes: int = 0,
+         draft: DraftCost | None = None) -> Plan:
     """`precision`: every shard at that precision (see only_precision). `slot_extra_bytes`:
     what each pipelined loader slot costs besides its shard's weights, measured by the
     runtime (a streamed shard's own XNNPACK workspace). `stream_extra_bytes`: what loading
@@ -57,7 +59,8 @@ def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mo
     for those; default max_seq_len). `floor_bytes`: the runtime floor, what the process holds
     before any shard (interpreter, numpy, ExecuTorch's runtime library): the budget counts
     the whole process, so the floor is counted like a fixed cost, and a budget at or below
-    it is refused."""
+    it is refused. `draft`: a resident draft for speculative decoding (draft_cost): its
+    bytes are counted like a fixed cost, and times are expected ms per output token."""
     if context is not None and context >= manifest.max_seq_len:
         context = None
     if precision is not None:
@@ -68,15 +71,33 @@ def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mo
         raise UsageError(f"--mode {mode!r}", hint=f"choose one of: {', '.join(MODES)}")
     if budget_bytes <= 0:
         raise UsageError("--memory-budget must be positive")
-    kw = dict(fixed=fixed_bytes + floor_bytes, slot_extra=slot_extra_bytes, stream_extra=stream_extra_bytes,
-              context=context, runtime_floor=floor_bytes)
+    kw = dict(fixed=fixed_bytes + floor_bytes + (draft.bytes if draft else 0), slot_extra=slot_extra_bytes,
+              stream_extra=stream_extra_bytes, context=context, runtime_floor=floor_bytes, draft=draft)
     try:
         found = _in_mode(manifest, budget_bytes, latency_target_ms, mode, kw)
         if precision is None:
             found = _no_worse_than_uniform(found, manifest, budget_bytes, latency_target_ms, mode, kw)
+        if draft:
+            _compare_without_draft(found, manifest, budget_bytes, latency_target_ms, mode, kw, draft)
         return found
     finally:
         _sim_cache.clear()
+
+
+def _compare_without_draft(found: Plan, manifest, budget: int, target: float | None, mode: str, kw: dict,
+                           draft: DraftCost) -> None:
+    """A note when the same budget without the draft is expected to be faster: the draft's
+    memory can push target shards out to stream (at a budget where the target alone fits
+    resident, drafting loses)."""
+    alone_kw = {**kw, "fixed": kw["fixed"] - draft.bytes, "draft": None}
+    try:
+        alone = _in_mode(manifest, budget, target, mode, alone_kw)
+    except EdgectlError:
+        return
+    if alone.ms_per_token < found.ms_per_token:
+        found.notes.append(f"without the draft this budget plans {alone.ms_per_token:.1f} ms per token ({alone.mode}), "
+                           f"faster than {found.ms_per_token:.1f} with it: the draft's {draft.bytes / 1e6:.1f} MB "
+                           "make target shards stream; drop --draft or raise --memory-budget")
 
 
 def check_floor(budget_bytes: int, floor_bytes: int) -> None:
@@ -90,7 +111,7 @@ def check_floor(budget_bytes: int, floor_bytes: int) -> None:
 
 def check_budget(manifest, budget_bytes: int, mode: str = "auto", fixed_bytes: int = 0, precision: str | None = None,
                  slot_extra_bytes: int = 0, stream_extra_bytes: int = 0, context: int | None = None,
-                 floor_bytes: int = 0) -> None:
+                 floor_bytes: int = 0, draft: DraftCost | None = None) -> None:
     """Raise Infeasible, as plan() would, when the budget is below the feasibility minimum
     of `mode` (auto: of every mode), without planning: the runtime's pre-check, on the
     cold-start path (a full plan of SmolLM2 at 150 MB takes tens of ms)."""
@@ -101,8 +122,8 @@ def check_budget(manifest, budget_bytes: int, mode: str = "auto", fixed_bytes: i
     if precision is not None:
         manifest = only_precision(manifest, precision)
     check_floor(budget_bytes, floor_bytes)
-    kw = dict(fixed=fixed_bytes + floor_bytes, slot_extra=slot_extra_bytes, stream_extra=stream_extra_bytes,
-              context=context, runtime_floor=floor_bytes)
+    kw = dict(fixed=fixed_bytes + floor_bytes + (draft.bytes if draft else 0), slot_extra=slot_extra_bytes,
+              stream_extra=stream_extra_bytes, context=context, runtime_floor=floor_bytes, draft=draft)
     err = None
     for m in (("resident", "pipelined", "on-demand") if mode == "auto" else (mode,)):
         try:
@@ -205,7 +226,8 @@ def _sync_embed(shards, st: _State) -> None:
 
 def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = False, fixed: int = 0,
           slot_extra: int = 0, stream_extra: int = 0, floor: dict | None = None, context: int | None = None,
-          pin: set | None = None, check_only: bool = False, runtime_floor: int = 0) -> Plan | None:
+          pin: set | None = None, check_only: bool = False, runtime_floor: int = 0,
+          draft: DraftCost | None = None) -> Plan | None:
     shards, precisions = manifest.shards, manifest.precisions
     kv = kv_cache_bytes(manifest, context)
     if mode == "on-demand":  # the executor loads each shard itself, in the shared workspace
@@ -221,14 +243,15 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
         small.streamed = {s.name for s in movable}
     minimum = _memory(shards, small, kvf, slots, slot_extra)[2]
     if budget < minimum:
-        raise Infeasible(budget, minimum, mode, kv, context or manifest.max_seq_len, fixed, floor=runtime_floor)
+        raise Infeasible(budget, minimum, mode, kv, context or manifest.max_seq_len, fixed, floor=runtime_floor,
+                         draft=draft.bytes if draft else 0)
     if check_only:
         return None
 
     st = _State({s.name: [q for q in precisions if q in s.variants][0] for s in shards}, set())
     _sync_embed(shards, st)
     mem = lambda: _memory(shards, st, kvf, slots, slot_extra)[2]  # noqa: E731
-    time_ms = lambda: _simulate(shards, st, slots)  # noqa: E731
+    time_ms = lambda: _simulate(shards, st, slots, draft=draft)  # noqa: E731
     ok_time = lambda: target is None or time_ms() <= target  # noqa: E731
 
     # 1. least important give up precision first (accuracy lost per byte saved)
@@ -344,7 +367,11 @@ def _plan(manifest, budget: int, target: float | None, mode: str, auto: bool = F
     if not measured:
         notes.append("compute time per shard not in the manifest (`edgectl shard DIR --remeasure` adds it): "
                      "expected ms/token counts loading only")
+    if draft:
+        notes.append(f"speculative: a resident {draft.precision or 'draft'} draft ({draft.bytes / 1e6:.1f} MB, counted in "
+                     f"the fixed costs) proposes {draft.k} tokens a call; ms per token expects "
+                     f"{draft.tokens_per_call:.2f} tokens a call at {draft.acceptance:.0%} acceptance")
     return Plan(actual_mode, budget, target, choices, kv, slot, resident, total, minimum, ms,
                 sum(c.kl for c in choices), measured, notes=notes, fixed_bytes=fixed, context=context,
-                floor_bytes=runtime_floor)
+                floor_bytes=runtime_floor, draft=draft.to_dict() if draft else None)
 

@@ -93,6 +93,11 @@ def run_prompt(
         context = lambda tok: len(prompt_token_ids(tok, prompt, chat, system)) + max_new_tokens  # noqa: E731
     if context is not None:
         shard_kw["context"] = context
+    if spec is not None and plan_file is None:
+        from edgectl.runtime.speculative import plan_draft
+
+        if counted := plan_draft(spec, draft_tokens, budget):
+            shard_kw["draft"] = counted  # the plan counts the draft's memory and time
     model = open_artifact(artifact, budget=budget, mode=mode, latency_target_ms=latency_target_ms, **shard_kw)
     load_ms = model.trace.total("load") * 1e3
     tok = tokenizer_for(model)
@@ -136,9 +141,11 @@ def is_shard_set(artifact: str | Path) -> bool:
 
 
 def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", latency_target_ms: float | None = None,
-             precision: str | None = None, context: int | None = None):
+             precision: str | None = None, context: int | None = None, draft: str | None = None,
+             draft_tokens: int | str = 4):
     """The plan `run` would follow (no torch import). With a budget the runtime library is
-    loaded, as a run loads it, to measure the runtime floor the budget includes."""
+    loaded, as a run loads it, to measure the runtime floor the budget includes; with a
+    `draft`, the plan counts it (speculative.plan_draft)."""
     from edgectl.util.errors import UsageError
     from edgectl.formats.manifest import Manifest
     from edgectl.runtime.planner import plan
@@ -157,8 +164,15 @@ def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", laten
             if native is not None:
                 native.thread_count()
         floor = rss_bytes()["rss"]
+    counted = None
+    if draft is not None:
+        from edgectl.runtime.plan_cost import draft_cost
+        from edgectl.runtime.speculative import parse_draft, parse_draft_tokens, plan_draft
+
+        if counted := plan_draft(parse_draft(draft, artifact), parse_draft_tokens(draft_tokens), budget):
+            counted = draft_cost(manifest, *counted, context)
     p = plan(manifest, budget or 1 << 62, latency_target_ms, mode if budget else "resident",
-             precision=precision, context=context, floor_bytes=floor)
+             precision=precision, context=context, floor_bytes=floor, draft=counted)
     if budget:
         p.notes.append("start-up costs (tokenizer, first-execute workspace, staging) are not measured here: "
                        "a run measures them first and plans with them, so it may choose lower precisions")

@@ -26,6 +26,7 @@ from pathlib import Path
 from edgectl.util.errors import EdgectlError
 from edgectl.formats.manifest import Manifest
 from edgectl.runtime.plan import Plan
+from edgectl.runtime.plan_cost import draft_cost
 from edgectl.runtime.planner import check_floor, plan as make_plan
 from edgectl.runtime.methods import _load_runtime
 from edgectl.runtime.runtime import KVCache, usable_context
@@ -40,11 +41,14 @@ class ShardModel(StartupCosts):
 
     def __init__(self, directory: str | Path, trace: Trace | None = None, *, budget: int | None = None,
                  mode: str = "auto", latency_target_ms: float | None = None, plan: Plan | None = None,
-                 engine: str = "auto", precision: str | None = None, context=None):
+                 engine: str = "auto", precision: str | None = None, context=None,
+                 draft: tuple[str, int] | None = None, tokenizer=None):
         """`context`: positions this run may use (prompt + generated tokens; an int, or a
         function of the tokenizer, called once it is built). The KV cache is planned and
         charged for that many, not for the manifest's max_seq_len; None: max_seq_len, or
-        what a given `plan` was made for."""
+        what a given `plan` was made for. `draft`: (precision, k) of this shard set's own
+        draft that will run beside it, resident; a budget plan counts it (plan_cost.draft_cost).
+        `tokenizer`: one already built for this shard set, shared (a draft shares its target's)."""
         self.dir = Path(directory)
         self.trace = trace or Trace()
         self.manifest = m = Manifest.load(self.dir)
@@ -65,7 +69,9 @@ class ShardModel(StartupCosts):
             check_floor(budget or 0, floor)
             if plan is None and budget:
                 self.startup = self._measure_startup(m, rt, native, precheck=lambda fixed: self._precheck(
-                    m, budget, mode, precision, fixed, context, floor))
+                    m, budget, mode, precision, fixed, context, floor, draft))
+            elif tokenizer is not None:
+                self._tok["value"] = tokenizer
             else:
                 self._start_tokenizer()
             if callable(context):
@@ -81,7 +87,7 @@ class ShardModel(StartupCosts):
                     plan = (make_plan(m, budget, latency_target_ms, mode, fixed_bytes=fixed, precision=precision,
                                       slot_extra_bytes=getattr(self, "slot_workspace", 0),
                                       stream_extra_bytes=getattr(self, "stream_extra", 0), context=self.max_seq_len,
-                                      floor_bytes=floor)
+                                      floor_bytes=floor, draft=draft and draft_cost(m, *draft, self.max_seq_len))
                             if budget else _everything_resident(m, precision))
             self.plan = plan
             self._open(m, plan, rt, native)
@@ -124,7 +130,7 @@ class ShardModel(StartupCosts):
     @property
     def tokenizer(self):
         if "thread" not in self._tok:
-            return None
+            return self._tok.get("value")
         self._tok["thread"].join()
         if "error" in self._tok:
             raise self._tok["error"]

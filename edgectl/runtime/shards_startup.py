@@ -49,19 +49,21 @@ class StartupCosts:
     """ShardModel's start-up measurement and memory report (a mixin: it reads the model's
     directory, trace, manifest, plan and engine)."""
 
-    def _precheck(self, m, budget, mode, precision, fixed: int, context, floor: int = 0) -> None:
+    def _precheck(self, m, budget, mode, precision, fixed: int, context, floor: int = 0, draft=None) -> None:
         """Refuse a budget that no plan fits with the start-up costs measured so far (the
         tokenizer's), before the first-execute probe loads and runs a shard: under a memory
         cap, the probe on top of the tokenizer got the process
         OOM-killed before it could say the budget is too small (bench, 25% rows). What is
         counted so far is a lower bound, so this refuses only what planning would."""
         from edgectl.runtime.plan import Infeasible
+        from edgectl.runtime.plan_cost import draft_cost
         from edgectl.runtime.planner import check_budget
 
+        context = context if isinstance(context, int) else 1
         try:
             check_budget(m, budget, mode, fixed_bytes=fixed, precision=precision, slot_extra_bytes=self.slot_workspace,
-                         stream_extra_bytes=self.stream_extra, context=context if isinstance(context, int) else 1,
-                         floor_bytes=floor)
+                         stream_extra_bytes=self.stream_extra, context=context, floor_bytes=floor,
+                         draft=draft and draft_cost(m, *draft, context))
         except Infeasible as e:
             raise e.partial() from None
 

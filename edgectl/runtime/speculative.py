@@ -348,6 +348,19 @@ def check_same_tokenizer(target, draft_path: Path, target_name: str) -> None:
                            f"({sha[1]}…)", hint="a draft needs the target's tokenizer")
 
 
+def plan_draft(spec: tuple[str, object] | None, k: int | str, budget: int | None) -> tuple[str, int] | None:
+    """What the target's budget plan counts for `spec` (ShardModel's `draft`): a precision of
+    the same shard set, as (precision, k; auto plans for its starting K). A lookup draft
+    holds nothing. Another model as the draft under a budget is refused: the planner
+    knows only the target's shard set."""
+    if spec is None or not budget or spec[0] == "lookup":
+        return None
+    if spec[0] == "path":
+        raise UsageError(f"--memory-budget with --draft {spec[1]}: the planner counts a draft from the same shard set "
+                         "only", hint="give a precision of the shard set (e.g. --draft 8da4w) or lookup")
+    return str(spec[1]), AUTO_K[0] if k == "auto" else int(k)
+
+
 def open_draft(spec: tuple[str, object], artifact: str | Path, target):
     """The draft for a parsed `--draft` spec, beside the opened `target`: a LookupDraft, or
     a ModelDraft owning its own Model (and KV cache), for the target's context."""
@@ -356,7 +369,8 @@ def open_draft(spec: tuple[str, object], artifact: str | Path, target):
     kind, value = spec
     if kind == "lookup":
         return LookupDraft(value)
-    if kind == "precision":
-        return ModelDraft(open_artifact(artifact, precision=value, context=target.max_seq_len), str(value))
+    if kind == "precision":  # the target's tokenizer: the same shard set's
+        return ModelDraft(open_artifact(artifact, precision=value, context=target.max_seq_len,
+                                        tokenizer=getattr(target, "tokenizer", None)), str(value))
     check_same_tokenizer(target, value, str(artifact))
     return ModelDraft(open_artifact(value, context=target.max_seq_len), str(value))
