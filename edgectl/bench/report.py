@@ -9,10 +9,14 @@ Sizes in bytes, times in ms, rates in tokens per second:
     versions: {python, torch, executorch, torchao: str | null}
     machine: {platform, machine, cpu: str, cpu_count: int, mem_total_bytes: int | null,
               emulated: bool (user-mode emulation: timings mean nothing)}
-    settings: {prompt_tokens, new_tokens, repeat: int, threads: int | null,
-               cold_requested, cold, warmup: bool, ppl_file: str | null,
+    settings: {prompt_tokens: int | null (null with a prompt file), new_tokens, repeat: int,
+               threads: int | null, cold_requested, cold, warmup: bool, ppl_file: str | null,
                ppl_tokens: int | null, cgroup: bool, cgroup_baseline: int | null,
-               ctx_size: int | null}
+               ctx_size: int | null,
+               prompt_file: {path: str (absolute), sha256: str (of its bytes), format: "jsonl" |
+                             "text", prompts: int (in the file), chat: bool (chat template
+                             applied)} | null}   `bench --prompt-file` (bench/prompts.py); null:
+                                        the built-in text cut to prompt_tokens
     notes: [str]                        e.g. why --cold fell back to warm, a busy machine
     rows: [{
         label: str                      file name plus options (#n for repeats), as in the table
@@ -25,7 +29,9 @@ Sizes in bytes, times in ms, rates in tokens per second:
         runs: [{                        one per repeat, in order
             cache_dropped: bool
             loadavg_1m: float           the machine's 1-minute load average before the run
-            prompt_tokens, new_tokens: int
+            prompt_tokens, new_tokens: int   prompt_tokens: the run's prompt (chat template included)
+            prompt_index: int           with a prompt file: the prompt run i used (i mod prompts),
+                                        the same for run i of every row
             ttft_ms, prefill_ms, decode_ms, prefill_tok_s, decode_tok_s: float
             output_sha256: str          16 hex digits of the sha256 of the generated ids (greedy:
                                         a draft row's equals its no-draft row's)
@@ -122,7 +128,7 @@ class Case:
 
 @dataclass(frozen=True)
 class BenchSettings:
-    prompt_tokens: int = 64
+    prompt_tokens: int | None = 64  # None with prompt_file
     new_tokens: int = 128
     repeat: int = 3
     threads: int | None = None
@@ -131,6 +137,8 @@ class BenchSettings:
     ppl_tokens: int | None = None
     cgroup: bool = False
     ctx_size: int | None = None  # positions per run (bench_worker.Job.ctx_size)
+    prompt_file: Path | None = None  # prompts instead of the built-in text (bench/prompts.py)
+    chat: bool | None = None  # apply the chat template to them (None: on for a .jsonl)
 
 
 @dataclass
@@ -224,6 +232,7 @@ class BenchReport:
     cold: bool  # whether the page cache really was dropped
     notes: list[str] = field(default_factory=list)
     cgroup_baseline: int | None = None  # peak cgroup charge of a worker that loads no model
+    prompt_file: dict | None = None  # the prompt file run (PromptFile.to_dict), as settings.prompt_file
 
     @property
     def failed_rows(self) -> list[Row]:
@@ -265,6 +274,7 @@ class BenchReport:
                 "cgroup": s.cgroup,
                 "cgroup_baseline": self.cgroup_baseline,
                 "ctx_size": s.ctx_size,
+                "prompt_file": self.prompt_file,
             },
             "notes": self.notes,
             "rows": [r.to_dict(label) for r, label in zip(self.rows, self.labels())],
@@ -330,7 +340,10 @@ def render_table(report: BenchReport):
 
     s = report.settings
     mode = "cold" if report.cold else "warm"
-    title = f"edgectl bench: {s.prompt_tokens} prompt + {s.new_tokens} new tokens, {s.repeat} run(s), {mode}, threads {s.threads or 'default'}"
+    pf = report.prompt_file
+    what = f"prompts of {Path(pf['path']).name} ({pf['prompts']}{', chat' if pf['chat'] else ''})" if pf else \
+        f"{s.prompt_tokens} prompt"
+    title = f"edgectl bench: {what} + {s.new_tokens} new tokens, {s.repeat} run(s), {mode}, threads {s.threads or 'default'}"
     if report.cgroup_baseline is not None:
         title += f", cgroup cap = budget (runtime floor {report.cgroup_baseline / 1e6:.0f} MB included)"
     here_emulated = any(not r.device for r in report.rows) and machine()["emulated"]
@@ -378,6 +391,6 @@ def render_table(report: BenchReport):
             acc, per = (m or {}).get("acceptance"), (m or {}).get("tokens_per_target_call")
             cells += [f"{acc['mean'] * 100:.0f}" if acc else "", _pm(per, ".2f") if per else "",
                       f"{r.speedup_vs_no_draft:.2f}×" if r.speedup_vs_no_draft else ""]
-        cells.append(f"{r.decode_ratio:.2f}×")
+        cells.append(f"{r.decode_ratio:.2f}×" if r.decode_ratio == r.decode_ratio else "-")  # nan: no decode figure
         t.add_row(*cells)
     return t

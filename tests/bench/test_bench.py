@@ -346,3 +346,18 @@ def test_reading_an_artifacts_tokenizer_prints_nothing(stories_pte):
     code = f"from edgectl.runtime.run import artifact_tokenizer; print(len(artifact_tokenizer({str(stories_pte)!r}).encode(\"Once upon a time\")))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip().isdigit() and out.stderr == ""
+
+
+def test_a_row_without_decode_figures_shows_no_ratio(tmp_path):
+    """A failed (or infeasible) row has no decode figure: its decode × cell is "-", not nan×."""
+    from rich.console import Console
+
+    ok, bad = report.Row(report.Case(tmp_path / "m.pte"), 1), report.Row(report.Case(tmp_path / "n.pte"), 1)
+    ok.runs = [{"status": "ok", "decode_tok_s": 10.0, "new_tokens": 4}]
+    bad.runs = [{"status": "failed", "error": "no plan fits"}]
+    rep = report.BenchReport(report.BenchSettings(), [ok, bad], cold=False)
+    report.set_decode_ratios(rep.rows)
+    console = Console(width=400, record=True)
+    console.print(report.render_table(rep))
+    lines = [ln for ln in console.export_text().splitlines() if "n.pte" in ln or "m.pte" in ln]
+    assert "nan" not in "".join(lines) and lines[0].rstrip(" │").endswith("1.00×") and lines[1].rstrip(" │").endswith("-")
