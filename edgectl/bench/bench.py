@@ -12,6 +12,9 @@ XNNPACK set-up are out of the measured figures; they are in `warmup`, which is w
 `edgectl run` would print). Cold (`cold=True`): the page cache is dropped before every run
 (root only) and there is no warm-up generation: each run is a first run after boot.
 
+With a prompt file (settings.prompt_file, `bench --prompt-file`), run i of every row uses
+prompt i mod n of the file, encoded here (edgectl.bench.prompts) and handed to the worker.
+
 The results (`Case`, `BenchSettings`, `Row`, `BenchReport`, their JSON schema and table) are
 in edgectl.bench.report.
 """
@@ -83,15 +86,17 @@ def drop_page_cache() -> str | None:
 
 
 def worker(case: Case, settings: BenchSettings, mode: str = "gen", warmup: bool = False, cap=None,
-           ppl_ids: Path | None = None) -> dict:
+           ppl_ids: Path | None = None, prompt: dict | None = None) -> dict:
     """Run one measurement in a fresh `python -m edgectl.bench.bench_worker` and return its figures.
+
+    `prompt`: Job fields of a --prompt-file prompt (BenchPrompts.job), over the settings'.
 
     With `cap` (a memcap.MemCap) the worker runs in that memory cgroup; its figures gain
     the group's (cgroup_peak, ...), and a worker the group OOM-killed returns
     {"status": "oom", ...} instead of raising."""
     job = {"artifact": str(case.artifact), "mode": mode, "prompt_tokens": settings.prompt_tokens,
            "new_tokens": settings.new_tokens, "options": case.options, "threads": settings.threads or None,
-           "ctx_size": settings.ctx_size or None, "warmup": warmup}
+           "ctx_size": settings.ctx_size or None, "warmup": warmup, **(prompt or {})}
     if mode == "ppl":
         job.update(ppl_file=str(settings.ppl_file), ppl_tokens=settings.ppl_tokens or None,
                    ppl_ids=None if ppl_ids is None else str(ppl_ids))
@@ -158,7 +163,8 @@ def scoring_allowance(artifact: Path, ctx_size: int | None = None) -> int:
     return rows * vocab * 4 + 2 * SCORE_ROWS * vocab * 8
 
 
-def write_packed_caches(rows: list[Row], settings: BenchSettings, progress: Callable[[str], None]) -> list[str]:
+def write_packed_caches(rows: list[Row], settings: BenchSettings, progress: Callable[[str], None],
+                        prompt: Callable[[Path, int], dict] = lambda artifact, i: {}) -> list[str]:
     """A shard set's first run writes its packed-weight cache files (XNNPACK's packed
     weights, one file per program, see packed_cache): a one-time cost per machine and
     precision, which a capped or cold measurement would otherwise count in whichever run
@@ -176,7 +182,7 @@ def write_packed_caches(rows: list[Row], settings: BenchSettings, progress: Call
     for row in sets:
         progress(f"{row.case.label}: writing its packed-weight cache (unmeasured, uncapped)")
         try:
-            worker(row.case, once)
+            worker(row.case, once, prompt=prompt(row.case.artifact, 0))
         except EdgectlError:
             pass  # the measured runs report what fails
     return [f"each shard-set row ran once before the measured runs, unmeasured and uncapped, so its packed-weight "
@@ -259,13 +265,33 @@ def run_bench(
     `keep_going` it also stops the bench (the rows after it stay "not run")."""
     if not cases:
         raise UsageError("give at least one artifact")
-    if settings.repeat < 1 or settings.prompt_tokens < 1 or settings.new_tokens < 2:
+    if settings.repeat < 1 or (settings.prompt_file is None and settings.prompt_tokens < 1) or settings.new_tokens < 2:
         raise UsageError("--repeat and --prompt-tokens must be >= 1, --new-tokens >= 2")
     for c in cases:
         if not c.artifact.exists():
             raise EdgectlError(f"{c.artifact}: no such file or directory")
     if settings.ppl_file is not None and not settings.ppl_file.is_file():
         raise EdgectlError(f"--ppl {settings.ppl_file}: no such file")
+    with tempfile.TemporaryDirectory(prefix="edgectl-prompts-") as tmp:
+        prompts = None
+        if settings.prompt_file is not None:
+            from edgectl.bench.prompts import BenchPrompts, read_prompt_file
+
+            prompts = BenchPrompts(read_prompt_file(settings.prompt_file, settings.chat), settings.repeat,
+                                   settings.new_tokens, settings.ctx_size, Path(tmp))
+            for c in cases:
+                prompts.prepare(c.artifact)  # every prompt checked against every artifact before any run
+        report = _run_rows(cases, settings, progress, warn, keep_going, prompts)
+        report.prompt_file = prompts.prompts.to_dict() if prompts else None
+        return report
+
+
+def _run_rows(cases: list[Case], settings: BenchSettings, progress: Callable[[str], None], warn: Callable[[str], None],
+              keep_going: bool, prompts) -> BenchReport:
+    """run_bench's measurements, `prompts` (a BenchPrompts, or None: the built-in text) prepared."""
+    def prompt(artifact: Path, i: int) -> dict:
+        return prompts.job(artifact, i) if prompts else {}
+
     rows = [Row(c, file_bytes(c.artifact)) for c in cases]
     notes, cold = [], settings.cold
     baseline = None
@@ -282,7 +308,7 @@ def run_bench(
         progress(f"measuring the runtime floor (cgroup{', cold' if cold else ''})")
         baseline = cgroup_baseline(settings, cold)
     if settings.cgroup or cold:
-        notes += write_packed_caches(rows, settings, progress)
+        notes += write_packed_caches(rows, settings, progress, prompt)
     if not cold:
         for c in cases:
             warm_page_cache(c.artifact)
@@ -298,8 +324,10 @@ def run_bench(
             load_avg = os.getloadavg()[0]
             cap = _capped(row.case, settings)
             try:
-                ok = _measure(row, lambda: worker(row.case, settings, warmup=not cold, cap=cap),
-                              lambda got: row.runs.append({"cache_dropped": dropped, "loadavg_1m": load_avg, **got}))
+                which = {"prompt_index": prompts.index(i)} if prompts else {}
+                ok = _measure(row, lambda: worker(row.case, settings, warmup=not cold, cap=cap,
+                                                  prompt=prompt(row.case.artifact, i)),
+                              lambda got: row.runs.append({"cache_dropped": dropped, "loadavg_1m": load_avg, **which, **got}))
             finally:
                 if cap:
                     cap.close()

@@ -6,7 +6,8 @@ exactly one JSON object on stdout (anything else the libraries write to stdout i
 stderr) and exits 0, or prints `{"ok": false, "error": ..., "hint": ...}` and exits 1.
 
 Modes:
-  gen  open the artifact, encode a fixed prompt, generate exactly new_tokens tokens
+  gen  open the artifact, encode a fixed prompt (or read prompt_ids_file, `bench
+       --prompt-file`'s prompt, see prompts.py), generate exactly new_tokens tokens
        through the same code path as `edgectl run` (artifact.open_artifact + generate).
        With warmup, one generation first (its figures are reported as `warmup`: they
        are what `edgectl run` shows, first-call costs included), then the measured one.
@@ -50,7 +51,8 @@ class Job:
 
     artifact: str
     mode: str = "gen"  # gen, ppl or baseline
-    prompt_tokens: int = 64
+    prompt_tokens: int | None = 64  # of the built-in text (util/scoring.prompt_ids); unused with prompt_ids_file
+    prompt_ids_file: str | None = None  # the prompt's token ids, encoded by bench (int32, as write_ids writes)
     new_tokens: int = 128
     warmup: bool = False  # one unmeasured generation before the measured one
     threads: int | None = None
@@ -138,14 +140,14 @@ def measure_gen(job: Job, model, tok, drafter=None) -> dict:
         figures = _gen_figures(stats)
         return {**figures, "speculative": speculative_figures(stats, drafter)} if drafter else figures, stats
 
-    ids = prompt_ids(tok, job.prompt_tokens)
+    ids = read_ids(job.prompt_ids_file) if job.prompt_ids_file else prompt_ids(tok, job.prompt_tokens)
     need = len(ids) + job.new_tokens
     if need > model.max_seq_len:
         from edgectl.util.errors import EdgectlError
 
         raise EdgectlError(
-            f"{job.prompt_tokens} prompt + {job.new_tokens} new tokens exceed this artifact's max_seq_len {model.max_seq_len}",
-            hint="lower --prompt-tokens or --new-tokens",
+            f"{len(ids)} prompt + {job.new_tokens} new tokens exceed this artifact's max_seq_len {model.max_seq_len}",
+            hint="lower --new-tokens or the prompt's length",
         )
     phases, warm = {}, None
     o = model.trace.origin

@@ -15,7 +15,17 @@ from edgectl.util.errors import UsageError
 @app.command()
 def bench(
     artifacts: Annotated[list[Path], typer.Argument(help="One or more .pte files (the same one twice compares runs).")],
-    prompt_tokens: Annotated[int, typer.Option(min=1, help="Prompt length in tokens (a fixed real text).")] = 64,
+    prompt_tokens: Annotated[Optional[int], typer.Option(min=1, help="Prompt length in tokens (a fixed real text; default 64).")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Prompts instead of the fixed text: a .jsonl in "
+                                                        "MT-Bench's format (its first turns; run i of each row, over --repeat, "
+                                                        "uses prompt i mod n, the same in every row: --repeat 8 runs 8 "
+                                                        "questions) or any other file as one prompt, whole (e.g. an article + "
+                                                        "\"Summarize the text above.\"). A prompt that with --new-tokens "
+                                                        "passes the artifact's max_seq_len is an error, never cut. Not with "
+                                                        "--prompt-tokens, nor --device ssh:/adb:.")] = None,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="With --prompt-file: apply the model's chat "
+                                                 "template to each prompt, as `run --chat` (default: on for a .jsonl, "
+                                                 "off for a text file).")] = None,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens to generate per run (EOS does not stop it).")] = 128,
     repeat: Annotated[int, typer.Option(min=1, help="Measured runs per artifact, each in a fresh process.")] = 3,
     threads: ThreadsOpt = None,
@@ -34,7 +44,7 @@ def bench(
                                                       "(from `run --plan --json`), e.g. against `export --plan`'s .pte.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="Shard sets: placement mode(s), comma-separated (auto, resident, pipelined, on-demand), one row each.")] = None,
     cgroup: Annotated[bool, typer.Option("--cgroup", help="Run each worker in a memory cgroup capped at its budget, which counts the whole process (root; cgroup v2 or v1); OOM kills become a row status.")] = False,
-    ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions each run uses: a shard set's KV cache is planned and charged for these, and --ppl scores windows this long (default: prompt + new tokens for generation, the artifact's max_seq_len for --ppl).")] = None,
+    ctx_size: Annotated[Optional[int], typer.Option("--ctx-size", "-c", min=2, help="Positions each run uses: a shard set's KV cache is planned and charged for these, and --ppl scores windows this long (default: prompt + new tokens for generation, the longest prompt with --prompt-file, the artifact's max_seq_len for --ppl).")] = None,
     draft: Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding: also a row per draft (comma-separated), "
                                                  "beside the same case without one: a precision of the shard set, a "
                                                  ".pte or shard set with the same tokenizer, or lookup[:N] (prompt "
@@ -62,6 +72,7 @@ def bench(
     Example: edgectl bench fp32.pte 8da4w.pte --json > bench.json
     Example: edgectl bench smol-shards/ smol-int8.pte --memory-budget 300MB,230MB --mode resident,pipelined --cgroup
     Example: edgectl bench smol.pte smol-shards/ --device local --device ssh:pi@raspberrypi.local --memory-budget 300MB
+    Example: edgectl bench smol-shards/ --precision fp32 --draft 8da4w,lookup --prompt-file mt_bench_question.jsonl --repeat 8
     """
     from rich.console import Console
 
@@ -76,7 +87,17 @@ def bench(
     _json_path_given_as_artifact(artifacts)
     if runner is not None and not device:
         raise UsageError("--runner needs --device adb:SERIAL")
-    settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup, ctx_size)
+    if prompt_file is not None and prompt_tokens is not None:
+        raise UsageError("--prompt-file and --prompt-tokens: give one", hint="the file's prompts set their own lengths")
+    if chat is not None and prompt_file is None:
+        raise UsageError(f"--{'' if chat else 'no-'}chat needs --prompt-file")
+    if prompt_file is not None and any(d != "local" for d in device or []):
+        raise UsageError("--prompt-file is not supported with --device ssh:/adb: yet",
+                         hint="bench it here: no --device, or --device local")
+    if prompt_file is None and prompt_tokens is None:
+        prompt_tokens = 64
+    settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup, ctx_size,
+                             prompt_file, chat)
     if device and draft is not None:
         raise UsageError("--draft is not supported with --device yet", hint="bench speculative decoding on this machine")
     cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision, plan_file, draft, draft_tokens)
@@ -123,7 +144,7 @@ def _bench_devices(devices: list[str], artifacts: list[Path], cases: list, setti
     targets = [None if d == "local" else parse_target(d) for d in devices]
     if runner is not None and not any(t is not None and t.kind == "adb" for t in targets):
         raise UsageError("--runner needs --device adb:SERIAL")
-    rows, notes, cold, baseline = [], [], settings.cold, None
+    rows, notes, cold, baseline, prompt_file = [], [], settings.cold, None, None
     for t in targets:
         if t is None:
             step("here")
@@ -136,6 +157,7 @@ def _bench_devices(devices: list[str], artifacts: list[Path], cases: list, setti
             rows += local.rows
             notes += local.notes
             cold, baseline = cold and local.cold, baseline or local.cgroup_baseline
+            prompt_file = local.prompt_file  # --prompt-file runs only here
             continue
         if t.kind == "adb":
             step(t.name)
@@ -152,7 +174,7 @@ def _bench_devices(devices: list[str], artifacts: list[Path], cases: list, setti
         cold = cold and data["settings"].get("cold", False)
         baseline = baseline or data["settings"].get("cgroup_baseline")
     set_decode_ratios(rows)
-    return BenchReport(settings, rows, cold, notes, baseline)
+    return BenchReport(settings, rows, cold, notes, baseline, prompt_file)
 
 
 def _bench_android(target, artifacts: list[Path], settings, runner: Path | None, plan_opts: dict) -> list:
