@@ -61,11 +61,10 @@ def run(
         raise UsageError("--runner needs --device adb:SERIAL")
     if draft is None and draft_tokens is not None:
         raise UsageError("--draft-tokens needs --draft")
-    if device is not None and draft is not None:
-        raise UsageError("--draft is not supported with --device yet", hint="run speculative decoding on this machine")
     if device is not None:
         _run_on_device(device, artifact, prompt, n, temperature, top_p, seed, chat, system, threads, json_out,
-                       memory_budget, latency_target, mode, precision, plan_file, show_plan, ctx_size, runner)
+                       memory_budget, latency_target, mode, precision, plan_file, show_plan, ctx_size, runner,
+                       draft, draft_tokens)
         return
     budget = None
     if memory_budget is not None:
@@ -117,10 +116,12 @@ def run(
 def _run_on_device(device: str, artifact: Path, prompt: str | None, n: int, temperature: float, top_p: float,
                    seed: int | None, chat: bool, system: str | None, threads: int | None, json_out: bool,
                    memory_budget: str | None, latency_target: float | None, mode: str, precision: str | None,
-                   plan_file: Path | None, show_plan: bool, ctx_size: int | None, runner: Path | None) -> None:
+                   plan_file: Path | None, show_plan: bool, ctx_size: int | None, runner: Path | None,
+                   draft: str | None = None, draft_tokens: str | None = None) -> None:
     """`--device`: the artifact sent to the device (edgectl/device/store.py), the same `run`
     there, its output streamed back; exits with its status. A shard set run with a budget or
-    a latency target is planned with the device's own figures (`shard --remeasure` there, once)."""
+    a latency target is planned with the device's own figures (`shard --remeasure` there, once).
+    `--draft`: a precision or lookup goes as it is; a draft artifact is sent to the store too."""
     from edgectl.device.remote_run import remeasure_once, run_edgectl, send_artifact
     from edgectl.device.target import parse_target
 
@@ -132,7 +133,7 @@ def _run_on_device(device: str, artifact: Path, prompt: str | None, n: int, temp
     if target.kind == "adb":
         _run_on_android(target, artifact, prompt, n, temperature, top_p, seed, chat, system, threads, json_out, runner,
                         memory_budget=memory_budget, latency_target=latency_target, precision=precision,
-                        plan_file=plan_file, plan=show_plan, ctx_size=ctx_size)
+                        plan_file=plan_file, plan=show_plan, ctx_size=ctx_size, draft=draft)
         return
     if runner is not None:
         raise UsageError("--runner is for adb: devices (ExecuTorch's llama_main)")
@@ -140,13 +141,22 @@ def _run_on_device(device: str, artifact: Path, prompt: str | None, n: int, temp
         from edgectl.runtime.plan import parse_bytes
 
         parse_bytes(memory_budget)  # a typo is a usage error here, before anything is sent
+    spec = None
+    if draft is not None:
+        from edgectl.runtime.speculative import parse_draft, parse_draft_tokens
+
+        spec = parse_draft(draft, artifact)  # a typo is a usage error here, before anything is sent
+        parse_draft_tokens(draft_tokens or 4)
     remote = send_artifact(target, artifact)
+    if spec is not None and spec[0] == "path":
+        draft = send_artifact(target, spec[1])
     if artifact.is_dir() and (memory_budget is not None or latency_target is not None):
         remeasure_once(target, remote, artifact.name)
     args: list = ["run", remote, "-n", n, "--temperature", repr(temperature), "--top-p", repr(top_p), "--mode", mode]
     for flag, value in (("-p", prompt), ("--seed", seed), ("--system", system), ("--threads", threads),
                         ("--memory-budget", memory_budget), ("--latency-target", latency_target),
-                        ("--precision", precision), ("--ctx-size", ctx_size)):
+                        ("--precision", precision), ("--ctx-size", ctx_size), ("--draft", draft),
+                        ("--draft-tokens", draft_tokens)):
         if value is not None:
             args += [flag, value]
     if plan_file is not None:

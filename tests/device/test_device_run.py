@@ -191,6 +191,24 @@ def test_shard_set_sent_once_and_remeasured_once(capsys, tmp_path, monkeypatch, 
     assert json.loads(out)["budget_bytes"] == 400_000_000
 
 
+def test_draft_over_ssh(capsys, tmp_path, monkeypatch, stories_pte, stories_shards):
+    """--draft runs on the device as here: lookup goes as it is; a draft artifact (here the
+    fp32 shard set drafting for the .pte) goes to the device first; the greedy text is the
+    local one (the target alone's); a bad spec is refused before anything is sent."""
+    home = _device(tmp_path, monkeypatch)
+    rc, local_out, _ = _run(capsys, "run", stories_pte, *ARGS)
+    assert rc == 0
+    for spec in (["--draft", "lookup:2"], ["--draft", stories_shards, "--draft-tokens", "3"]):
+        rc, out, err = _run(capsys, "run", stories_pte, "--device", "ssh:board", *ARGS, *spec)
+        assert rc == 0, err
+        assert out == local_out and "accepted" in err, spec
+    assert (home / ".cache" / "edgectl" / "sets" / _sha(stories_shards / "manifest.json")).is_dir()
+    rc, out, err = _run(capsys, "run", stories_pte, "--device", "ssh:board", *ARGS, "--draft", "int3")
+    assert rc == 2 and "--draft int3" in err and "sending" not in err
+    rc, out, err = _run(capsys, "run", stories_pte, "--device", "adb:phone", *ARGS, "--draft", "lookup")
+    assert rc == 2 and "--draft is not supported with adb" in err and err.strip().count("\n") == 0
+
+
 def test_large_send_shows_progress(capsys, tmp_path, monkeypatch):
     """Off a TTY: a few `sent X of Y MB` lines; the device's `python` here only says done."""
     fake = tmp_path / "fake"

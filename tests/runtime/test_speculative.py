@@ -321,7 +321,7 @@ def test_run_with_a_draft(stories_two_precisions, capsys):
     for bad, why in ((["--draft", "int3"], "fp32, 8da4w"), (["--draft-tokens", "3"], "needs --draft"),
                      (["--draft", str(stories_two_precisions), "--memory-budget", "1GB"], "same shard set"),
                      (["--draft", "lookup", "--draft-tokens", "0"], "or auto"),
-                     (["--draft", "8da4w", "--device", "ssh:me@host"], "--device")):
+                     (["--draft", "8da4w", "--device", "adb:phone"], "is not supported with adb")):
         rc, out, err = run(*bad)
         assert rc == 2 and why in err and err.strip().count("\n") == 0, (bad, err)
 
