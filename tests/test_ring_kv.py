@@ -232,3 +232,82 @@ def test_kv_cache_bytes_charges_rings_by_hand():
     assert kv_cache_bytes(manifest(None)) == 18 * 2 * 2048 * KiB == 75_497_472  # no chunk: whole caches
     llama = {k: v for k, v in model.items() if k not in ("layer_types", "sliding_window")}
     assert kv_cache_bytes(manifest(128, llama)) == 18 * 2 * 2048 * KiB
+
+
+def test_old_layouts_refused_for_sliding_models_only(tmp_path):
+    """A sliding model's program or shard set from before the rings is refused in one line
+    (re-export); a model without sliding layers keeps its artifacts (the same programs)."""
+    import json
+
+    from edgectl.formats.manifest import SCHEMA_VERSION, Manifest
+    from edgectl.model_args import KV_LAYOUT, KV_LAYOUT_FULL, kv_layout_ok
+    from edgectl.util.errors import EdgectlError
+
+    gemma = ModelArgs.from_hf_config(gemma3_hf().config.to_dict())
+    llama = ModelArgs("LlamaForCausalLM", 64, 2, 4, 2, 16, 96, 128)
+    assert kv_layout_ok(KV_LAYOUT, gemma) and kv_layout_ok(KV_LAYOUT, llama)
+    assert kv_layout_ok(KV_LAYOUT_FULL, llama) and not kv_layout_ok(KV_LAYOUT_FULL, gemma)
+    assert not kv_layout_ok(None, llama) and not kv_layout_ok("bskd-window/1", llama)
+
+    for args, ok in ((llama, True), (gemma, False)):
+        d = tmp_path / args.architecture
+        d.mkdir()
+        Manifest("0", {}, args.to_dict(), 64, "xnnpack", ["fp32"], "tokenizer.json", {}, []).save(d)
+        m = json.loads((d / "manifest.json").read_text())
+        assert m["schema_version"] == SCHEMA_VERSION == 4
+        (d / "manifest.json").write_text(json.dumps({**m, "schema_version": 3}))
+        if ok:
+            assert ModelArgs.from_dict(Manifest.load(d).model) == args
+        else:
+            with pytest.raises(EdgectlError, match="schema 3 is not 4") as e:
+                Manifest.load(d)
+            assert "\n" not in str(e.value) and "re-run `edgectl shard`" in e.value.hint
+
+
+def test_pte_with_whole_caches_of_a_sliding_model_is_refused(tmp_path, stories_dir, monkeypatch):
+    import json
+
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.lower.export import export_pte
+    from edgectl.runtime import runtime
+    from edgectl.util.errors import EdgectlError
+
+    out = tmp_path / "m.pte"
+    export_pte(resolve(str(save_hf(gemma3_hf(), tmp_path / "m", stories_dir))), out, max_seq_len=S, prefill_chunk=CHUNK)
+    real = runtime.constant_bytes
+
+    def old_meta(path, name):
+        data = real(path, name)
+        if name == "edgectl_meta":
+            data = json.dumps({**json.loads(data), "kv_layout": "bskd-inplace/1"}).encode()
+        return data
+
+    monkeypatch.setattr(runtime, "constant_bytes", old_meta)
+    with pytest.raises(EdgectlError, match="older edgectl") as e:
+        runtime.PteModel(out)
+    assert "\n" not in str(e.value) and "re-export" in e.value.hint
+
+
+def test_stock_form_keeps_whole_caches(tmp_path, stories_dir):
+    """The stock-runner form keeps [1, S, KV, D] buffers inside the program for every
+    layer (a ring of S slots never wraps): transformers' logits, one token per call."""
+    import numpy as np
+
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.lower.export import export_pte
+    from edgectl.runtime.runtime import open_pte
+
+    hf = gemma3_hf()
+    out = tmp_path / "s.pte"
+    export_pte(resolve(str(save_hf(hf, tmp_path / "m", stories_dir))), out, max_seq_len=32, prefill_chunk=CHUNK,
+               interface="stock")
+    ids = torch.randint(3, 128, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    model = open_pte(out)
+    try:
+        last = model.forward(ids[:10], 0)  # prefill in chunks of 4
+        rest = model.forward(ids[10:], 10, all_logits=True)
+    finally:
+        model.close()
+    assert np.abs(last[-1] - ref[9]).max() < 1e-4 and np.abs(rest - ref[10:]).max() < 1e-4
