@@ -311,3 +311,35 @@ def test_stock_form_keeps_whole_caches(tmp_path, stories_dir):
     finally:
         model.close()
     assert np.abs(last[-1] - ref[9]).max() < 1e-4 and np.abs(rest - ref[10:]).max() < 1e-4
+
+
+def test_edgectl_shard_builds_rings(tmp_path, stories_dir, monkeypatch):
+    """`shard` itself (programs of 4 tokens per call, measured through the native shim with
+    ring-sized caches) makes a set that `run` reads with rings: transformers' logits."""
+    import numpy as np
+
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.formats.manifest import Manifest
+    from edgectl.runtime.shards_runtime import ShardModel
+    from edgectl.shard.shard import ShardSettings, shard_model
+
+    monkeypatch.setenv("EDGECTL_CACHE", str(tmp_path / "cache"))
+    hf = gemma3_hf()
+    out = tmp_path / "shards"
+    shard_model(resolve(str(save_hf(hf, tmp_path / "m", stories_dir))), out,
+                ShardSettings(("fp32",), max_seq_len=S, chunk=CHUNK, jobs=1, verify=0))
+    m = Manifest.load(out)
+    assert m.max_tokens_per_call == CHUNK
+    # a decode step of each layer program timed with its own caches' shapes (shard_measure)
+    assert all(v.extra.get("compute_ms", 0) > 0 for sh in m.shards if sh.kind == "layers" for v in sh.variants.values())
+    ids = torch.randint(3, 128, (50,), generator=torch.Generator().manual_seed(6)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    sm = ShardModel(out, budget=1 << 40)
+    try:
+        assert [k.shape[1] for k in sm.k] == [C, S, C]
+        ours = np.concatenate([sm.forward(ids[:7], 0, all_logits=True)]
+                              + [sm.forward([t], 7 + i, all_logits=True) for i, t in enumerate(ids[7:])])
+    finally:
+        sm.close()
+    assert np.abs(ours - ref).max() < 1e-4
