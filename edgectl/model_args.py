@@ -260,3 +260,41 @@ def call_spans(start: int, T: int, chunk: int, ring: int | None) -> list[tuple[i
         spans.append((i, n))
         i += n
     return spans
+
+
+class RingTrack:
+    """The positions a run's sliding-layer rings still hold, for a caller that may go back
+    (a speculative verify's rejected drafts, a draft model's own rejected tokens).
+
+    A call from `start` needs positions start-W+1..start-1 as written; each was overwritten
+    only if a position C later has been written since. So, with `end` the highest position
+    written since the run last started from 0, going back is safe while
+    end - start + 1 <= C - W + 1 (`max_rewind`); from position 0 it always is (the mask
+    drops every slot not written since). A ring of S slots never wraps: no limit."""
+
+    def __init__(self, ring: int, window: int):
+        self.ring, self.window, self.end = ring, window, -1
+
+    @property
+    def max_rewind(self) -> int:
+        return self.ring - self.window + 1
+
+    def reset(self) -> None:
+        self.end = -1
+
+    def check(self, start: int, T: int) -> None:
+        """Refuse a call from `start` the rings cannot serve (one line), else record it."""
+        back = self.end - start + 1
+        if start and back > self.max_rewind:
+            raise EdgectlError(f"positions from {start}: the sliding layers' rings of {self.ring} slots no longer hold "
+                               f"the {self.window} positions before it (the run went back {back} positions, at most "
+                               f"{self.max_rewind} can be)",
+                               hint="start again from position 0, or re-export with a larger --prefill-chunk")
+        self.end = start + T - 1 if start == 0 else max(self.end, start + T - 1)
+
+
+def ring_track(args: ModelArgs, max_seq_len: int, chunk: int | None) -> RingTrack | None:
+    """A RingTrack for a run of programs of at most `chunk` tokens per call, or None when
+    no cache wraps (no sliding layer, or rings of max_seq_len slots)."""
+    C = ring_len(args, max_seq_len, chunk)
+    return RingTrack(C, args.sliding_window) if C is not None and C < max_seq_len else None

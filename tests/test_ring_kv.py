@@ -343,3 +343,92 @@ def test_edgectl_shard_builds_rings(tmp_path, stories_dir, monkeypatch):
     finally:
         sm.close()
     assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_ring_track():
+    from edgectl.model_args import RingTrack
+    from edgectl.util.errors import EdgectlError
+
+    t = RingTrack(12, 8)  # back 5 positions at most
+    assert t.max_rewind == 5
+    t.check(0, 4)
+    t.check(4, 4)
+    t.check(3, 5)  # back 5 (3..7 again)
+    with pytest.raises(EdgectlError, match="went back 6 positions, at most 5") as e:
+        t.check(2, 1)
+    assert "\n" not in str(e.value)
+    t.check(0, 1)  # from 0 again: anything
+    assert t.end == 0
+    t.check(1, 20)
+    t.check(16, 1)
+    t.reset()
+    t.check(5, 1)  # forward of the last one written: not going back
+
+
+@pytest.fixture(scope="module")
+def ring_pte(tmp_path_factory, stories_dir):
+    from edgectl.checkpoint.checkpoint import resolve
+    from edgectl.lower.export import export_pte
+
+    hf = gemma3_hf()
+    d = tmp_path_factory.mktemp("ringpte")
+    out = d / "m.pte"
+    export_pte(resolve(str(save_hf(hf, d / "m", stories_dir))), out, max_seq_len=S, prefill_chunk=CHUNK)
+    return out, hf
+
+
+def test_going_back_within_max_rewind_keeps_the_window(ring_pte):
+    """Re-feeding from 5 positions back (other tokens, as after rejected drafts) gives
+    transformers' logits of the new sequence; from 6 back the ring has lost a position the
+    window needs: refused, and indeed wrong if not refused."""
+    import numpy as np
+
+    from edgectl.runtime.runtime import PteModel
+    from edgectl.util.errors import EdgectlError
+
+    path, hf = ring_pte
+    a = torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(7)).tolist()
+    b = [(t * 7 + 1) % 125 + 3 for t in a]
+    model = PteModel(path)
+    assert model.max_rewind == C - 8 + 1 == 5
+    for back, ok in ((5, True), (6, False)):
+        model.reset()
+        for p in range(30):
+            model.forward(a[p : p + 1], p)
+        s = 30 - back
+        seq = a[:s] + b[s:]
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq])).logits[0].numpy()
+        if not ok:
+            with pytest.raises(EdgectlError, match="went back 6"):
+                model.forward(seq[s:], s, all_logits=True)
+            model.track = None  # what the rings would give without the check: not the window
+        got = model.forward(seq[s:], s, all_logits=True)
+        assert (np.abs(got - ref[s:]).max() < 1e-4) == ok
+    model.close()
+
+
+def test_speculative_over_rings_is_the_target_alone(ring_pte):
+    """Greedy speculative decoding with a sliding target: K is capped at max_rewind, and the
+    tokens are the target's alone, with drafts rejected along the way."""
+    from edgectl.runtime.generate import generate
+    from edgectl.runtime.runtime import PteModel
+    from edgectl.runtime.speculative import LookupDraft, ModelDraft, speculative_generate
+
+    path, _ = ring_pte
+    target = PteModel(path)
+    prompt = [1, 17, 93, 5, 44, 120, 17, 93]
+    alone = generate(target, prompt, 50, ()).tokens
+    stats = []
+    for draft in (LookupDraft(2), ModelDraft(PteModel(path), "self")):
+        calls = []
+        fwd = target.forward
+        target.forward = lambda toks, start, all_logits=False: calls.append(len(toks)) or fwd(toks, start, all_logits)
+        st = speculative_generate(target, draft, prompt, 50, (), k=9)
+        target.forward = fwd
+        assert st.tokens == alone
+        assert max(calls[1:]) <= 1 + 5  # the last token and at most max_rewind drafts
+        stats.append((st, max(calls[1:])))
+    (look, _), (own, widest) = stats
+    assert look.accepted < look.proposed  # lookup: drafts rejected, the target went back
+    assert own.accepted == own.proposed > 0 and widest == 1 + 5  # the target as its own draft: all kept, K capped

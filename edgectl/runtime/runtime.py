@@ -15,7 +15,7 @@ from typing import Protocol
 
 from edgectl.formats import integrity
 from edgectl.util.errors import EdgectlError
-from edgectl.model_args import KV_LAYOUT, ModelArgs, cache_shapes, call_spans, kv_layout_ok, ring_len
+from edgectl.model_args import KV_LAYOUT, ModelArgs, cache_shapes, call_spans, kv_layout_ok, ring_len, ring_track
 from edgectl.formats.ptefile import constant_bytes
 from edgectl.runtime.trace import Trace
 from edgectl.runtime.methods import open_method, set_threads  # noqa: F401  (set_threads: the runtime's API)
@@ -166,13 +166,22 @@ class PteModel:
                                f"this edgectl expects {self.ring}", hint="re-export it with `edgectl export`")
         self.cache = KVCache(args, self.cache_len, args.n_layers, self.chunk)
         self.k, self.v = self.cache.k, self.cache.v
+        self.track = ring_track(args, self.cache_len, self.chunk)  # how far back a call may go (None: any)
 
     @property
     def engine_name(self) -> str:
         return self.method.name
 
+    @property
+    def max_rewind(self) -> int | None:
+        """Positions a run may go back (re-feed from below the last one written) and keep
+        its sliding window: None, any."""
+        return self.track.max_rewind if self.track else None
+
     def reset(self) -> None:
         self.cache.reset()
+        if self.track:
+            self.track.reset()
 
     def forward(self, tokens: list[int], start: int, all_logits: bool = False):
         """Logits [N, vocab] (numpy, a fresh array) for the last token (or every token with
@@ -182,6 +191,8 @@ class PteModel:
 
         if start + len(tokens) > self.max_seq_len:
             raise EdgectlError(f"sequence of {start + len(tokens)} tokens exceeds max_seq_len {self.max_seq_len}")
+        if self.track:
+            self.track.check(start, len(tokens))
         outs = []
         for i, n in call_spans(start, len(tokens), self.chunk, self.ring):
             part = tokens[i : i + n]

@@ -29,7 +29,7 @@ from edgectl.formats.manifest import Manifest
 from edgectl.runtime.plan import Plan
 from edgectl.runtime.planner import check_floor, plan as make_plan
 from edgectl.runtime.methods import _load_runtime
-from edgectl.model_args import call_spans, ring_len
+from edgectl.model_args import call_spans, ring_len, ring_track
 from edgectl.runtime.runtime import KVCache, usable_context
 from edgectl.runtime.shards_embed import _Embed
 from edgectl.runtime.shards_startup import StartupCosts, rss_bytes
@@ -180,6 +180,7 @@ class ShardModel(StartupCosts):
         self.chunk = m.max_tokens_per_call or self.cache_len
         self.ring = ring_len(args, self.cache_len, self.chunk)  # a sliding layer's slots (None: none)
         self.cache = KVCache(args, self.cache_len, args.n_layers, self.chunk)
+        self.track = ring_track(args, self.cache_len, self.chunk)  # how far back a call may go (None: any)
         self.k, self.v = self.cache.k, self.cache.v
         self.h_cap = self.cache_len * args.dim
         self.resident = {}
@@ -227,8 +228,15 @@ class ShardModel(StartupCosts):
     def engine_name(self) -> str:
         return self.engine.name
 
+    @property
+    def max_rewind(self) -> int | None:
+        """Positions a run may go back and keep its sliding window (PteModel.max_rewind)."""
+        return self.track.max_rewind if self.track else None
+
     def reset(self) -> None:
         self.cache.reset()
+        if self.track:
+            self.track.reset()
 
     def _get(self, name: str, path: Path, placement: str):
         if placement == "resident":
@@ -271,6 +279,8 @@ class ShardModel(StartupCosts):
                 return None
             parts = [self.forward(tokens[i : i + n], start + i, all_logits) for i, n in spans]
             return np.concatenate(parts) if all_logits else parts[-1]
+        if self.track:
+            self.track.check(start, T)
         pos = np.arange(start, start + T, dtype=np.int64)
         idx = np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], dtype=np.int64)
         with self.trace.span("compute", "embed"):

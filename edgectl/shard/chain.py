@@ -43,6 +43,7 @@ class ShardChain:
         import torch
 
         from edgectl.model import ModelArgs, empty_caches, ring_len
+        from edgectl.model_args import ring_track
         from edgectl.runtime.methods import _load_runtime
         from edgectl.util.native import native_stderr_captured
 
@@ -72,11 +73,14 @@ class ShardChain:
         self.chunk = self.manifest.max_tokens_per_call or self.max_seq_len
         self.ring = ring_len(self.args, self.max_seq_len, self.chunk)  # a sliding layer's slots (None: none)
         self.k, self.v = empty_caches(self.args, self.max_seq_len, self.args.n_layers, self.chunk)
+        self.track = ring_track(self.args, self.max_seq_len, self.chunk)  # how far back a call may go (None: any)
         self._torch = torch
 
     def reset(self) -> None:
         for t in self.k + self.v:
             t.zero_()
+        if self.track:
+            self.track.reset()
 
     def forward(self, tokens: list[int], start: int, all_logits: bool = False):
         """Logits [N, vocab] of the last token (or of all), in calls of at most
@@ -86,6 +90,8 @@ class ShardChain:
         T = len(tokens)
         if start + T > self.max_seq_len:
             raise EdgectlError(f"sequence of {start + T} tokens exceeds max_seq_len {self.max_seq_len}")
+        if self.track:
+            self.track.check(start, T)
         outs = []
         for a, n in call_spans(start, T, self.chunk, self.ring):
             last = a + n >= T
