@@ -343,6 +343,25 @@ def test_edgectl_shard_builds_rings(tmp_path, stories_dir, monkeypatch):
     finally:
         sm.close()
     assert np.abs(ours - ref).max() < 1e-4
+    # a manifest that says otherwise than its programs about what sizes the rings: damaged
+    import json
+
+    from edgectl.util.errors import EdgectlError
+
+    for key, value in (("max_tokens_per_call", 8), ("sliding_window", 6)):
+        raw = json.loads((out / "manifest.json").read_text())
+        d = tmp_path / f"bad-{key}"
+        d.mkdir()
+        for f in out.iterdir():
+            (d / f.name).symlink_to(f)
+        (d / "manifest.json").unlink()
+        if key in raw:
+            raw[key] = value
+        else:
+            raw["model"][key] = value
+        (d / "manifest.json").write_text(json.dumps(raw))
+        with pytest.raises(EdgectlError, match=f"damaged: it records {key} {value}"):
+            ShardModel(d, budget=1 << 40).close()
 
 
 def test_ring_track():
