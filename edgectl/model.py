@@ -16,16 +16,28 @@ The KV cache lives *outside* the model, in the caller's buffers: every decoder l
 
     Block(x, cos, sin, k_cache, v_cache, start) -> x
 
-with `k_cache`/`v_cache` ([1, S, n_kv_heads, head_dim], position-major) the layer's whole
-cache, written in place: the T new entries go to positions start..start+T
+with `k_cache`/`v_cache` ([1, S, n_kv_heads, head_dim], position-major) a global layer's
+whole cache, written in place: the T new entries go to positions start..start+T
 (llama::update_cache), then causal attention reads positions < start + T only
-(llama::custom_sdpa; grouped-query heads read the cache where it is, no copy). A sliding
-layer's attention masks the whole cache to its window instead (window_mask). Those are
-ExecuTorch's LLM custom ops, which every exported program runs with its runtime kernels:
-the eager model, the monolithic `.pte`, the stock-runner form (lower/stock.py) and each
-layer shard of a shard set (shard/shard_build.py) share this one attention. A step costs
-what the context holds, not S; the caller owns the cache, so a layer shard can be
-evicted mid-generation.
+(llama::custom_sdpa; grouped-query heads read the cache where it is, no copy).
+
+A sliding layer (window W) holds a ring of C slots instead, [1, C, n_kv_heads, head_dim]
+(model_args.ring_len: C = W + chunk - 1 rounded up to a multiple of `chunk`, the
+program's most tokens per call, at most S): position p lives at slot p mod C. A call
+writes its T entries at slots start mod C.. (never across the ring's end: the runtime
+splits such a call, model_args.call_spans); afterwards slot s holds position
+e - ((e - s) mod C), e = start + T - 1 (negative: not written yet), and the query at q
+sees positions q - W < p <= q (Hugging Face's window) through an additive mask over all
+C slots (ring_mask; custom_sdpa with a mask reads every slot). With T <= chunk,
+C >= W + T - 1 keeps every position a query needs. Whole caches (C = S, never wrapped)
+are the same attention: what the eager callers get from `empty_caches()` without a chunk,
+and the stock-runner form's buffers.
+
+Those are ExecuTorch's LLM custom ops, which every exported program runs with its
+runtime kernels: the eager model, the monolithic `.pte`, the stock-runner form
+(lower/stock.py) and each layer shard of a shard set (shard/shard_build.py) share this
+one attention. A global layer's step costs what the context holds, not S, a sliding
+layer's C; the caller owns the cache, so a layer shard can be evicted mid-generation.
 
 Module names mirror Hugging Face's (`self_attn.q_proj`, `mlp.gate_proj`, ...) so a
 checkpoint loads with its keys unchanged apart from the leading "model.".
@@ -39,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgectl.model_args import KV_LAYOUT, SLIDING, ModelArgs, cache_shapes  # noqa: F401  (the model's own names)
+from edgectl.model_args import KV_LAYOUT, SLIDING, ModelArgs, cache_shapes, call_spans, ring_len  # noqa: F401  (the model's own names)
 from edgectl.rope import Rope, rope_inv_freq, rope_tables, rotation_matrix  # noqa: F401  (the model's own names)
 
 
@@ -64,17 +76,22 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(F.linear(x * x, self.mean_w) + self.eps))
 
 
-def window_mask(start, T: int, S: int, window: int) -> torch.Tensor:
-    """[T, S] additive mask of a sliding layer over a whole cache: the query at position
-    start+t sees positions start+t-window < p <= start+t (Hugging Face's sliding window)."""
+def ring_mask(start, T: int, C: int, window: int) -> torch.Tensor:
+    """[T, C] additive mask of a sliding layer over its ring of C slots, once positions
+    start..e (e = start+T-1) are written (position p at slot p mod C): slot s holds position
+    e - ((e - s) mod C) (negative: never written), and the query at position start+t sees
+    positions start+t-window < p <= start+t, p >= 0 (Hugging Face's sliding window).
+    With C = S (a whole cache, never wrapped) this is the window over positions 0..S-1."""
     q = torch.arange(T).unsqueeze(1) + start
-    p = torch.arange(S).unsqueeze(0)
-    return torch.zeros(T, S).masked_fill((p > q) | (p <= q - window), float("-inf"))
+    e = start + T - 1
+    p = e - torch.remainder(e - torch.arange(C).unsqueeze(0), C)
+    return torch.zeros(T, C).masked_fill((p > q) | (p <= q - window) | (p < 0), float("-inf"))
 
 
 class Attention(nn.Module):
-    """Grouped-query attention over the caller's [1, S, KV, D] caches, written in place
-    (see the module docstring). `window`: a sliding layer's window (None: global)."""
+    """Grouped-query attention over the caller's caches, written in place (see the module
+    docstring): [1, S, KV, D] of a global layer, a ring of [1, C, KV, D] of a sliding one.
+    `window`: a sliding layer's window (None: global)."""
 
     def __init__(self, args: ModelArgs, window: int | None = None):
         super().__init__()
@@ -113,13 +130,20 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, k_cache, v_cache, start):
         T = x.shape[1]
         q, k, v = self.project(x, cos, sin)
-        torch.ops.llama.update_cache(k, k_cache, start)
-        torch.ops.llama.update_cache(v, v_cache, start)
         if self.window is None:  # causal: reads positions < start + T
+            torch.ops.llama.update_cache(k, k_cache, start)
+            torch.ops.llama.update_cache(v, v_cache, start)
             o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, self.scale)
-        else:  # the window as a mask over the whole cache
-            mask = window_mask(start, T, k_cache.shape[1], self.window)
-            o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, mask, 0.0, False, self.scale)
+        else:  # a ring of C slots (C = S: a whole cache), the window as a mask over all of them
+            C = k_cache.shape[1]
+            slot = start % C
+            torch._check(slot >= 0)
+            torch._check(slot + T <= C)  # the caller splits a call that would wrap (call_spans)
+            torch.ops.llama.update_cache(k, k_cache, slot)
+            torch.ops.llama.update_cache(v, v_cache, slot)
+            # with a mask custom_sdpa reads all C keys, whatever its start (0 here)
+            o = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, 0, ring_mask(start, T, C, self.window), 0.0, False,
+                                            self.scale)
         return self.o_proj(o.reshape(1, T, self.n_heads * self.head_dim))
 
 
@@ -212,7 +236,7 @@ class Transformer(nn.Module):
         forward(tokens [1,T], pos [T], idx [N], k_caches, v_caches[, embed_table]) -> logits [1,N,vocab]
 
     `pos` holds consecutive positions from pos[0]; each cache ([1, S, KV, D], S at most
-    max_seq_len) is written in place there. `embed_table` lets a program take the tied
+    max_seq_len; a sliding layer's a ring of [1, C, KV, D]) is written in place there. `embed_table` lets a program take the tied
     matrix as an input, so the runtime maps it from the head's copy (lower/export.py).
     This module is what `export` lowers (the default `.pte`), as it is."""
 
@@ -235,15 +259,20 @@ class Transformer(nn.Module):
         x = self.embed(tokens, embed_table)
         start = pos[0].item()
         torch._check(start >= 0)
-        if k_caches:
-            torch._check(start + tokens.shape[1] <= k_caches[0].shape[1])
+        whole = [k for layer, k in zip(self.layers, k_caches) if layer.self_attn.window is None]
+        if whole:  # a global layer's whole cache (S at most max_seq_len)
+            torch._check(start + tokens.shape[1] <= whole[0].shape[1])
+        elif k_caches:  # sliding layers only: their rings bound no position
+            torch._check(start + tokens.shape[1] <= self.max_seq_len)
         ropes = self.rope(pos)
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
             x = layer(x, *ropes[layer.rope_kind], k_cache, v_cache, start)
         return self.head(x, idx)
 
-    def empty_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return empty_caches(self.args, self.max_seq_len, self.args.n_layers)
+    def empty_caches(self, chunk: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Zero caches for every layer; `chunk`: the most tokens per call, which sizes the
+        sliding layers' rings (model_args.ring_len; None: whole caches, any call length)."""
+        return empty_caches(self.args, self.max_seq_len, self.args.n_layers, chunk)
 
 
 def reset_buffers(model: nn.Module) -> nn.Module:
@@ -254,6 +283,8 @@ def reset_buffers(model: nn.Module) -> nn.Module:
     return model
 
 
-def empty_caches(args: ModelArgs, max_seq_len: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    ks, vs = cache_shapes(args, max_seq_len)
-    return [torch.zeros(ks) for _ in range(n)], [torch.zeros(vs) for _ in range(n)]
+def empty_caches(args: ModelArgs, max_seq_len: int, n: int, chunk: int | None = None,
+                 layers=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zero K and V caches (model_args.cache_shapes) of layers `layers` (default 0..n-1)."""
+    shapes = cache_shapes(args, max_seq_len, chunk, range(n) if layers is None else layers)
+    return [torch.zeros(ks) for ks, _ in shapes], [torch.zeros(vs) for _, vs in shapes]

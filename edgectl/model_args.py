@@ -192,13 +192,109 @@ def _gemma3_fields(cfg: dict) -> dict:
     )
 
 
-# A `.pte`'s cache inputs (its meta records this): the runtime's whole [1, S, KV, D]
-# buffers, which the program writes in place (model.Block). Before:
+# A `.pte`'s cache inputs (its meta records this): the runtime's [1, S, KV, D] buffers
+# of a global layer, [1, C, KV, D] rings of a sliding one (ring_len), which the program
+# writes in place (model.Block). Before: "bskd-inplace/1", whole [1, S, KV, D] buffers
+# for every layer (still read for models without sliding layers: the same programs);
 # "bskd-window/1", [1, W, KV, D] prefixes in and the new entries out; none, all S positions.
-KV_LAYOUT = "bskd-inplace/1"
+KV_LAYOUT = "bskd-ring/2"
+KV_LAYOUT_FULL = "bskd-inplace/1"
 
 
-def cache_shapes(args: ModelArgs, max_seq_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """K and V are position-major, [1, S, KV, D]: the first W positions are a contiguous prefix."""
-    shape = (1, max_seq_len, args.n_kv_heads, args.head_dim)
-    return shape, shape
+def has_sliding(args: ModelArgs) -> bool:
+    return SLIDING in args.layer_types and args.sliding_window is not None
+
+
+def kv_layout_ok(layout: str | None, args: ModelArgs) -> bool:
+    """Whether a program with this `kv_layout` takes the caches cache_shapes gives: the
+    current layout, or the one before it for a model without sliding layers (whose
+    programs it did not change)."""
+    return layout == KV_LAYOUT or (layout == KV_LAYOUT_FULL and not has_sliding(args))
+
+
+def ring_len(args: ModelArgs, max_seq_len: int, chunk: int | None = None) -> int | None:
+    """Slots C of a sliding layer's ring (None: the model has none), for programs taking at
+    most `chunk` tokens per call (None: max_seq_len, then C = max_seq_len, a whole cache).
+
+    Position p lives at slot p mod C. A call writing T tokens ending at e leaves positions
+    e-C+1..e in the ring; its first query (e-T+1) needs the window W back from it, so
+    C >= W + T - 1. Rounded up to a multiple of `chunk`: prefill chunks from position 0
+    never cross the ring's end (a call that would is split by the runtime, call_spans)."""
+    return ring_slots(args.sliding_window, max_seq_len, chunk) if has_sliding(args) else None
+
+
+def ring_slots(window: int, max_seq_len: int, chunk: int | None = None) -> int:
+    """ring_len's C for a window of `window` positions."""
+    c = max(1, min(chunk or max_seq_len, max_seq_len))
+    return min(max_seq_len, -(-(window + c - 1) // c) * c)
+
+
+def cache_len(args: ModelArgs, layer: int, max_seq_len: int, chunk: int | None = None) -> int:
+    """Positions layer `layer`'s cache holds: max_seq_len, or its ring's slots if sliding."""
+    C = ring_len(args, max_seq_len, chunk)
+    return C if C is not None and args.sliding(layer) else max_seq_len
+
+
+def cache_shapes(args: ModelArgs, max_seq_len: int, chunk: int | None = None,
+                 layers=None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(K shape, V shape) of each layer in `layers` (default all), position-major:
+    [1, S, KV, D] for a global layer (the first W positions are a contiguous prefix),
+    [1, C, KV, D] for a sliding one (ring_len, position p at slot p mod C). `chunk`: the
+    program's most tokens per call (None: max_seq_len, which makes every cache whole)."""
+    out = []
+    for layer in range(args.n_layers) if layers is None else layers:
+        shape = (1, cache_len(args, layer, max_seq_len, chunk), args.n_kv_heads, args.head_dim)
+        out.append((shape, shape))
+    return out
+
+
+def call_spans(start: int, T: int, chunk: int, ring: int | None) -> list[tuple[int, int]]:
+    """(offset, length) of the program calls that feed T tokens from position `start`: at
+    most `chunk` tokens each, and none crossing a multiple of `ring` (a sliding layer's
+    ring end: the program writes a call's entries at consecutive slots from start mod C)."""
+    spans, i = [], 0
+    while i < T:
+        n = min(chunk, T - i)
+        if ring is not None:
+            n = min(n, ring - (start + i) % ring)
+        spans.append((i, n))
+        i += n
+    return spans
+
+
+class RingTrack:
+    """The positions a run's sliding-layer rings still hold, for a caller that may go back
+    (a speculative verify's rejected drafts, a draft model's own rejected tokens).
+
+    A call from `start` needs positions start-W+1..start-1 as written; each was overwritten
+    only if a position C later has been written since. So, with `end` the highest position
+    written since the run last started from 0, going back is safe while
+    end - start + 1 <= C - W + 1 (`max_rewind`); from position 0 it always is (the mask
+    drops every slot not written since). A ring of S slots never wraps: no limit."""
+
+    def __init__(self, ring: int, window: int):
+        self.ring, self.window, self.end = ring, window, -1
+
+    @property
+    def max_rewind(self) -> int:
+        return self.ring - self.window + 1
+
+    def reset(self) -> None:
+        self.end = -1
+
+    def check(self, start: int, T: int) -> None:
+        """Refuse a call from `start` the rings cannot serve (one line), else record it."""
+        back = self.end - start + 1
+        if start and back > self.max_rewind:
+            raise EdgectlError(f"positions from {start}: the sliding layers' rings of {self.ring} slots no longer hold "
+                               f"the {self.window} positions before it (the run went back {back} positions, at most "
+                               f"{self.max_rewind} can be)",
+                               hint="start again from position 0, or re-export with a larger --prefill-chunk")
+        self.end = start + T - 1 if start == 0 else max(self.end, start + T - 1)
+
+
+def ring_track(args: ModelArgs, max_seq_len: int, chunk: int | None) -> RingTrack | None:
+    """A RingTrack for a run of programs of at most `chunk` tokens per call, or None when
+    no cache wraps (no sliding layer, or rings of max_seq_len slots)."""
+    C = ring_len(args, max_seq_len, chunk)
+    return RingTrack(C, args.sliding_window) if C is not None and C < max_seq_len else None

@@ -43,7 +43,7 @@ def main() -> None:
 
     from edgectl.runtime import loader as ld
     from edgectl.formats.manifest import Manifest
-    from edgectl.model import ModelArgs, cache_shapes, empty_caches
+    from edgectl.model import ModelArgs, empty_caches
     from edgectl.runtime.methods import _load_runtime
 
     rt = _load_runtime()
@@ -75,11 +75,11 @@ def main() -> None:
         from types import SimpleNamespace
 
         args = SimpleNamespace(**shape)
-        cs = cache_shapes(args, S)
-        k, v = [torch.zeros(cs[0])], [torch.zeros(cs[1])]
+        cs = (1, S, args.n_kv_heads, args.head_dim)  # a global layer's cache (model_args.cache_shapes)
+        k, v = [torch.zeros(cs)], [torch.zeros(cs)]
     else:
         args = ModelArgs.from_dict(m.model)
-        k, v = empty_caches(args, S_, n_per)
+        k, v = empty_caches(args, S_, n_per, m.max_tokens_per_call, layers[0].layers)  # a sliding layer's: its ring
     # the computing shard gets its own engine's arena so loads cannot touch its memory
     ceng = ld.NativeEngine(native, native.planned_size(paths[0])) if a.engine == "native" else eng
     comp = ceng.load(paths[0])

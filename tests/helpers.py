@@ -27,9 +27,12 @@ def _head_program(head):
 
 
 def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisions=("fp32", "int8"),
-                    layers_per_shard: int = 1, eval_tokens: list[int] | None = None) -> Path:
+                    layers_per_shard: int = 1, eval_tokens: list[int] | None = None,
+                    chunk: int | None = None) -> Path:
     """Export per-layer shards of a small model, with measured resident bytes/load ms and
-    (when eval_tokens are given) eager importance figures. Returns the directory."""
+    (when eval_tokens are given) eager importance figures. Returns the directory. `chunk`:
+    the programs' most tokens per call (the manifest's max_tokens_per_call; None: any up
+    to max_seq_len), which sizes a sliding layer's ring."""
     import copy
 
     import torch
@@ -61,7 +64,7 @@ def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisio
     for p, m in models.items():
         for g in groups:
             name = f"layers.{g[0]}" + (f"-{g[-1]}" if len(g) > 1 else "")
-            example, dynamic = layer_example(args, max_seq_len, len(g), max_seq_len)
+            example, dynamic = layer_example(args, max_seq_len, g, chunk or max_seq_len)
             prog, _ = lower(LayersProgram(m.rope, [m.layers[i] for i in g]), example, dynamic, "xnnpack")
             f = f"{name}.{p}.pte"
             (out / f).write_bytes(prog.buffer)
@@ -133,7 +136,7 @@ def build_shard_set(model_dir: Path, out: Path, max_seq_len: int = 128, precisio
         manifest_shards.append(Shard(name, kind, _layers_of(name) if kind == "layers" else [], variants))
     Manifest("test", {"model": str(model_dir), "kind": "hf"}, args.to_dict(), max_seq_len, "xnnpack", list(precisions),
              "tokenizer.json", {k: v for k, v in ckpt.tokenizer_config.items() if k in ("bos_token", "eos_token", "add_bos_token")},
-             manifest_shards, {"top_ppl": ppl_ref}).save(out)
+             manifest_shards, {"top_ppl": ppl_ref}, max_tokens_per_call=chunk).save(out)
     return out
 
 

@@ -55,7 +55,8 @@ FIELD = "file_sha256"
 PLACEHOLDER = "0" * 64
 PREFIX = b'{"file_sha256": "'  # how json.dumps starts a meta dict whose first key is FIELD
 RACY_NS = 2_000_000_000
-MODEL_FIELDS = ("dim", "n_heads", "n_kv_heads", "head_dim", "vocab_size")  # what the runtime sizes tensors from
+# what the runtime sizes tensors from (a sliding layer's ring: model_args.ring_len)
+MODEL_FIELDS = ("dim", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "layer_types", "sliding_window")
 SHARD_HINT = "re-create the shard set with `edgectl shard`, or copy it again"
 PTE_HINT = "re-export it with `edgectl export`, or copy it again"
 
@@ -166,6 +167,8 @@ def expect(directory: str | Path, manifest) -> None:
     mpath = str(directory / "manifest.json")
     mm = manifest.model
     facts = {"max_seq_len": manifest.max_seq_len, **{k: mm.get(k) for k in MODEL_FIELDS if k in mm}}
+    if getattr(manifest, "max_tokens_per_call", None) is not None:
+        facts["max_tokens_per_call"] = manifest.max_tokens_per_call
     for s in manifest.shards:
         for v in s.variants.values():
             if not v.file or "table" in v.extra and s.kind == "embed":
@@ -222,7 +225,8 @@ def _agrees(path, facts: dict, named_by: str) -> None:
     meta = _own_meta(path)
     if not isinstance(meta, dict):
         return  # a program without edgectl's record: nothing to compare
-    own = {"max_seq_len": meta.get("max_seq_len"), **(meta.get("model") or {})}
+    own = {"max_seq_len": meta.get("max_seq_len"), "max_tokens_per_call": meta.get("max_tokens_per_call"),
+           **(meta.get("model") or {})}
     for k, v in facts.items():
         if own.get(k) is not None and v != own[k]:
             raise EdgectlError(f"{named_by}: damaged: it records {k} {v!r}, {os.path.basename(path)} was built "

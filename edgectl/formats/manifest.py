@@ -10,10 +10,12 @@ Program interfaces, by shard kind:
   Otherwise a program `forward(tokens[1,T]) -> h[1,T,dim]`.
 - "layers": `forward(h[1,T,dim], pos[T], k_0, v_0, ..., k_{n-1}, v_{n-1}) -> h` for the
   n decoder layers it holds (`layers`). The caches are the runtime's own [1, S, KV, D]
-  buffers (model.cache_shapes; S at most max_seq_len, a run may plan fewer positions),
+  buffers (model_args.cache_shapes; S at most max_seq_len, a run may plan fewer positions),
   passed without a copy: the program writes the T new entries at positions pos[0].. in
   place (llama::update_cache) and attends over positions < pos[0] + T only
-  (llama::custom_sdpa). See shard_build.LayersProgram.
+  (llama::custom_sdpa). A sliding layer's cache is a ring of C slots instead
+  (model_args.ring_len of max_seq_len and max_tokens_per_call; position p at slot p mod C),
+  read under a mask of its window. See shard_build.LayersProgram.
 - "head": `forward(h[1,T,dim], idx[N]) -> logits[1,N,vocab]` (final norm + output).
 T and N are at most `max_tokens_per_call` (activation memory is planned per program for
 the largest call): the runtime prefills, and asks for logits, in chunks of that size.
@@ -37,9 +39,11 @@ from edgectl.util.version import __version__
 from edgectl.formats import integrity
 from edgectl.util.errors import EdgectlError
 
-# 3: layer programs write the caches in place; 2: read cache windows and returned the new
-# entries; 1 attended over all max_seq_len positions
-SCHEMA_VERSION = 3
+# 4: a sliding layer's cache is a ring of C slots (3 is still read for a model without
+# sliding layers: the same programs); 3: layer programs write the caches in place; 2: read
+# cache windows and returned the new entries; 1 attended over all max_seq_len positions
+SCHEMA_VERSION = 4
+SCHEMA_WITHOUT_RINGS = 3
 MANIFEST = "manifest.json"
 
 
@@ -118,7 +122,9 @@ class Manifest:
             raise EdgectlError(f"{path}: cannot read the shard manifest ({e})") from e
         if not isinstance(d, dict):
             raise EdgectlError(f"{path}: malformed manifest (not a JSON object)")
-        if d.get("schema_version") != SCHEMA_VERSION:
+        mm = d.get("model")
+        sliding = isinstance(mm, dict) and "sliding_attention" in (mm.get("layer_types") or ())
+        if d.get("schema_version") != SCHEMA_VERSION and (sliding or d.get("schema_version") != SCHEMA_WITHOUT_RINGS):
             raise EdgectlError(
                 f"{path}: manifest schema {d.get('schema_version')} is not {SCHEMA_VERSION}",
                 hint=f"re-run `edgectl shard` with edgectl {__version__}",

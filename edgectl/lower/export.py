@@ -2,9 +2,10 @@
 
 The program's `forward(tokens[1,T], pos[T], idx[N], k_caches..., v_caches...)` returns
 `logits[1,N,vocab]`: prefill of a prompt chunk in one call, decode with T=1, and the KV
-cache owned by the caller, who passes its whole [1, S, KV, D] buffers; the program writes
-the T new entries into them in place and attends over positions < pos[0] + T
-(model.Transformer, as it is). Inputs are not copied into planned memory
+cache owned by the caller, who passes its whole [1, S, KV, D] buffers (a sliding layer's:
+a ring of C = meta `kv_ring` slots, model_args.ring_len); the program writes the T new
+entries into them in place and attends over positions < pos[0] + T (a sliding layer: its
+window) (model.Transformer, as it is). Inputs are not copied into planned memory
 (`alloc_graph_input=False`), so the caches are passed and written zero-copy.
 
 Everything `run` needs travels in the `.pte` as constant methods: `edgectl_meta` (JSON:
@@ -28,6 +29,7 @@ from edgectl.util.version import __version__
 from edgectl.formats import integrity
 from edgectl.util.errors import EdgectlError
 from edgectl.util.files import write_atomic
+from edgectl.model_args import ring_len
 
 Progress = Callable[[str], None]  # called with the name of each stage as it starts
 
@@ -206,7 +208,8 @@ def constant_methods(meta: dict, tokenizer_json: str) -> dict:
 
 
 DEFAULT_PREFILL_CHUNK = 128
-IO = "forward(tokens[1,T], pos[T], idx[N], k_cache*L, v_cache*L) -> logits[1,N,V]; caches [1,S,KV,D], written in place"
+IO = ("forward(tokens[1,T], pos[T], idx[N], k_cache*L, v_cache*L) -> logits[1,N,V]; caches [1,S,KV,D] "
+      "(a sliding layer's: a ring [1,C,KV,D], C = kv_ring), written in place")
 
 
 def monolithic_example(model, chunk: int, table_input: bool):
@@ -215,12 +218,13 @@ def monolithic_example(model, chunk: int, table_input: bool):
 
     `chunk` bounds the tokens per call: memory planning reserves activations for the
     largest call (attention scores grow with chunk x max_seq_len), so the runtime feeds a
-    longer prompt in chunks instead. The caches are whole [1, S, KV, D] buffers. A chunk
-    of 1 is a program of static shapes, one token per call (backends.Backend.static)."""
+    longer prompt in chunks instead. The caches are whole [1, S, KV, D] buffers, a sliding
+    layer's a ring of C slots sized for `chunk` (model_args.ring_len). A chunk of 1 is a
+    program of static shapes, one token per call (backends.Backend.static)."""
     import torch
     from torch.export import Dim
 
-    k_caches, v_caches = model.empty_caches()
+    k_caches, v_caches = model.empty_caches(chunk)
     if chunk == 1:
         example = (torch.zeros(1, 1, dtype=torch.long), torch.arange(1), torch.arange(1), k_caches, v_caches)
         if table_input:
@@ -363,6 +367,7 @@ def export_pte(ckpt, out: Path, backend: str = "xnnpack", max_seq_len: int | Non
         dynamic += ((None,) * len(qshare[0]),)
     meta = metadata(ckpt, args, max_seq_len, backend, quant)
     meta["prefill_chunk"] = chunk
+    meta["kv_ring"] = ring_len(args, max_seq_len, chunk)  # a sliding layer's cache slots (None: no sliding layer)
     meta["embedding_input"] = tied_table_key(model) if share else (qshare[1] if qshare else None)
     program = model.eval()  # model.Transformer: the caches are inputs, written in place
     prog, ops = lower(program, example, dynamic, backend, constant_methods(meta, ckpt.tokenizer_json), step,

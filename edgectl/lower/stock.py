@@ -42,6 +42,8 @@ class StockTransformer(nn.Module):
         load_custom_ops()
         self.model, self.cache_len = model, cache_len
         args = model.args
+        # every layer's cache whole, a sliding layer's too (a ring of S slots, never wrapped):
+        # the stock runners choose their calls, which a ring would need split at its end
         shape = (1, cache_len, args.n_kv_heads, args.head_dim)
         for i in range(args.n_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)

@@ -6,7 +6,8 @@ What counts against the budget (all from the manifest's measured figures):
 - every resident shard's `resident_bytes` at its chosen precision;
 - the KV cache (owned by the runtime, never evicted), computed from the model shape for
   the positions the run will use (`context`: its prompt plus generated tokens, at most
-  max_seq_len): the runtime's cache pages cost memory only once written (kv_cache_bytes);
+  max_seq_len; a sliding layer's ring at most its C slots): the runtime's cache pages
+  cost memory only once written (kv_cache_bytes);
 - the loader's slots for streamed shards: one (on-demand: load, run, evict) or two
   (pipelined: one running while the next one loads), each as large as the largest
   streamed shard, plus `stream_extra_bytes` (what loading one keeps on the heap besides
@@ -158,16 +159,22 @@ def kv_cache_bytes(manifest, context: int | None = None) -> int:
     """Bytes of KV cache a run over the first `context` positions writes (default: all
     max_seq_len). The runtime keeps each layer's K and V as [S, KV, D] (position-major) in
     fresh anonymous pages (runtime.KVCache), which cost memory once written: the first
-    `context` positions are a contiguous prefix, charged in whole pages. (Programs read a
-    window rounded up past them: pages never written read as the shared zero page.)"""
+    `context` positions are a contiguous prefix, charged in whole pages. A sliding layer's
+    cache is a ring of C slots (model_args.ring_len: position p at slot p mod C), of which
+    a run writes min(context, C). (Programs read a window rounded up past them: pages
+    never written read as the shared zero page.)"""
+    from edgectl.model_args import SLIDING, ring_slots
+
     m = manifest.model
     hd = m.get("head_dim") or m["dim"] // m["n_heads"]
     S = manifest.max_seq_len
     n = S if context is None else max(1, min(context, S))
     row = 4 * m["n_kv_heads"] * hd  # one position of one layer's K (or V)
     pages = lambda b: -(-b // PAGE) * PAGE  # noqa: E731
-    return m["n_layers"] * 2 * min(pages(row * n), pages(row * S))
-
+    types, window = m.get("layer_types") or (), m.get("sliding_window")
+    ring = ring_slots(window, S, getattr(manifest, "max_tokens_per_call", None)) if window and SLIDING in types else S
+    return sum(2 * min(pages(row * n), pages(row * (ring if types and types[i] == SLIDING else S)))
+               for i in range(m["n_layers"]))
 
 
 def render_rows(p: Plan) -> list[list[str]]:

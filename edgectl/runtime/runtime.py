@@ -15,7 +15,7 @@ from typing import Protocol
 
 from edgectl.formats import integrity
 from edgectl.util.errors import EdgectlError
-from edgectl.model_args import KV_LAYOUT, ModelArgs, cache_shapes
+from edgectl.model_args import KV_LAYOUT, ModelArgs, cache_shapes, call_spans, kv_layout_ok, ring_len, ring_track
 from edgectl.formats.ptefile import constant_bytes
 from edgectl.runtime.trace import Trace
 from edgectl.runtime.methods import open_method, set_threads  # noqa: F401  (set_threads: the runtime's API)
@@ -33,15 +33,16 @@ class Model(Protocol):
 
 
 class KVCache:
-    """The KV cache, per layer, in fresh anonymous mappings (shapes of model_args.cache_shapes),
-    as numpy arrays the programs write in place.
+    """The KV cache, per layer, in fresh anonymous mappings (shapes of model_args.cache_shapes:
+    [1, S, KV, D], a sliding layer's ring [1, C, KV, D] for programs of at most `chunk`
+    tokens per call), as numpy arrays the programs write in place.
 
     A page of it costs memory only once written: a run that uses the first n positions
-    pays for those (the planner's kv_cache_bytes counts exactly these pages), not for
-    max_seq_len. `reset` hands the pages back (MADV_DONTNEED: they read as zeros again)
+    pays for those (min(n, C) slots of a ring; the planner's kv_cache_bytes counts exactly
+    these pages), not for max_seq_len. `reset` hands the pages back (MADV_DONTNEED: they read as zeros again)
     instead of writing zeros over the whole cache, which would charge all of it."""
 
-    def __init__(self, args: ModelArgs, max_seq_len: int, n_layers: int):
+    def __init__(self, args: ModelArgs, max_seq_len: int, n_layers: int, chunk: int | None = None):
         import mmap
 
         import numpy as np
@@ -58,9 +59,9 @@ class KVCache:
             self._maps.append(mm)
             return np.frombuffer(mm, dtype=np.float32).reshape(shape)
 
-        ks, vs = cache_shapes(args, max_seq_len)
-        self.k = [zeros(ks) for _ in range(n_layers)]
-        self.v = [zeros(vs) for _ in range(n_layers)]
+        shapes = cache_shapes(args, max_seq_len, chunk, range(n_layers))
+        self.k = [zeros(ks) for ks, _ in shapes]
+        self.v = [zeros(vs) for _, vs in shapes]
 
     def reset(self) -> None:
         import mmap
@@ -130,7 +131,8 @@ def _load_pte(path: Path, trace: Trace):
     integrity.require_pte(path)  # its own checksum, before ExecuTorch reads it (edgectl/formats/integrity.py)
     meta, tokenizer_json = read_meta(path)
     # the stock form keeps its cache inside (stock.py): only edgectl's own form takes it as inputs
-    if meta.get("interface", "edgectl") == "edgectl" and meta.get("kv_layout") != KV_LAYOUT:
+    if meta.get("interface", "edgectl") == "edgectl" and not kv_layout_ok(meta.get("kv_layout"),
+                                                                         ModelArgs.from_dict(meta["model"])):
         raise EdgectlError(f"{path}: exported by an older edgectl, whose programs take the KV cache another way "
                            f"({meta.get('kv_layout', 'the whole cache, read only')})",
                            hint="re-export it with `edgectl export`")
@@ -142,7 +144,8 @@ def _load_pte(path: Path, trace: Trace):
 
 class PteModel:
     """A monolithic edgectl `.pte`: forward(tokens, pos, idx, k*L, v*L[, table]) -> logits,
-    the caches (KVCache, whole [1, S, KV, D] buffers) written in place by the program."""
+    the caches (KVCache: whole [1, S, KV, D] buffers, a sliding layer's ring of C slots)
+    written in place by the program."""
 
     def __init__(self, path: str | Path, trace: Trace | None = None, context: int | None = None):
         path = Path(path)
@@ -157,27 +160,43 @@ class PteModel:
         self.cache_len = self.meta["max_seq_len"]  # the program's cache shape
         self.max_seq_len = usable_context(context, self.cache_len)
         self.chunk = self.meta.get("prefill_chunk", self.cache_len)
-        self.cache = KVCache(args, self.cache_len, args.n_layers)
+        self.ring = ring_len(args, self.cache_len, self.chunk)  # a sliding layer's slots (None: none)
+        if self.ring is not None and self.meta.get("kv_ring") != self.ring:
+            raise EdgectlError(f"{path}: its sliding layers' cache holds {self.meta.get('kv_ring')} positions, "
+                               f"this edgectl expects {self.ring}", hint="re-export it with `edgectl export`")
+        self.cache = KVCache(args, self.cache_len, args.n_layers, self.chunk)
         self.k, self.v = self.cache.k, self.cache.v
+        self.track = ring_track(args, self.cache_len, self.chunk)  # how far back a call may go (None: any)
 
     @property
     def engine_name(self) -> str:
         return self.method.name
 
+    @property
+    def max_rewind(self) -> int | None:
+        """Positions a run may go back (re-feed from below the last one written) and keep
+        its sliding window: None, any."""
+        return self.track.max_rewind if self.track else None
+
     def reset(self) -> None:
         self.cache.reset()
+        if self.track:
+            self.track.reset()
 
     def forward(self, tokens: list[int], start: int, all_logits: bool = False):
         """Logits [N, vocab] (numpy, a fresh array) for the last token (or every token with
-        all_logits); a prompt longer than the program's chunk runs in several calls."""
+        all_logits); a prompt longer than the program's chunk runs in several calls, and so
+        does one that would wrap a sliding layer's ring (model_args.call_spans)."""
         import numpy as np
 
         if start + len(tokens) > self.max_seq_len:
             raise EdgectlError(f"sequence of {start + len(tokens)} tokens exceeds max_seq_len {self.max_seq_len}")
+        if self.track:
+            self.track.check(start, len(tokens))
         outs = []
-        for i in range(0, len(tokens), self.chunk):
-            part = tokens[i : i + self.chunk]
-            last = i + self.chunk >= len(tokens)
+        for i, n in call_spans(start, len(tokens), self.chunk, self.ring):
+            part = tokens[i : i + n]
+            last = i + n >= len(tokens)
             if all_logits or last:
                 outs.append(self._call(part, start + i, all_logits).copy())
             else:

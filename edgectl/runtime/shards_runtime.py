@@ -1,7 +1,8 @@
 """ShardModel: run a shard set (a directory with manifest.json) within a memory budget.
 
 Implements the runtime `Model` protocol. The KV cache belongs to ShardModel and is never
-evicted; programs read it and return the new entries, which are written here.
+evicted; the layer programs write their new entries into it in place (a sliding layer's
+cache is a ring of C slots, model_args.ring_len: a call that would wrap it is split).
 
 Placement comes from a `plan.Plan`: resident shards are loaded before the first
 token (the preload buffer: the planner keeps the first shards of the forward pass
@@ -29,6 +30,7 @@ from edgectl.runtime.plan import Plan
 from edgectl.runtime.plan_cost import draft_cost
 from edgectl.runtime.planner import check_floor, plan as make_plan
 from edgectl.runtime.methods import _load_runtime
+from edgectl.model_args import call_spans, ring_len, ring_track
 from edgectl.runtime.runtime import KVCache, usable_context
 from edgectl.runtime.shards_embed import _Embed
 from edgectl.runtime.shards_startup import StartupCosts, rss_bytes
@@ -181,7 +183,10 @@ class ShardModel(StartupCosts):
             self.engine = ld.PyEngine(rt)
         args = ModelArgs.from_dict(m.model)
         self.args = args
-        self.cache = KVCache(args, self.cache_len, args.n_layers)
+        self.chunk = m.max_tokens_per_call or self.cache_len
+        self.ring = ring_len(args, self.cache_len, self.chunk)  # a sliding layer's slots (None: none)
+        self.cache = KVCache(args, self.cache_len, args.n_layers, self.chunk)
+        self.track = ring_track(args, self.cache_len, self.chunk)  # how far back a call may go (None: any)
         self.k, self.v = self.cache.k, self.cache.v
         self.h_cap = self.cache_len * args.dim
         self.resident = {}
@@ -210,7 +215,7 @@ class ShardModel(StartupCosts):
 
                 caches = [t for st in group for i in st[3] for t in (self.k[i], self.v[i])]
                 chain = Chain(native, [self.resident[st[0]].handle for st in group], [len(st[3]) for st in group], caches,
-                              args.n_kv_heads, args.head_dim, self.cache_len)
+                              args.n_kv_heads, args.head_dim, self.cache_len)  # each cache's own length: its shape
                 name = group[0][0] if len(group) == 1 else f"{group[0][0]}..{group[-1][0]}"
                 runs.append(("chain", name, chain))
                 group.clear()
@@ -229,8 +234,15 @@ class ShardModel(StartupCosts):
     def engine_name(self) -> str:
         return self.engine.name
 
+    @property
+    def max_rewind(self) -> int | None:
+        """Positions a run may go back and keep its sliding window (PteModel.max_rewind)."""
+        return self.track.max_rewind if self.track else None
+
     def reset(self) -> None:
         self.cache.reset()
+        if self.track:
+            self.track.reset()
 
     def _get(self, name: str, path: Path, placement: str):
         if placement == "resident":
@@ -265,14 +277,16 @@ class ShardModel(StartupCosts):
         if start + T > self.max_seq_len:
             what = "max_seq_len" if self.max_seq_len == self.cache_len else "the context this run planned for (--ctx-size)"
             raise EdgectlError(f"sequence of {start + T} tokens exceeds {what} {self.max_seq_len}")
-        chunk = self.manifest.max_tokens_per_call or self.cache_len
-        if T > chunk:  # programs take at most `chunk` tokens per call: feed a long prompt in pieces
+        spans = call_spans(start, T, self.chunk, self.ring)
+        if len(spans) > 1:  # programs take at most `chunk` tokens per call, and never wrap a sliding layer's ring
             if sink is not None and all_logits:
-                for i in range(0, T, chunk):
-                    self.forward(tokens[i : i + chunk], start + i, True, lambda r, x, i=i: sink(i + r, x))
+                for i, n in spans:
+                    self.forward(tokens[i : i + n], start + i, True, lambda r, x, i=i: sink(i + r, x))
                 return None
-            parts = [self.forward(tokens[i : i + chunk], start + i, all_logits) for i in range(0, T, chunk)]
+            parts = [self.forward(tokens[i : i + n], start + i, all_logits) for i, n in spans]
             return np.concatenate(parts) if all_logits else parts[-1]
+        if self.track:
+            self.track.check(start, T)
         pos = np.arange(start, start + T, dtype=np.int64)
         idx = np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], dtype=np.int64)
         with self.trace.span("compute", "embed"):

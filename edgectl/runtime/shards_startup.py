@@ -108,9 +108,9 @@ class StartupCosts:
             eng = (ld.NativeEngine(native, native.planned_size(path), keys={path: v.sha256}) if native is not None
                    else ld.PyEngine(rt))
             args = ModelArgs.from_dict(mm)
-            ks, vs = cache_shapes(args, m.max_seq_len)
-            k = [np.zeros(ks, dtype=np.float32) for _ in s.layers]
-            vc = [np.zeros(vs, dtype=np.float32) for _ in s.layers]
+            shapes = cache_shapes(args, m.max_seq_len, m.max_tokens_per_call, s.layers)
+            k = [np.zeros(ks, dtype=np.float32) for ks, _ in shapes]
+            vc = [np.zeros(vs, dtype=np.float32) for _, vs in shapes]
             before_load = touched_bytes()
             with self.trace.span("load", "startup-probe"):
                 loaded = eng.load(path, streamed=True)  # its own workspace: what a streamed shard pays

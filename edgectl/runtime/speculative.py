@@ -14,7 +14,10 @@ distribution (temperature, top_p); a lookup draft's q is a point mass.
 
 The KV caches are indexed by position, so rejected entries are simply overwritten by the
 next call at those positions: the target has always processed every output token but the
-last; the draft re-feeds whatever accepted tokens it has not processed.
+last; the draft re-feeds whatever accepted tokens it has not processed. A sliding layer's
+ring (model_args.ring_len) serves a call only if the run went back at most `max_rewind`
+positions (C - W + 1: the program's chunk at least, 1 for a one-token program), so K is
+capped there.
 
 Trace lanes (with `trace`, e.g. the target's): "verify", one span per target call after
 the prefill; "draft", the draft's work: a lookup's proposals as spans, a model draft's own
@@ -210,6 +213,10 @@ class SpeculativeGeneration(Generation):
         yield tok
         t_dec = time.perf_counter()
         k_now = AUTO_K[0] if self.k == "auto" else self.k
+        # rejected drafts send the target (and a model draft) back up to k positions: a
+        # sliding layer's ring keeps its window over at most max_rewind (model_args.RingTrack)
+        rewind = [r for m in (model, getattr(draft, "model", None)) if (r := getattr(m, "max_rewind", None))]
+        k_most = min(rewind, default=None)
         trace = self.trace
         # a model draft's work is in its model's trace (merge_draft_trace); a lookup's is spanned here
         draft_trace = trace if getattr(draft, "model", None) is None else None
@@ -223,7 +230,7 @@ class SpeculativeGeneration(Generation):
             if L - 1 >= model.max_seq_len:
                 st.stopped = "max_seq_len"
                 break
-            k = min(k_now, self.max_new_tokens - len(out) - 1, model.max_seq_len - L)
+            k = min(k_now, self.max_new_tokens - len(out) - 1, model.max_seq_len - L, k_most or k_now)
             t_d = time.perf_counter()
             with _span(draft_trace if k > 0 else None, DRAFT_LANE, draft.name):
                 drafts, qs = draft.propose(hist, k, sampling, gen) if k > 0 else ([], None)

@@ -42,7 +42,8 @@ class ShardChain:
                  manifest: Manifest | None = None):
         import torch
 
-        from edgectl.model import ModelArgs, empty_caches
+        from edgectl.model import ModelArgs, empty_caches, ring_len
+        from edgectl.model_args import ring_track
         from edgectl.runtime.methods import _load_runtime
         from edgectl.util.native import native_stderr_captured
 
@@ -69,27 +70,35 @@ class ShardChain:
         self.max_seq_len = self.manifest.max_seq_len
         self.meta = {"model": self.manifest.model, "max_seq_len": self.max_seq_len,
                      "tokenizer_config": self.manifest.tokenizer_config}
-        self.k, self.v = empty_caches(self.args, self.max_seq_len, self.args.n_layers)
+        self.chunk = self.manifest.max_tokens_per_call or self.max_seq_len
+        self.ring = ring_len(self.args, self.max_seq_len, self.chunk)  # a sliding layer's slots (None: none)
+        self.k, self.v = empty_caches(self.args, self.max_seq_len, self.args.n_layers, self.chunk)
+        self.track = ring_track(self.args, self.max_seq_len, self.chunk)  # how far back a call may go (None: any)
         self._torch = torch
 
     def reset(self) -> None:
         for t in self.k + self.v:
             t.zero_()
+        if self.track:
+            self.track.reset()
 
     def forward(self, tokens: list[int], start: int, all_logits: bool = False):
         """Logits [N, vocab] of the last token (or of all), in calls of at most
-        `max_tokens_per_call` tokens."""
+        `max_tokens_per_call` tokens that never wrap a sliding layer's ring (call_spans)."""
+        from edgectl.model_args import call_spans
+
         T = len(tokens)
         if start + T > self.max_seq_len:
             raise EdgectlError(f"sequence of {start + T} tokens exceeds max_seq_len {self.max_seq_len}")
-        c = self.manifest.max_tokens_per_call or self.max_seq_len
+        if self.track:
+            self.track.check(start, T)
         outs = []
-        for a in range(0, T, c):
-            last = a + c >= T
+        for a, n in call_spans(start, T, self.chunk, self.ring):
+            last = a + n >= T
             if all_logits or last:
-                outs.append(self._call(tokens[a : a + c], start + a, all_logits))
+                outs.append(self._call(tokens[a : a + n], start + a, all_logits))
             else:
-                self._call(tokens[a : a + c], start + a, False)
+                self._call(tokens[a : a + n], start + a, False)
         return self._torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _call(self, tokens: list[int], start: int, all_logits: bool):

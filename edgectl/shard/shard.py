@@ -48,7 +48,7 @@ Step = Callable[[str], None]
 Built = Callable[[str, str, str], None]  # (shard, precision, "cached" | "exported")
 Counter_ = Callable[[str, int, int], None]  # (what, done, total)
 
-CODE_FILES = ("model.py", "shard/shard_build.py", "quant/quantize.py", "quant/scheme.py", "quant/weights.py",
+CODE_FILES = ("model.py", "model_args.py", "shard/shard_build.py", "quant/quantize.py", "quant/scheme.py", "quant/weights.py",
               "quant/quant_checkpoint.py", "quant/quant_modules.py", "lower/export.py", "lower/stock.py", "lower/edge_passes.py")
 
 

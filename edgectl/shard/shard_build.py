@@ -45,8 +45,9 @@ TOP = "fp32"
 class LayersProgram(nn.Module):
     """forward(h [1,T,dim], pos [T], k_0, v_0, ...) -> h. Each cache is the runtime's own
     [1, S, KV, D] buffer, written in place (model.Block's attention); positions >= pos[0] + T
-    are never read, except by a sliding layer (Gemma 3), which reads the whole cache under a
-    mask that drops them (the runtime's caches read as zeros there). The exported program keeps no copy of a cache: export.lower drops the
+    are never read. A sliding layer's (Gemma 3, Phi-3) is a ring of C slots instead
+    (model_args.ring_len, a fixed size), read whole under a mask of its window. The
+    exported program keeps no copy of a cache: export.lower drops the
     copy-back outputs torch.export adds for mutated inputs, and inputs are not memory
     planned, so the kernels write the caller's memory."""
 
@@ -61,7 +62,9 @@ class LayersProgram(nn.Module):
     def forward(self, h, pos, *caches):
         T, start = h.shape[1], pos[0].item()
         torch._check(start >= 0)
-        torch._check(start + T <= caches[0].shape[1])
+        whole = [i for i, b in enumerate(self.blocks) if b.self_attn.window is None]
+        if whole:  # a global layer's cache: S positions (a sliding layer's ring bounds none)
+            torch._check(start + T <= caches[2 * whole[0]].shape[1])
         ropes = self.rope(pos)
         for i, block in enumerate(self.blocks):
             h = block(h, *ropes[block.rope_kind], caches[2 * i], caches[2 * i + 1], start)
@@ -188,20 +191,23 @@ def embed_head_module(model, precision: str, group_size: int, base: str = TOP):
 # Export of one variant
 
 
-def layer_example(args, max_seq_len: int, n: int, chunk: int):
-    """Example inputs and dynamic shapes of a LayersProgram of n layers: T tokens (at most
-    `chunk`), caches of S positions (at most max_seq_len: a run may plan a shorter context)."""
+def layer_example(args, max_seq_len: int, layers: list[int], chunk: int):
+    """Example inputs and dynamic shapes of a LayersProgram of `layers`: T tokens (at most
+    `chunk`), a global layer's caches of S positions (at most max_seq_len: a run may plan a
+    shorter context), a sliding layer's a ring of a fixed C slots (model_args.ring_len)."""
     from torch.export import Dim
 
-    from edgectl.model import empty_caches
+    from edgectl.model_args import ring_len
 
     S = min(6, max_seq_len)  # an example size no other dim has, or torch.export merges the dims
-    ks, vs = empty_caches(args, S, n)
-    caches = [t for pair in zip(ks, vs) for t in pair]
+    C = ring_len(args, max_seq_len, chunk)
+    shapes = [(C if args.sliding(i) and C is not None else S, args.n_kv_heads, args.head_dim) for i in layers]
+    caches = [torch.zeros(1, *shape) for shape in shapes for _ in "kv"]
     T, Sd = Dim("T", min=1, max=chunk), Dim("S", min=1, max=max_seq_len)
     t = min(4, S)
     example = (torch.zeros(1, t, args.dim), torch.arange(t), *caches)
-    return example, ({1: T}, {0: T}, tuple([{1: Sd}] * len(caches)))  # *caches is one argument to export
+    dims = [None if args.sliding(i) and C is not None else {1: Sd} for i in layers for _ in "kv"]
+    return example, ({1: T}, {0: T}, tuple(dims))  # *caches is one argument to export
 
 
 def _head_example(args, chunk: int):
@@ -251,7 +257,7 @@ def program_for(model, kind: str, layers: list[int], precision: str, group_size:
     args, S = model.args, model.max_seq_len
     if kind == "layers":
         mod, rec = layers_module(model, layers, precision, group_size, base, fuse=True)
-        ex, ds = layer_example(args, S, len(layers), chunk)
+        ex, ds = layer_example(args, S, layers, chunk)
         return mod, ex, ds, rec, None
     tiny, rec = embed_head_module(model, precision, group_size, base)
     if kind == "head":

@@ -8,9 +8,11 @@ from edgectl.formats.manifest import Manifest
 
 
 def _measure_load(tmp: Path, manifest: Manifest) -> None:
+    from edgectl.model_args import ModelArgs, cache_len
     from edgectl.shard.shard_measure import run_measure
 
     m = manifest.model
+    args = ModelArgs.from_dict(m)
     shape = {"dim": m["dim"], "n_kv_heads": m["n_kv_heads"], "head_dim": m.get("head_dim") or m["dim"] // m["n_heads"],
              "max_seq_len": manifest.max_seq_len, "vocab_size": m["vocab_size"]}
     items = []
@@ -22,7 +24,10 @@ def _measure_load(tmp: Path, manifest: Manifest) -> None:
             else:
                 item = {"id": tid, "path": str(tmp / v.file)}
                 if sh.kind in ("layers", "head"):
-                    item["call"] = {"kind": sh.kind, "n_layers": len(sh.layers), **shape}
+                    item["call"] = {"kind": sh.kind, "n_layers": len(sh.layers), **shape,
+                                    # a sliding layer's cache: its ring (model_args.ring_len)
+                                    "cache_lens": [cache_len(args, i, manifest.max_seq_len, manifest.max_tokens_per_call)
+                                                   for i in sh.layers]}
                 items.append(item)
     res = run_measure(items)
     for sh in manifest.shards:

@@ -9,9 +9,10 @@ RssAnon growth, load_ms the median load time. One program is loaded and dropped 
 the one-time runtime initialisation (~15 ms) is not charged to a shard.
 
 A program item may also carry "call": {"kind": "layers"|"head", "n_layers", "dim",
-"n_kv_heads", "head_dim", "max_seq_len"}: then, through the native shim the runtime uses
-(edgectl/_native), the program's planned (activation) memory is read from its header
-("planned_bytes") and one decode step (one token, position 64, full-size KV cache) is
+"n_kv_heads", "head_dim", "max_seq_len"[, "cache_lens"]}: then, through the native shim
+the runtime uses (edgectl/_native), the program's planned (activation) memory is read from
+its header ("planned_bytes") and one decode step (one token, position 64, full-size KV
+cache: max_seq_len positions, or a layer's `cache_lens` entry, a sliding layer's ring) is
 timed, median of 20 after a warm-up ("compute_ms"). Without the shim those two are absent.
 
 An embed variant that reads the head's matrix has no program: its figures are those of
@@ -104,7 +105,8 @@ def _decode_step(native, path: str, call: dict, runs: int = 20) -> dict:
     if call["kind"] == "layers":
         n = call["n_layers"]
         p = min(64, S - 1)  # a step at position p reads positions <= p of the cache
-        caches = [np.zeros((1, S, nkv, hd), dtype=np.float32) for _ in range(2 * n)]
+        lens = call.get("cache_lens") or [S] * n
+        caches = [np.zeros((1, c, nkv, hd), dtype=np.float32) for c in lens for _ in "kv"]
         inputs, caps = [h, np.array([p], dtype=np.int64), *caches], [S * dim]
     else:
         inputs, caps = [h, np.array([0], dtype=np.int64)], [call["vocab_size"]]

@@ -74,7 +74,7 @@ class Native:
         lib.ets_set_threads.argtypes = [ctypes.c_int]
         lib.ets_quiet_library_log.argtypes = [ctypes.c_char_p]
         lib.ets_run_layers.argtypes = [ctypes.c_int, ctypes.POINTER(vp), i32p, vp, ctypes.c_int, ctypes.c_int, vp,
-                                       ctypes.POINTER(vp), ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                       ctypes.POINTER(vp), i32p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                        ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
         self.lib, self.so = lib, so
         lib.ets_init()
@@ -158,6 +158,7 @@ class Chain:
         self.handles = (ctypes.c_void_p * self.n)(*handles)
         self.n_layers = (ctypes.c_int32 * self.n)(*n_layers)
         self.caches = (ctypes.c_void_p * len(caches))(*[_ptr(t) for t in caches])
+        self.lens = (ctypes.c_int32 * len(caches))(*[t.shape[1] for t in caches])  # a sliding layer's: its ring
         self._keep = caches  # the caches must outlive the chain
         self.nkv, self.hd, self.S = nkv, hd, S
         self.err = ctypes.create_string_buffer(512)
@@ -166,7 +167,7 @@ class Chain:
         """h: contiguous fp32 [1, T, dim], updated in place; pos: int64 [T]."""
         T, dim = h.shape[1], h.shape[2]
         rc = self.lib.ets_run_layers(self.n, self.handles, self.n_layers, _ptr(h), T, dim, _ptr(pos),
-                                     self.caches, self.nkv, self.hd, self.S, start, self.err, 512)
+                                     self.caches, self.lens, self.nkv, self.hd, self.S, start, self.err, 512)
         if rc:
             raise EdgectlError(f"shard execution failed: {self.err.value.decode(errors='replace')}")
 

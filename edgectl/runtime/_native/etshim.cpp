@@ -486,17 +486,19 @@ static int point_input(etr::Method& m, int i, void* data, const int32_t* sizes, 
 // pass): shard j takes (h [1,T,dim], pos [T], then the k,v caches of its n_layers[j]
 // layers from `caches`, in order) and returns h, which is copied back into `h`. The
 // programs write their layers' new entries into the caches themselves (positions
-// start..start+T) and read positions < start+T only (shard_build.LayersProgram).
-// Cache layout as edgectl.model: [1,S,nkv,hd] (position-major), fp32.
+// start..start+T, a sliding layer's ring at slots start mod C..) and read positions
+// < start+T only (shard_build.LayersProgram).
+// Cache layout as edgectl.model: [1,lens[i],nkv,hd] (position-major), fp32: lens[i] is S
+// for a global layer's cache, C for a sliding layer's ring (model_args.ring_len).
 int ets_run_layers(int n, void* const* handles, const int32_t* n_layers, float* h, int T, int dim, int64_t* pos,
-                   float* const* caches, int nkv, int hd, int S, int start, char* err, size_t errlen) {
+                   float* const* caches, const int32_t* lens, int nkv, int hd, int S, int start, char* err,
+                   size_t errlen) {
   if (start < 0 || start + T > S) {
     snprintf(err, errlen, "positions %d..%d exceed the cache length %d", start, start + T, S);
     return 1;
   }
   const int32_t h_sizes[3] = {1, T, dim};
   const int32_t p_sizes[1] = {T};
-  const int32_t c_sizes[4] = {1, S, nkv, hd};
   int c = 0;  // next cache tensor
   for (int j = 0; j < n; ++j) {
     etr::Method& m = *static_cast<Shard*>(handles[j])->method;
@@ -507,6 +509,11 @@ int ets_run_layers(int n, void* const* handles, const int32_t* n_layers, float* 
     }
     if (point_input(m, 0, h, h_sizes, 3, err, errlen) || point_input(m, 1, pos, p_sizes, 1, err, errlen)) return 1;
     for (int l = 0; l < 2 * L; ++l) {
+      const int32_t c_sizes[4] = {1, lens[c + l], nkv, hd};
+      if (lens[c + l] < T || (lens[c + l] < S && start % lens[c + l] + T > lens[c + l])) {
+        snprintf(err, errlen, "positions %d..%d wrap a ring of %d slots", start, start + T, lens[c + l]);
+        return 1;
+      }
       if (point_input(m, 2 + l, caches[c + l], c_sizes, 4, err, errlen)) return 1;
     }
     Error e = m.execute();
