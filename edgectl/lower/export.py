@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgectl.util.version import __version__
-
 from edgectl.formats import integrity
 from edgectl.util.errors import EdgectlError
 from edgectl.util.files import write_atomic
@@ -217,10 +216,9 @@ def monolithic_example(model, chunk: int, table_input: bool):
     embedding table is an input.
 
     `chunk` bounds the tokens per call: memory planning reserves activations for the
-    largest call (attention scores grow with chunk x max_seq_len), so the runtime feeds a
-    longer prompt in chunks instead. The caches are whole [1, S, KV, D] buffers, a sliding
-    layer's a ring of C slots sized for `chunk` (model_args.ring_len). A chunk of 1 is a
-    program of static shapes, one token per call (backends.Backend.static)."""
+    largest call (attention scores grow with chunk x max_seq_len), so the runtime feeds a longer
+    prompt in chunks. Caches are whole [1, S, KV, D] buffers, a sliding layer's a ring of C slots
+    sized for `chunk` (model_args.ring_len). A chunk of 1: static shapes, one token per call."""
     import torch
     from torch.export import Dim
 
@@ -230,10 +228,8 @@ def monolithic_example(model, chunk: int, table_input: bool):
         if table_input:
             example += (model.embed.embed_tokens.weight.detach().clone(),)
         return example, None
-    T = Dim("T", min=1, max=chunk)
-    N = Dim("N", min=1, max=chunk)
-    # Example sizes of 2 and 4: a dynamic dim must not be 1 in the example, and T, N
-    # must differ or torch.export merges them.
+    T, N = Dim("T", min=1, max=chunk), Dim("N", min=1, max=chunk)
+    # Example sizes 2 and 4: a dynamic dim must not be 1 in the example, and T, N must differ or export merges them
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4), torch.arange(2, 4), k_caches, v_caches)
     dynamic = ({1: T}, {0: T}, {0: N}, [None] * len(k_caches), [None] * len(v_caches))
     if table_input:
