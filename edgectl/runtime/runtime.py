@@ -15,7 +15,7 @@ from typing import Protocol
 
 from edgectl.formats import integrity
 from edgectl.util.errors import EdgectlError
-from edgectl.model_args import KV_LAYOUT, ModelArgs, cache_shapes, call_spans, kv_layout_ok, ring_len, ring_track
+from edgectl.model_args import ModelArgs, cache_shapes, call_spans, kv_layout_ok, ring_len, ring_track
 from edgectl.formats.ptefile import constant_bytes
 from edgectl.runtime.trace import Trace
 from edgectl.runtime.methods import open_method, set_threads  # noqa: F401  (set_threads: the runtime's API)
