@@ -68,6 +68,8 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys, stories_dir):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     code = re.search(r"## Python API\n.*?```python\n(.*?)```", readme, re.S).group(1)
     monkeypatch.chdir(tmp_path)
+    # the cache the fixture found it in (a session fixture may have pointed EDGECTL_CACHE elsewhere)
+    monkeypatch.setenv("EDGECTL_CACHE", str(stories_dir.parents[1]))
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()
     ref = run_prompt(tmp_path / "stories.pte", "Once upon a time", max_new_tokens=32)

@@ -33,14 +33,19 @@ def _script(*args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
 def board():
     """A function running a shell command in the board over ssh; returns its stdout, stripped.
 
-    As root, this test process counts as one of the board's users while the module runs
-    (`start --pid`, which starts a stopped board, then `stop --pid`): the board stops after
-    it only if no other session (a test run in another clone, a shell) still uses it. Not
-    root: a running board is used as it is, and a stopped one skips."""
+    As root, the board's edgectl is first brought up to this checkout's (`build`: a no-op when
+    it is, a reinstall of edgectl alone when not; refused, failing the test, while another
+    session runs a board with other sources), then this test process counts as one of the
+    board's users while the module runs (`start --pid`, which starts a stopped board, then
+    `stop --pid`): the board stops after it only if no other session (a test run in another
+    clone, a shell) still uses it. Not root: a running board is used as it is, and a stopped
+    one skips."""
     if not ((BOARD / "stamps" / "complete").is_file() and (BOARD / "root").is_dir()):
         needs_hardware(f"the emulated aarch64 board in {BOARD} (build it: bash scripts/arm64-board.sh build)")
     me = str(os.getpid())
     if os.geteuid() == 0:
+        r = _script("build", timeout=1800)  # a board built from other sources runs another edgectl
+        assert r.returncode == 0, f"arm64-board.sh build failed:\n{r.stderr}"
         r = _script("start", "--pid", me)
         assert r.returncode == 0, f"arm64-board.sh start failed:\n{r.stderr}"
     elif "running:" not in _script("status").stdout:
