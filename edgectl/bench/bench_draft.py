@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 
+from edgectl.runtime.speculative import DEFAULT_K  # noqa: F401  (a case's draft_tokens default)
+
 DRAFT_OPTIONS = ("draft", "draft_tokens")
-DEFAULT_K = 4
 DRAFT_SUMMARY_KEYS = ("acceptance", "tokens_per_target_call")
 
 

@@ -74,7 +74,7 @@ def run(
     if show_plan:
         _show_plan(artifact, budget, mode, latency_target, json_out, precision,
                    _plan_context(artifact, ctx_size, prompt, n, chat, system) if budget else ctx_size,
-                   draft, draft_tokens or 4)
+                   draft, draft_tokens)
         return
     if prompt is None:
         raise UsageError("--prompt is required (unless --plan)")
@@ -87,7 +87,7 @@ def run(
         artifact, prompt, max_new_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
         chat=chat, system=system, threads=threads, on_text=None if json_out else stream,
         budget=budget, mode=mode, latency_target_ms=latency_target, precision=precision, plan_file=plan_file,
-        context=ctx_size, draft=draft, draft_tokens=draft_tokens or 4,
+        context=ctx_size, draft=draft, draft_tokens=draft_tokens,
     )
     if json_out:
         ui.emit_json(res)
@@ -146,7 +146,7 @@ def _run_on_device(device: str, artifact: Path, prompt: str | None, n: int, temp
         from edgectl.runtime.speculative import parse_draft, parse_draft_tokens
 
         spec = parse_draft(draft, artifact)  # a typo is a usage error here, before anything is sent
-        parse_draft_tokens(draft_tokens or 4)
+        parse_draft_tokens(draft_tokens)
     remote = send_artifact(target, artifact)
     if spec is not None and spec[0] == "path":
         draft = send_artifact(target, spec[1])
@@ -202,7 +202,7 @@ def _plan_context(artifact: Path, ctx_size: int | None, prompt: str | None, n: i
 
 def _show_plan(artifact: Path, budget: int | None, mode: str, latency_target: float | None, json_out: bool,
                precision: str | None = None, context: int | None = None, draft: str | None = None,
-               draft_tokens: int | str = 4) -> None:
+               draft_tokens: int | str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 

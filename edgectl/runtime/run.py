@@ -67,7 +67,7 @@ def run_prompt(
     plan_file: str | Path | None = None,
     context: int | None = None,
     draft: str | None = None,
-    draft_tokens: int | str = 4,
+    draft_tokens: int | str | None = None,
 ) -> dict:
     """Generate from `artifact`; `on_text` receives printable text increments as they come.
     `budget`/`mode`/`latency_target_ms` apply to a shard set (a directory with manifest.json).
@@ -142,7 +142,7 @@ def is_shard_set(artifact: str | Path) -> bool:
 
 def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", latency_target_ms: float | None = None,
              precision: str | None = None, context: int | None = None, draft: str | None = None,
-             draft_tokens: int | str = 4):
+             draft_tokens: int | str | None = None):
     """The plan `run` would follow (no torch import). With a budget the runtime library is
     loaded, as a run loads it, to measure the runtime floor the budget includes; with a
     `draft`, the plan counts it (speculative.plan_draft)."""

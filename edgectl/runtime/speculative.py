@@ -36,6 +36,7 @@ from edgectl.runtime.generate import Generation, GenerationStats, SamplingConfig
 from edgectl.util.errors import EdgectlError, UsageError
 
 LOOKUP_N = 3  # `lookup` alone: n-grams of 3 tokens down to 1
+DEFAULT_K = 4  # --draft-tokens when not given
 AUTO_K = (4, 1, 12)  # --draft-tokens auto: start, least, most
 DRAFT_LANE, VERIFY_LANE = "draft", "verify"  # trace lanes
 
@@ -308,8 +309,10 @@ def parse_draft(spec: str, artifact: str | Path) -> tuple[str, object]:
                      "(a precision name needs a shard set as the artifact)")
 
 
-def parse_draft_tokens(k: int | str) -> int | str:
-    """`--draft-tokens`: a whole number >= 1, or "auto"."""
+def parse_draft_tokens(k: int | str | None) -> int | str:
+    """`--draft-tokens`: a whole number >= 1, or "auto"; None: DEFAULT_K."""
+    if k is None:
+        return DEFAULT_K
     if k == "auto":
         return k
     if isinstance(k, str) and k.strip().isdigit():
