@@ -11,6 +11,9 @@
 #                                         is left (or with --force): kill its processes, unmount,
 #                                         unregister the binfmt entry
 #   bash scripts/arm64-board.sh status    built? running? in use by whom? the ssh command
+#   bash scripts/arm64-board.sh wheel [DIR]   edgectl's linux_aarch64 wheel, its native shim
+#                                         compiled in the board, into DIR (default: dist/);
+#                                         what the board itself installs, and a Pi can too
 #   bash scripts/arm64-board.sh shell     an interactive shell over ssh (starts the board if needed)
 #   bash scripts/arm64-board.sh exec CMD...   run CMD in the board over ssh (starts it if needed)
 #
@@ -437,30 +440,51 @@ for n in sorted(z.namelist()):
 print(h.hexdigest())' "$WHEEL"
 }
 
-build_edgectl() {  # this checkout's edgectl ($WHEEL), reinstalled whenever its wheel changes
-  local wheel=$WHEEL sum work=$DIR/edgectl.tmp sp
+WHEELS=$DIR/wheels  # edgectl's aarch64 wheel, built in the board, under the sum of its sources
+aarch64_wheel() {  # this checkout's platform wheel for aarch64, built IN the board: the board's
+  # g++ compiles the native shim into it, against the board's executorch (setup.py, as on a
+  # Pi); kept under the sources' sum, so it is built once per change; prints its path.
+  # Needs the board's packages (build_deps) and $DIR/wheel.tmp/src (edgectl_wheel).
+  local sum out w=$ROOTFS/tmp/edgectl-wheel log=$DIR/wheel-aarch64.log mounted=
   sum=$(wheel_sum)
+  out=$WHEELS/$sum
+  if ls "$out"/edgectl-*-linux_aarch64.whl >/dev/null 2>&1; then ls "$out"/edgectl-*-linux_aarch64.whl; return 0; fi
+  say "build: edgectl's aarch64 wheel (its native shim compiled in the board: about 2 min emulated)"
+  rm -rf "$w"; mkdir -p "$w/site" "$w/out"
+  cp -a "$DIR/wheel.tmp/src" "$w/src"
+  # pyproject's build backend (setuptools >= 77); bookworm's venv has 66: a pure wheel beside it
+  "$HOST_PY" -m pip install -q --disable-pip-version-check --no-deps --target "$w/site" 'setuptools>=77' >"$log" 2>&1 \
+    || die "fetching setuptools for the board's wheel build failed: see $log"
+  running || { mount_runtime "$ROOTFS"; mounted=1; }
+  if ! in_board env PYTHONPATH=/tmp/edgectl-wheel/site EDGECTL_REQUIRE_SHIM=1 "$VENV/bin/python" -m pip wheel -q \
+      --disable-pip-version-check --no-deps --no-build-isolation --no-index -w /tmp/edgectl-wheel/out \
+      /tmp/edgectl-wheel/src >>"$log" 2>&1; then
+    [ -z "$mounted" ] || unmount_all "$ROOTFS"
+    die "building edgectl's aarch64 wheel in the board failed: see $log"
+  fi
+  [ -z "$mounted" ] || unmount_all "$ROOTFS"
+  ls "$w"/out/edgectl-*-linux_aarch64.whl >/dev/null 2>&1 || die "the board's wheel build made no linux_aarch64 wheel: see $log"
+  rm -rf "$WHEELS"; mkdir -p "$out"
+  mv "$w"/out/edgectl-*-linux_aarch64.whl "$out"/
+  rm -rf "$w"
+  ls "$out"/edgectl-*-linux_aarch64.whl
+}
+
+edgectl_key() { echo "aarch64-wheel $(wheel_sum)"; }  # the stamp of the edgectl the board holds
+
+build_edgectl() {  # this checkout's edgectl, as its aarch64 wheel, reinstalled whenever its sources change
+  local sum work=$DIR/edgectl.tmp sp whl
+  sum=$(edgectl_key)
   if [ -f "$STAMPS/edgectl" ] && [ "$(cat "$STAMPS/edgectl")" = "$sum" ]; then
     return 0
   fi
   say "build: edgectl (from $SRC)"
+  whl=$(aarch64_wheel)
   rm -rf "$work"
-  # a pure wheel, or the host's platform wheel (setup.py compiles the native shim into it):
-  # the host's pip unpacks it; a compiled file not built for aarch64 is left out (edgectl
-  # compiles its shim on first use where the wheel has none)
-  "$HOST_PY" -m pip install -q --disable-pip-version-check --no-deps --target "$work" "$wheel" \
-    >"$DIR/edgectl.log" 2>&1 || die "installing edgectl's wheel failed: see $DIR/edgectl.log"
-  "$HOST_PY" - "$work" <<'EOF'
-import pathlib, sys
-for f in pathlib.Path(sys.argv[1]).rglob("*"):
-    head = f.read_bytes()[:20] if f.is_file() else b""
-    if head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") != 0xB7:  # e_machine: EM_AARCH64
-        print(f"arm64-board: left out of the board (not aarch64): {f.relative_to(sys.argv[1])}", file=sys.stderr)
-        f.unlink()
-        stamp = f.with_suffix(".json")
-        if stamp.exists():
-            stamp.unlink()
-EOF
+  # the host's pip unpacks the aarch64 wheel (no emulation); its native shim is prebuilt
+  "$HOST_PY" -m pip install -q --disable-pip-version-check --no-deps --target "$work" --only-binary=:all: \
+    --platform linux_aarch64 --python-version 3.11 --implementation cp --abi cp311 "$whl" \
+    >"$DIR/edgectl.log" 2>&1 || die "installing edgectl's aarch64 wheel failed: see $DIR/edgectl.log"
   sp=$(site_packages)
   rm -rf "$sp"/edgectl "$sp"/edgectl-*.dist-info
   move_into_venv "$work"
@@ -475,9 +499,13 @@ lib = glob.glob(os.path.join(list(executorch.__path__)[0], "extension/pybindings
 ctypes.CDLL(lib)
 from executorch.extension.pybindings import portable_lib
 import edgectl
-print(platform.machine(), "torch", torch.__version__, "ok")
+import importlib
+build = importlib.import_module("edgectl.runtime._native.build")
+so, why = build.prebuilt()
+assert so, f"the prebuilt native shim of edgectl: {why}"
+print(platform.machine(), "torch", torch.__version__, "prebuilt shim", so.name, "ok")
 '
-build_check() {  # the board imports torch and ExecuTorch and loads _portable_lib
+build_check() {  # the board imports torch and ExecuTorch, loads _portable_lib and edgectl's prebuilt shim
   mount_runtime "$ROOTFS"
   in_board "$VENV/bin/python" -c "$CHECK_PY" >"$DIR/check.log" 2>&1 \
     || { unmount_all "$ROOTFS"; die "the board's Python cannot load ExecuTorch: see $DIR/check.log"; }
@@ -518,6 +546,20 @@ cmd_build() {
   say "built in $((SECONDS - t0)) s: $DIR ($(du -sh "$DIR" | cut -f1)); start it with: bash $0 start"
 }
 
+cmd_wheel() {  # $1: a directory (default: the checkout's dist/): edgectl's aarch64 wheel into it
+  need_root
+  local dest=${1:-$SRC/dist} whl
+  built || die "not built: run bash $0 build first (the wheel is built in the board)"
+  lock
+  host_python
+  WHEEL=$(edgectl_wheel)
+  whl=$(aarch64_wheel)
+  rm -rf "$DIR/wheel.tmp"
+  mkdir -p "$dest"
+  cp "$whl" "$dest/"
+  echo "$dest/$(basename "$whl")"
+}
+
 build_while_running() {  # its users run what is in it: passes only if there is nothing to change
   local users
   users=$(users_live)
@@ -526,7 +568,7 @@ build_while_running() {  # its users run what is in it: passes only if there is 
   built || die "the board is running but not completely built: stop it first (bash $0 stop; in use by $users)"
   host_python
   WHEEL=$(edgectl_wheel)
-  if [ "$(cat "$STAMPS/deps" 2>/dev/null)" = "$(deps_key)" ] && [ "$(cat "$STAMPS/edgectl" 2>/dev/null)" = "$(wheel_sum)" ] \
+  if [ "$(cat "$STAMPS/deps" 2>/dev/null)" = "$(deps_key)" ] && [ "$(cat "$STAMPS/edgectl" 2>/dev/null)" = "$(edgectl_key)" ] \
      && [ -f "$STAMPS/check" ]; then
     rm -rf "$DIR/wheel.tmp"
     say "up to date (edgectl from $SRC); running, left as it is"
@@ -695,6 +737,7 @@ main() {
     start) options "$@"; cmd_start ;;
     stop) options "$@"; cmd_stop ;;
     status) cmd_status ;;
+    wheel) [ $# -le 1 ] || die "wheel: at most one directory"; cmd_wheel "$@" ;;
     shell) ensure_running; exec ssh -F "$DIR/ssh_config" -t -o BatchMode=yes board ;;
     exec) [ $# -gt 0 ] || die "exec: a command to run"; ensure_running
           exec ssh -F "$DIR/ssh_config" board "$@" ;;

@@ -41,7 +41,8 @@ def info_cmd(
     if json_out:
         ui.emit_json(facts)
         return
-    shim = "yes" if facts.get("native_shim") else f"no ({facts.get('native_why_not') or 'unknown'})"
+    shim = (("yes (prebuilt in its package)" if facts.get("native_shim_prebuilt") else "yes (compiled on the device)")
+            if facts.get("native_shim") else f"no ({facts.get('native_why_not') or 'unknown'})")
     rows = [
         ("device", t.name),
         ("machine", facts.get("machine")),

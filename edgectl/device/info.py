@@ -17,8 +17,9 @@ from edgectl.util import emulation
 from edgectl.util.errors import EdgectlError, UsageError
 
 NO_PYTHON = "edgectl-device: no python3"
-INSTALL_HINT = ("install it there: pip install edgectl (or copy a wheel built here with `pip wheel .` "
-                "and run pip install edgectl-*.whl on the device)")
+WHEEL_HINT = ("or a wheel from edgectl's sources: `pip wheel .` for an x86-64 device, `bash scripts/arm64-board.sh "
+              "wheel` for an aarch64 one (there, torch from PyTorch's CPU index first: see the README's device section)")
+INSTALL_HINT = f"install it there: pip install edgectl, {WHEEL_HINT}"
 
 # run by the device's login shell: the python behind `edgectl` if there is one, else python3
 FIND_PYTHON = (
@@ -88,6 +89,10 @@ if facts["edgectl"]:
             native = _native.load()
         facts["native_shim"] = native is not None
         facts["native_why_not"] = _native.why_not()
+        if native is not None:  # shipped in the package (a platform wheel), or compiled there on first use
+            import importlib
+            prebuilt = getattr(importlib.import_module("edgectl.runtime._native.build"), "prebuilt", None)
+            facts["native_shim_prebuilt"] = bool(prebuilt and prebuilt()[0])
     except Exception as e:
         facts["native_why_not"] = "%s: %s" % (type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
 print(json.dumps(facts))

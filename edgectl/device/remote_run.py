@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from edgectl.device.info import FIND_PYTHON, INSTALL_HINT, NO_PYTHON
+from edgectl.device.info import FIND_PYTHON, INSTALL_HINT, NO_PYTHON, WHEEL_HINT
 from edgectl.device.ssh import run_ssh, ssh_argv, ssh_error
 from edgectl.device.store import send, send_set
 from edgectl.device.target import Target
@@ -115,8 +115,7 @@ def _check_prelude(target: Target, rc: int, err: str) -> None:
     if rc == 126 and OTHER_VERSION in err:
         theirs = err.split(OTHER_VERSION, 1)[1].split()[0] if err.split(OTHER_VERSION, 1)[1].split() else "?"
         raise EdgectlError(f"{target.name} has edgectl {theirs}, this machine {__version__}: the two must match",
-                           hint=f"install edgectl {__version__} there: pip install edgectl=={__version__}, "
-                                "or a wheel built here with `pip wheel .`")
+                           hint=f"install edgectl {__version__} there: pip install edgectl=={__version__}, {WHEEL_HINT}")
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -136,7 +136,7 @@ def test_no_edgectl_on_device(capsys, tmp_path, monkeypatch):
     _stand_in(tmp_path, monkeypatch, f"exec {sys.executable} -S -")
     rc, out, err = _run(capsys, "device", "info", "ssh:pi@x")
     assert rc == 1 and out == "" and len(err.strip().splitlines()) == 1
-    assert "edgectl is not installed on pi@x" in err and "pip install edgectl" in err and "pip wheel ." in err
+    assert "edgectl is not installed on pi@x" in err and "pip install edgectl" in err and "arm64-board.sh wheel" in err
 
 
 def test_no_python_on_device(capsys, tmp_path, monkeypatch):
@@ -165,3 +165,5 @@ def test_board_device_info(capsys, board, tmp_path, monkeypatch):  # noqa: F811
     facts = json.loads(out)
     assert facts["machine"] == "aarch64"
     assert facts["executorch"] and facts["edgectl"]
+    # the board installs edgectl from its own linux_aarch64 wheel (arm64-board.sh wheel): the shim ships in it
+    assert facts["native_shim"] and facts["native_shim_prebuilt"], facts
