@@ -91,9 +91,9 @@ def bench(
         raise UsageError("--prompt-file and --prompt-tokens: give one", hint="the file's prompts set their own lengths")
     if chat is not None and prompt_file is None:
         raise UsageError(f"--{'' if chat else 'no-'}chat needs --prompt-file")
-    if prompt_file is not None and any(d != "local" for d in device or []):
-        raise UsageError("--prompt-file is not supported with --device ssh:/adb: yet",
-                         hint="bench it here: no --device, or --device local")
+    if prompt_file is not None and any(d.startswith("adb:") for d in device or []):
+        raise UsageError("--prompt-file is not supported with --device adb: (llama_main takes one prompt)",
+                         hint="bench it here or on an ssh: device")
     if prompt_file is None and prompt_tokens is None:
         prompt_tokens = 64
     settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup, ctx_size,
@@ -157,7 +157,7 @@ def _bench_devices(devices: list[str], artifacts: list[Path], cases: list, setti
             rows += local.rows
             notes += local.notes
             cold, baseline = cold and local.cold, baseline or local.cgroup_baseline
-            prompt_file = local.prompt_file  # --prompt-file runs only here
+            prompt_file = local.prompt_file
             continue
         if t.kind == "adb":
             step(t.name)
@@ -168,8 +168,11 @@ def _bench_devices(devices: list[str], artifacts: list[Path], cases: list, setti
         step(t.name)
         data, _ = bench_remote(t, [a.resolve() for a in artifacts], _remote_options(settings, keep_going, **plan_opts),
                                remeasure=plan_opts["memory_budget"] is not None,
-                               files={"--ppl": settings.ppl_file, "--plan-file": plan_opts["plan_file"]})
+                               files={"--ppl": settings.ppl_file, "--plan-file": plan_opts["plan_file"],
+                                      "--prompt-file": settings.prompt_file})
         rows += [Row.from_dict(r, Path(r["artifact"])) for r in data["rows"]]
+        if prompt_file is None and data["settings"].get("prompt_file"):  # the device read the same bytes (sha256)
+            prompt_file = {**data["settings"]["prompt_file"], "path": str(settings.prompt_file.resolve())}
         notes += [f"{t.name}: {n}" for n in data.get("notes", [])]
         cold = cold and data["settings"].get("cold", False)
         baseline = baseline or data["settings"].get("cgroup_baseline")
@@ -202,7 +205,11 @@ def _bench_android(target, artifacts: list[Path], settings, runner: Path | None,
 def _remote_options(s, keep_going: bool, memory_budget: str | None, precision: str | None, mode: str | None,
                     plan_file: Path | None) -> list[str]:
     """The device's `bench` flags for these settings (files, --ppl and --plan-file, are sent apart)."""
-    args = ["--prompt-tokens", str(s.prompt_tokens), "--new-tokens", str(s.new_tokens), "--repeat", str(s.repeat)]
+    args = ["--new-tokens", str(s.new_tokens), "--repeat", str(s.repeat)]
+    if s.prompt_file is None:
+        args += ["--prompt-tokens", str(s.prompt_tokens)]
+    elif s.chat is not None:  # the file itself is sent apart, as --prompt-file
+        args.append("--chat" if s.chat else "--no-chat")
     for flag, value in (("--threads", s.threads), ("--ppl-tokens", s.ppl_tokens), ("--memory-budget", memory_budget),
                         ("--precision", precision), ("--mode", mode), ("--ctx-size", s.ctx_size)):
         if value is not None:

@@ -174,7 +174,8 @@ def _send_items(target: Target, items: list[Item]) -> None:
     total = sum(it.size - off for it, off in todo)
     resumed = sum(off for _, off in todo)
     names = todo[0][0].path.name if len(todo) == 1 else f"{len(todo)} files"
-    ui.info(f"sending {names} ({total / 1e6:.1f} MB) to {target.name}: {_where([it for it, _ in todo])}"
+    size = f"{total / 1e6:.1f} MB" + (f" left of {(total + resumed) / 1e6:.1f} MB" if resumed else "")
+    ui.info(f"sending {names} ({size}) to {target.name}: {_where([it for it, _ in todo])}"
             + (f", resuming at {resumed / 1e6:.1f} MB already there" if resumed else ""))
     progress = _Progress(total)
     for it, off in todo:

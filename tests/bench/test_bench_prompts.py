@@ -105,7 +105,7 @@ def test_usage_errors_are_one_line_exit_2(capsys, tmp_path):
     assert "give one" in _usage_error(capsys, "bench", a, "--prompt-file", q, "--prompt-tokens", "32")
     assert "--chat needs --prompt-file" in _usage_error(capsys, "bench", a, "--chat")
     assert "--no-chat needs --prompt-file" in _usage_error(capsys, "bench", a, "--no-chat")
-    assert "--device" in _usage_error(capsys, "bench", a, "--prompt-file", q, "--device", "ssh:me@host")
+    assert "--device adb:" in _usage_error(capsys, "bench", a, "--prompt-file", q, "--device", "adb:R58M")
 
 
 # ---- stories260K: real runs -----------------------------------------------------------------

@@ -42,3 +42,25 @@ def test_bench_device_row_failure_fails_the_bench(capsys, tmp_path, monkeypatch)
     rc, out, err = _run(capsys, "bench", bad, "--device", "ssh:board", *BENCH)
     assert rc == 1
     assert any(ln.startswith("edgectl: error: bad.pte") for ln in err.splitlines()), err
+
+
+def test_bench_prompt_file_on_the_device(capsys, tmp_path, monkeypatch, stories_pte):
+    """The prompt file goes to the device's store with the artifact; the device reads the same
+    bytes (sha256), and its runs take the same prompts, in the same order, as the local ones."""
+    home = _device(tmp_path, monkeypatch)
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "turns": [t]}) + "\n"
+                         for i, t in enumerate(["Once upon a time", "The little dog ran to the park and"])))
+    rc, out, err = _run(capsys, "bench", stories_pte, "--device", "local", "--device", "ssh:board", "--prompt-file", q,
+                        "--no-chat", "--repeat", "2", "--new-tokens", "4", "--json")
+    assert rc == 0, err
+    data = json.loads(out)
+    pf = data["settings"]["prompt_file"]
+    assert pf["path"] == str(q.resolve()) and pf["sha256"] == _sha(q) and pf["format"] == "jsonl" and pf["chat"] is False
+    here, there = data["rows"]
+    assert there["device"]["name"] == "board"
+    for a, b in zip(here["runs"], there["runs"]):
+        assert (a["prompt_index"], a["prompt_tokens"], a["output_sha256"]) == \
+            (b["prompt_index"], b["prompt_tokens"], b["output_sha256"])
+    assert [r["prompt_index"] for r in there["runs"]] == [0, 1]
+    assert (home / ".cache" / "edgectl" / "store" / f"{_sha(q)}.jsonl").is_file()
