@@ -103,14 +103,13 @@ def stories_shards(tmp_path_factory, stories_dir, corpus_dir, shard_cache):
     from edgectl.checkpoint.checkpoint import resolve
     from edgectl.shard.shard import ShardSettings, shard_model
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EDGECTL_CACHE", str(shard_cache))
     out = tmp_path_factory.mktemp("shards") / "stories"
     settings = ShardSettings(("fp32", "8da4w"), calibration=corpus_dir / "tinystories-valid-40.txt",
                              calibration_tokens=1024, max_seq_len=STORIES_SEQ, window=256, verify=3)
-    res = shard_model(resolve(str(stories_dir)), out, settings)
-    yield out, res, settings
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:  # the shard cache while building only: not the session's
+        mp.setenv("EDGECTL_CACHE", str(shard_cache))
+        res = shard_model(resolve(str(stories_dir)), out, settings)
+    return out, res, settings
 
 
 @pytest.mark.real_model
