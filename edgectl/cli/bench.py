@@ -98,13 +98,15 @@ def bench(
         prompt_tokens = 64
     settings = BenchSettings(prompt_tokens, new_tokens, repeat, threads, cold, ppl, ppl_tokens, cgroup, ctx_size,
                              prompt_file, chat)
-    if device and draft is not None:
-        raise UsageError("--draft is not supported with --device yet", hint="bench speculative decoding on this machine")
+    if draft is not None and any(d.startswith("adb:") for d in device or []):
+        raise UsageError("--draft is not supported with --device adb: (llama_main decodes alone)",
+                         hint="bench speculative decoding here or on an ssh: device")
     cases = bench_cases(artifacts, memory_budget, mode, cgroup, precision, plan_file, draft, draft_tokens)
     with ui.stages("benchmarking") as step:
         if device:
             report = _bench_devices(device, artifacts, cases, settings, step, keep_going, runner, memory_budget=memory_budget,
-                                    precision=precision, mode=mode, plan_file=plan_file)
+                                    precision=precision, mode=mode, plan_file=plan_file, draft=draft,
+                                    draft_tokens=draft_tokens)
         else:
             report = run_bench(cases, settings, progress=step, warn=ui.warn, keep_going=keep_going)
     data = report.to_dict()
@@ -169,7 +171,8 @@ def _bench_devices(devices: list[str], artifacts: list[Path], cases: list, setti
         data, _ = bench_remote(t, [a.resolve() for a in artifacts], _remote_options(settings, keep_going, **plan_opts),
                                remeasure=plan_opts["memory_budget"] is not None,
                                files={"--ppl": settings.ppl_file, "--plan-file": plan_opts["plan_file"],
-                                      "--prompt-file": settings.prompt_file})
+                                      "--prompt-file": settings.prompt_file},
+                               drafts=_draft_paths(cases))
         rows += [Row.from_dict(r, Path(r["artifact"])) for r in data["rows"]]
         if prompt_file is None and data["settings"].get("prompt_file"):  # the device read the same bytes (sha256)
             prompt_file = {**data["settings"]["prompt_file"], "path": str(settings.prompt_file.resolve())}
@@ -202,16 +205,24 @@ def _bench_android(target, artifacts: list[Path], settings, runner: Path | None,
     return rows
 
 
+def _draft_paths(cases: list) -> list[Path]:
+    """The draft artifacts (.pte files, shard sets) the cases name, each once, in order."""
+    paths = [Path(c.options["draft"]) for c in cases if "draft" in c.options and Path(c.options["draft"]).is_absolute()]
+    return list(dict.fromkeys(paths))
+
+
 def _remote_options(s, keep_going: bool, memory_budget: str | None, precision: str | None, mode: str | None,
-                    plan_file: Path | None) -> list[str]:
-    """The device's `bench` flags for these settings (files, --ppl and --plan-file, are sent apart)."""
+                    plan_file: Path | None, draft: str | None = None, draft_tokens: str | None = None) -> list[str]:
+    """The device's `bench` flags for these settings (files, --ppl, --plan-file, --prompt-file and
+    draft artifacts, are sent apart; bench_remote puts their device paths into --draft)."""
     args = ["--new-tokens", str(s.new_tokens), "--repeat", str(s.repeat)]
     if s.prompt_file is None:
         args += ["--prompt-tokens", str(s.prompt_tokens)]
     elif s.chat is not None:  # the file itself is sent apart, as --prompt-file
         args.append("--chat" if s.chat else "--no-chat")
     for flag, value in (("--threads", s.threads), ("--ppl-tokens", s.ppl_tokens), ("--memory-budget", memory_budget),
-                        ("--precision", precision), ("--mode", mode), ("--ctx-size", s.ctx_size)):
+                        ("--precision", precision), ("--mode", mode), ("--ctx-size", s.ctx_size),
+                        ("--draft", draft), ("--draft-tokens", draft_tokens)):
         if value is not None:
             args += [flag, str(value)]
     return args + [flag for flag, on in (("--cold", s.cold), ("--cgroup", s.cgroup), ("--keep-going", keep_going)) if on]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 from edgectl.device.info import device_info
@@ -30,11 +31,13 @@ def device_facts(target: Target) -> dict:
 
 
 def bench_remote(target: Target, artifacts: list[Path], options: list, *, remeasure: bool,
-                 files: dict[str, Path | None]) -> tuple[dict, dict]:
+                 files: dict[str, Path | None], drafts: list[Path] = ()) -> tuple[dict, dict]:
     """Run `edgectl bench` on the device over `artifacts` with `options` (its other flags, as
     strings); `files` are flags whose value is a local file to send first (--ppl, --plan-file).
-    Shard sets are re-measured there first (once) when `remeasure`. Returns the device's
-    report (its JSON, each row's `artifact` the local path) and the device's facts."""
+    `drafts` (absolute) are draft artifacts named in `--draft`: sent too, and named there by
+    their device paths. Shard sets are re-measured there first (once) when `remeasure`.
+    Returns the device's report (its JSON, each row's `artifact` and `draft` the local paths)
+    and the device's facts."""
     device = device_facts(target)
     if device["emulated"]:
         ui.warn(f"{target.name} is emulated (an Arm userland on an x86 kernel): its timings mean nothing")
@@ -49,6 +52,8 @@ def bench_remote(target: Target, artifacts: list[Path], options: list, *, remeas
     for flag, path in files.items():
         if path is not None:
             args += [flag, send_artifact(target, path)]
+    sent = {d: str(send_artifact(target, d)) for d in drafts}
+    options = _drafts_as_sent(options, sent)
     out = Remote(f"$HOME/.cache/edgectl/bench-{os.getpid()}-{os.urandom(4).hex()}.json")
     rc = run_edgectl(target, [*args, *options, "-o", out], stdout=io.StringIO())
     got = run_ssh(target, f'cat "{out}" && rm -f "{out}"')
@@ -58,8 +63,26 @@ def bench_remote(target: Target, artifacts: list[Path], options: list, *, remeas
         data = json.loads(got.stdout)
     except ValueError:
         raise EdgectlError(f"`edgectl bench` on {target.name} wrote a damaged report") from None
+    back = {v.rstrip("/").rsplit("/", 1)[-1]: str(k) for k, v in sent.items()}  # store name -> local path
     for row in data.get("rows", []):
         name = row["artifact"].rstrip("/").rsplit("/", 1)[-1]
         row["artifact"] = str(remote.get(name, row["artifact"]))
         row["device"] = device
+        opts = row.get("options") or {}
+        if "draft" in opts:
+            opts["draft"] = back.get(str(opts["draft"]).rstrip("/").rsplit("/", 1)[-1], opts["draft"])
     return data, device
+
+
+def _drafts_as_sent(options: list, sent: dict[Path, str]) -> list:
+    """`options` with each --draft spec that names a sent artifact replaced by its device path."""
+    out = list(options)
+    for i, flag in enumerate(out[:-1]):
+        if flag == "--draft":
+            specs = [s.strip() for s in str(out[i + 1]).split(",")]
+            mapped = [sent.get(Path(s).resolve(), s) if Path(s).exists() else s for s in specs]
+            if any(isinstance(m, Remote) for m in mapped):  # "$HOME/..." for the device's shell to expand
+                if not all(isinstance(m, Remote) or re.fullmatch(r"[\w:.-]+", m) for m in mapped):
+                    raise EdgectlError(f"--draft {out[i + 1]}: a spec the device's shell cannot take beside a sent draft")
+                out[i + 1] = Remote(",".join(mapped))
+    return out

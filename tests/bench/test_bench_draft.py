@@ -90,9 +90,9 @@ def test_table_columns_only_with_a_draft(tmp_path):
     assert " 75 " in line and "2.50" in line and "2.50×" in line
 
 
-def test_draft_with_device_is_a_usage_error(capsys, tmp_path):
-    rc, out, err = _run(capsys, "bench", tmp_path / "a.pte", "--draft", "lookup", "--device", "ssh:me@host")
-    assert rc == 2 and "--device" in err and err.strip().count("\n") == 0 and out == ""
+def test_draft_with_adb_device_is_a_usage_error(capsys, tmp_path):
+    rc, out, err = _run(capsys, "bench", tmp_path / "a.pte", "--draft", "lookup", "--device", "adb:R58M")
+    assert rc == 2 and "--device adb:" in err and err.strip().count("\n") == 0 and out == ""
 
 
 def test_bad_draft_spec_is_one_line_exit_2(capsys, tmp_path):

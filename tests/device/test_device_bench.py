@@ -64,3 +64,42 @@ def test_bench_prompt_file_on_the_device(capsys, tmp_path, monkeypatch, stories_
             (b["prompt_index"], b["prompt_tokens"], b["output_sha256"])
     assert [r["prompt_index"] for r in there["runs"]] == [0, 1]
     assert (home / ".cache" / "edgectl" / "store" / f"{_sha(q)}.jsonl").is_file()
+
+
+def test_bench_draft_on_the_device(capsys, tmp_path, monkeypatch, stories_pte, stories_shards):  # noqa: F811
+    """--draft with an ssh: device: lookup goes as it is, a draft artifact is sent and named by its
+    device path there; the device's rows name the local draft, and greedy output matches the local rows."""
+    home = _device(tmp_path, monkeypatch)
+    rc, out, err = _run(capsys, "bench", stories_shards, "--device", "local", "--device", "ssh:board",
+                        "--draft", f"lookup,{stories_pte}", "--draft-tokens", "3", *BENCH, "--json")
+    assert rc == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["device"]["name"] for r in rows] == ["here"] * 3 + ["board"] * 3
+    assert [r["options"] for r in rows[:3]] == [r["options"] for r in rows[3:]]
+    assert rows[2]["options"]["draft"] == str(stories_pte.resolve()) and rows[1]["options"]["draft"] == "lookup"
+    for a, b in zip(rows[:3], rows[3:]):
+        assert a["status"] == b["status"] == "ok"
+        assert a["runs"][0]["output_sha256"] == b["runs"][0]["output_sha256"]
+    assert rows[5]["summary"]["acceptance"]["mean"] >= 0  # speculative figures came back from the device
+    assert (home / ".cache" / "edgectl" / "store" / f"{_sha(stories_pte)}.pte").is_file()
+
+
+def test_draft_specs_name_the_sent_artifacts(tmp_path):
+    """On a real device the local path does not exist: a sent draft must be named by its store path,
+    which the device's shell expands ($HOME), beside specs that go as they are."""
+    import pytest
+
+    from edgectl.device.remote_bench import _drafts_as_sent
+    from edgectl.device.remote_run import Remote, quote
+    from edgectl.util.errors import EdgectlError
+
+    d = tmp_path / "draft.pte"
+    d.write_bytes(b"x")
+    sent = {d.resolve(): Remote("$HOME/.cache/edgectl/store/ab.pte")}
+    out = _drafts_as_sent(["--repeat", "1", "--draft", f"lookup:3,{d},8da4w"], sent)
+    assert out[:3] == ["--repeat", "1", "--draft"] and isinstance(out[3], Remote)
+    assert out[3] == "lookup:3,$HOME/.cache/edgectl/store/ab.pte,8da4w"
+    assert quote(out[2:]) == '--draft "lookup:3,$HOME/.cache/edgectl/store/ab.pte,8da4w"'
+    assert _drafts_as_sent(["--draft", "lookup"], sent) == ["--draft", "lookup"]
+    with pytest.raises(EdgectlError, match="cannot take"):
+        _drafts_as_sent(["--draft", f'{d},a"b'], sent)
