@@ -80,7 +80,7 @@ try:
             pass
 except ImportError:
     pass
-if facts["edgectl"]:
+if facts["edgectl"] and "--no-shim" not in sys.argv[1:]:  # facts only (bench's row labels): no shim load
     try:
         from edgectl.runtime import _native
         try:
@@ -99,13 +99,14 @@ print(json.dumps(facts))
 '''
 
 
-def device_info(target: Target) -> dict:
+def device_info(target: Target, shim: bool = True) -> dict:
     """The device's facts (the dict SCRIPT prints); EdgectlError when it cannot say them,
-    or when edgectl is not installed there."""
+    or when edgectl is not installed there. `shim` False skips loading the native shim there
+    (native_shim stays False): the facts a bench row carries need no runtime library."""
     if target.kind != "ssh":
         raise UsageError(f"{target.kind}: targets are not supported yet ({target.name})",
                          hint="use ssh:[user@]host[:port]")
-    r = run_ssh(target, REMOTE_COMMAND, stdin=SCRIPT)
+    r = run_ssh(target, REMOTE_COMMAND + ("" if shim else " --no-shim"), stdin=SCRIPT)
     if NO_PYTHON in r.stderr:
         raise EdgectlError(f"no python3 on {target.name}", hint="install Python 3 there (e.g. apt install python3)")
     if r.returncode != 0:

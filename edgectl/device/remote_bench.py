@@ -24,7 +24,7 @@ from edgectl.util.errors import EdgectlError
 
 def device_facts(target: Target) -> dict:
     """The row's `device` entry (bench/report.py's schema) from `device info`'s facts."""
-    f = device_info(target)
+    f = device_info(target, shim=False)
     mem = f.get("mem_total_mb")
     return {"name": target.name, "machine": f.get("machine"), "cpu": f.get("cpu"), "cores": f.get("cores"),
             "mem_total_bytes": mem * 2**20 if mem else None, "emulated": bool(f.get("emulated"))}

@@ -120,6 +120,21 @@ def test_info_runs_the_script_with_edgectls_python(capsys, tmp_path, monkeypatch
     assert args[8:14] == ["-p", "2200", "-l", "me", "--", "x"]
 
 
+def test_facts_without_the_shim(tmp_path, monkeypatch):
+    """bench's row labels ask for the facts only: the script then leaves the runtime library alone."""
+    from edgectl.device.info import device_info
+    from edgectl.device.target import parse_target
+
+    d = _fake_edgectl(tmp_path)
+    _stand_in(tmp_path, monkeypatch, f'PATH={d}:/usr/bin:/bin exec /bin/sh -c "$last"')
+    monkeypatch.setenv("EDGECTL_SSH_OPTS", "-F /dev/null")
+    full, facts = device_info(parse_target("ssh:x")), device_info(parse_target("ssh:x"), shim=False)
+    assert full["native_shim"] is True and "native_shim_prebuilt" in full  # this checkout's shim loads here
+    assert facts["native_shim"] is False and facts["native_why_not"] is None and "native_shim_prebuilt" not in facts
+    assert {k: v for k, v in full.items() if not k.startswith(("native", "mem_available", "disk_free"))} == \
+        {k: v for k, v in facts.items() if not k.startswith(("native", "mem_available", "disk_free"))}
+
+
 def test_info_human_output_and_version_warning(capsys, tmp_path, monkeypatch):
     _stand_in(tmp_path, monkeypatch, f"exec {sys.executable} -")
     monkeypatch.setattr("edgectl.util.version.__version__", "0.0.0-local")
