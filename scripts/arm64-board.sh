@@ -449,7 +449,7 @@ aarch64_wheel() {  # this checkout's platform wheel for aarch64, built IN the bo
   sum=$(wheel_sum)
   out=$WHEELS/$sum
   if ls "$out"/edgectl-*-linux_aarch64.whl >/dev/null 2>&1; then ls "$out"/edgectl-*-linux_aarch64.whl; return 0; fi
-  say "build: edgectl's aarch64 wheel (its native shim compiled in the board: about 2 min emulated)"
+  say "build: edgectl's aarch64 wheel (its native shim compiled in the board, emulated: under a minute)"
   rm -rf "$w"; mkdir -p "$w/site" "$w/out"
   cp -a "$DIR/wheel.tmp/src" "$w/src"
   # pyproject's build backend (setuptools >= 77); bookworm's venv has 66: a pure wheel beside it
