@@ -68,6 +68,20 @@ def test_parity_with_transformers(arch, over):
     assert (inc - ref).abs().max() < 1e-4
 
 
+def test_weights_the_model_has_no_place_for_are_refused():
+    """A Llama with attention_bias carries an o_proj bias (q/k/v biases the model has, as Qwen2): dropping it
+    would give wrong logits without a word, so loading says so in one line."""
+    hf = _hf_model("LlamaForCausalLM", attention_bias=True)
+    with pytest.raises(EdgectlError, match=r"^tiny: 2 weights that edgectl's model has no place for, e.g. model.layers.0.self_attn.o_proj.bias") as e:
+        _ours(hf)
+    assert e.value.hint
+    plain = _hf_model("LlamaForCausalLM")  # an old file's RoPE buffer is no weight: loads
+    state = dict(plain.state_dict(), **{"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)})
+    ckpt = Checkpoint("tiny", None, "hf", plain.config.to_dict(), "", {})
+    ckpt.tensors = lambda: iter(state.items())
+    load_model(ckpt, 64)
+
+
 GEMMA3_TINY = dict(TINY, head_dim=16, num_hidden_layers=4, sliding_window=5, query_pre_attn_scalar=24,
                    layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])
 

@@ -202,15 +202,23 @@ def load_model(ckpt: Checkpoint, max_seq_len: int | None = None):
     params = dict(model.named_parameters())
     # Gemma's RMSNorms scale by (1 + w): the 1 is folded in here, once (float32, as HF adds it)
     plus_one = {n + ".weight" for n, m in model.named_modules() if isinstance(m, RMSNorm)} if args.norm_plus_one else set()
+    unplaced = []  # a layer tensor this definition has no parameter for (e.g. an attention bias): refused
     for key, fused in ckpt.tensors():
         for ours, t in split_fused(hf_key_to_ours(key), fused, args):
             if ours is None or ours not in params:
+                # a tied head's copy is no loss; old HF files store RoPE buffers in the layers
+                if ours is not None and ours.startswith("layers.") and not ours.endswith("rotary_emb.inv_freq"):
+                    unplaced.append(key)
                 continue
             if tuple(t.shape) != tuple(params[ours].shape):
                 raise EdgectlError(f"{ckpt.source}: {key} has shape {tuple(fused.shape)}, "
                                    f"config expects {tuple(params[ours].shape)} for {ours}")
             t = t.to(torch.float32)
             _assign(model, ours, torch.nn.Parameter(1.0 + t if ours in plus_one else t, requires_grad=False))
+    if unplaced:
+        raise EdgectlError(f"{ckpt.source}: {len(unplaced)} weights that edgectl's model has no place for, e.g. "
+                           f"{unplaced[0]}: its config asks for something the model does not do (an attention bias?)",
+                           hint="running without them would give wrong logits; this architecture option is not supported yet")
     if args.tie_embeddings:
         model.head.lm_head.weight = model.embed.embed_tokens.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
