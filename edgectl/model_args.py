@@ -113,6 +113,8 @@ class ModelArgs:
             fields["qk_norm"] = True  # plain RMSNorm over each head of q and k
         if arch == "Phi3ForCausalLM":
             fields.update(_phi3_fields(cfg, rope, fields["head_dim"]))
+        if arch == "MistralForCausalLM" and cfg.get("sliding_window"):  # Mistral 7B v0.1: 4096, every layer
+            fields.update(sliding_window=cfg["sliding_window"], layer_types=(SLIDING,) * fields["n_layers"])
         return cls(**fields)
 
     def to_dict(self) -> dict:

@@ -55,6 +55,7 @@ def _incremental_logits(model, ids, split):
                           "rope_theta": 500000.0}),
     ("Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     ("MistralForCausalLM", {}),
+    ("MistralForCausalLM", {"sliding_window": 8}),  # 40 positions: most queries see only their last 8
 ])
 def test_parity_with_transformers(arch, over):
     hf = _hf_model(arch, **over)
