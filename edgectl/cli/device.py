@@ -1,4 +1,5 @@
-"""`edgectl device info TARGET`: what a device is and whether edgectl runs on it."""
+"""`edgectl device info TARGET`: what a device is and whether edgectl runs on it;
+`edgectl device clean TARGET`: remove what edgectl sent there."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import typer
 from edgectl.cli.app import JsonOpt, app
 
 device_app = typer.Typer(
-    help="Look at a device (a board or phone) before deploying to it.\n\n"
+    help="Look at a device (a board or phone) before deploying to it, or remove what edgectl sent there.\n\n"
     "TARGET is ssh:\\[user@]host[:port]; ssh runs with your own ~/.ssh/config and keys "
     "(extra ssh options from EDGECTL_SSH_OPTS, e.g. \"-F ~/boards/ssh_config\").",
     no_args_is_help=True,
@@ -58,3 +59,31 @@ def info_cmd(
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         typer.echo(f"{k + ':':<{width + 1}} {v}")
+
+
+@device_app.command("clean")
+def clean_cmd(
+    target: Annotated[str, typer.Argument(help="ssh:\\[user@]host[:port] or adb:SERIAL.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; remove nothing.")] = False,
+    json_out: JsonOpt = False,
+):
+    """Remove what edgectl sent to a device: its content-addressed store and shard-set
+    directories (~/.cache/edgectl/store and sets/ over ssh, /data/local/tmp/edgectl/store on a
+    phone; the phone's llama_main stays). The next run sends what it needs again.
+
+    Example: edgectl device clean ssh:pi@raspberrypi.local --dry-run
+    """
+    from edgectl.device.target import parse_target
+    from edgectl.util import ui
+
+    t = parse_target(target)
+    if t.kind == "adb":
+        from edgectl.device.adb import clean
+    else:
+        from edgectl.device.store import clean
+    res = clean(t, dry_run)
+    if json_out:
+        ui.emit_json(res)
+        return
+    what = f"{res['files']} files" + (f", {res['sets']} shard sets" if res["sets"] else "")
+    typer.echo(f"{'would remove' if dry_run else 'removed'} {res['bytes'] / 1e6:.1f} MB from {t.name}: {what}")

@@ -196,6 +196,26 @@ def _where(items: list[Item]) -> str:
     return f"~/.cache/edgectl/store/{it.sha[:12]}…{it.ext}" + (f" (+{len(items) - 1} more)" if len(items) > 1 else "")
 
 
+def clean(target: Target, dry_run: bool = False) -> dict:
+    """Empty what edgectl sent to the device (the store and the shard-set directories; a run in
+    progress keeps the files it has open): {files, sets, bytes, removed}. `dry_run`: count only."""
+    _need_ssh()
+    r = run_ssh(target, f'n=$(find "{STORE}" -type f 2>/dev/null | wc -l); m=$(ls "{SETS}" 2>/dev/null | wc -l); '
+                        f'k=$(du -skc "{STORE}" "{SETS}" 2>/dev/null | tail -n 1 | cut -f 1); echo "$n $m ${{k:-0}}"'
+                        + ("" if dry_run else f' && rm -rf "{STORE}" "{SETS}"'))
+    return _cleaned(target, r.returncode, r.stdout, r.stderr, dry_run)
+
+
+def _cleaned(target: Target, rc: int, out: str, err: str, dry_run: bool) -> dict:
+    """The counts line a clean command printed, as clean()'s dict."""
+    words = out.strip().splitlines()[-1].split() if out.strip() else []
+    if rc != 0 or len(words) != 3 or not all(w.isdigit() for w in words):
+        last = (err or out).strip().splitlines()
+        raise EdgectlError(f"cleaning edgectl's files on {target.name} failed (exit {rc}): {last[-1] if last else 'no message'}")
+    return {"device": target.name, "files": int(words[0]), "sets": int(words[1]), "bytes": int(words[2]) * 1024,
+            "removed": not dry_run}
+
+
 def _need_ssh() -> None:
     if shutil.which("ssh") is None:
         raise EdgectlError("no ssh client on this machine", hint="install OpenSSH's client (apt install openssh-client)")

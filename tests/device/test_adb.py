@@ -387,3 +387,15 @@ def test_cli_run_and_bench(capsys, phone, android_pte):
     assert rc == 2 and "--memory-budget is not supported with adb: devices" in err
     rc, out, err = cli("run", android_pte, "-p", "x", "--runner", LLAMA_MAIN)
     assert rc == 2 and "--runner needs --device adb:SERIAL" in err
+
+
+def test_device_clean_empties_the_phones_store(capsys, phone, android_pte):
+    """`device clean adb:` removes the pushed .pte and tokenizer; llama_main in bin/ stays."""
+    assert _run(capsys, android_pte)[0] == 0
+    store = phone / "data" / "local" / "tmp" / "edgectl" / "store"
+    assert len(list(store.iterdir())) == 2
+    assert main(["device", "clean", "adb:standin-0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["files"] == 2 and res["bytes"] >= android_pte.stat().st_size and res["removed"] is True
+    assert not store.exists() and (phone / "data" / "local" / "tmp" / "edgectl" / "bin" / "llama_main").is_file()
+    assert main(["device", "clean", "adb:nosuch"]) == 1

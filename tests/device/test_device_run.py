@@ -6,6 +6,7 @@ not built)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -285,3 +286,19 @@ def test_board_run(capsys, board, tmp_path, monkeypatch, stories_pte):  # noqa: 
     assert rc == 0, err
     sys.__stderr__.write(f"second run stderr:\n{err}")
     assert "on device already" in err and "sending" not in err and out == local_out
+
+
+def test_device_clean_empties_the_store(capsys, tmp_path, monkeypatch, stories_pte):
+    """`device clean` counts (--dry-run) and removes what runs sent; the next run sends again."""
+    home = _device(tmp_path, monkeypatch)
+    assert _run(capsys, "run", stories_pte, "--device", "ssh:board", *ARGS)[0] == 0
+    rc, out, err = _run(capsys, "device", "clean", "ssh:board", "--dry-run", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["files"] == 1 and res["bytes"] >= stories_pte.stat().st_size and res["removed"] is False
+    assert _store(home).is_dir()
+    rc, out, err = _run(capsys, "device", "clean", "ssh:board")
+    assert rc == 0 and out.startswith("removed ") and "1 files" in out, err
+    assert not _store(home).exists()
+    rc, out, err = _run(capsys, "run", stories_pte, "--device", "ssh:board", *ARGS)
+    assert rc == 0 and f"sending {stories_pte.name}" in err
