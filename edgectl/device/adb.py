@@ -193,12 +193,12 @@ BUILD_HINT = ("build ExecuTorch's llama_main for Android (README: 'Android over 
 
 def clean(target: Target, dry_run: bool = False) -> dict:
     """Empty the phone's store (the runner in bin/ stays): as store.clean()."""
-    from edgectl.device.store import _cleaned
+    from edgectl.device.store import clean_result
 
     check_device(target)
     r = shell(target, f'n=$(ls {STORE} 2>/dev/null | wc -l); k=$(du -sk {STORE} 2>/dev/null | cut -f 1); '
                       f'echo "$n 0 ${{k:-0}}"' + ("" if dry_run else f" && rm -rf {STORE}"))
-    return _cleaned(target, r.returncode, r.stdout, r.stderr, dry_run)
+    return clean_result(target, r.returncode, r.stdout, r.stderr, dry_run)
 
 
 def ensure_runner(target: Target, runner: Path | None) -> str:

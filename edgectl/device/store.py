@@ -203,10 +203,10 @@ def clean(target: Target, dry_run: bool = False) -> dict:
     r = run_ssh(target, f'n=$(find "{STORE}" -type f 2>/dev/null | wc -l); m=$(ls "{SETS}" 2>/dev/null | wc -l); '
                         f'k=$(du -skc "{STORE}" "{SETS}" 2>/dev/null | tail -n 1 | cut -f 1); echo "$n $m ${{k:-0}}"'
                         + ("" if dry_run else f' && rm -rf "{STORE}" "{SETS}"'))
-    return _cleaned(target, r.returncode, r.stdout, r.stderr, dry_run)
+    return clean_result(target, r.returncode, r.stdout, r.stderr, dry_run)
 
 
-def _cleaned(target: Target, rc: int, out: str, err: str, dry_run: bool) -> dict:
+def clean_result(target: Target, rc: int, out: str, err: str, dry_run: bool) -> dict:
     """The counts line a clean command printed, as clean()'s dict."""
     words = out.strip().splitlines()[-1].split() if out.strip() else []
     if rc != 0 or len(words) != 3 or not all(w.isdigit() for w in words):
