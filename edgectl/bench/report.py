@@ -346,9 +346,9 @@ def render_table(report: BenchReport):
     title = f"edgectl bench: {what} + {s.new_tokens} new tokens, {s.repeat} run(s), {mode}, threads {s.threads or 'default'}"
     if report.cgroup_baseline is not None:
         title += f", cgroup cap = budget (runtime floor {report.cgroup_baseline / 1e6:.0f} MB included)"
-    here_emulated = any(not r.device for r in report.rows) and machine()["emulated"]
-    if here_emulated or any((r.device or {}).get("emulated") for r in report.rows):
-        title += ", EMULATED (timings mean nothing)"
+    emulated = [(not r.device and machine()["emulated"]) or bool((r.device or {}).get("emulated")) for r in report.rows]
+    if any(emulated):  # the device column names which rows when some are not
+        title += ", EMULATED (timings mean nothing)" if all(emulated) else ", rows marked emulated: their timings mean nothing"
     t = Table(title=title, title_justify="left")
     devices = any(r.device for r in report.rows)
     cols = ["artifact", *(["device"] if devices else []), "size MB", "load ms", "TTFT ms", "open→1st token ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "model RSS MB"]

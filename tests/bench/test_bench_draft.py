@@ -181,3 +181,27 @@ def test_bench_draft_lookup(stories_fp32_8da4w, tmp_path):
 def test_bad_precision_for_the_set(capsys, stories_fp32_8da4w):
     rc, out, err = _run(capsys, "bench", stories_fp32_8da4w, "--precision", "fp32", "--draft", "int3")
     assert rc == 2 and "fp32, 8da4w" in err and err.strip().count("\n") == 0 and out == ""
+
+
+def test_title_says_which_rows_are_emulated(tmp_path):
+    """All rows emulated: the title says EMULATED; some: it points at the rows (their device column)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    def title(rows) -> str:
+        c = Console(file=StringIO(), width=300)
+        c.print(report.render_table(report.BenchReport(report.BenchSettings(), rows, cold=False)))
+        return c.file.getvalue().splitlines()[0]
+
+    here, board = ({"name": n, "machine": m, "cpu": "x", "cores": 2, "mem_total_bytes": 2**30, "emulated": e}
+                   for n, m, e in (("here", "x86_64", False), ("board", "aarch64", True)))
+    a, b = _row(tmp_path / "a.pte", 10.0), _row(tmp_path / "a.pte", 1.0)
+    a.device, b.device = here, board
+    assert "rows marked emulated" in title([a, b]) and "EMULATED" not in title([a, b])
+    b2 = _row(tmp_path / "a.pte", 1.0)
+    b2.device = board
+    assert "EMULATED (timings mean nothing)" in title([b, b2])
+    a2 = _row(tmp_path / "a.pte", 10.0)
+    a2.device = here
+    assert "emulated" not in title([a2]).lower()
