@@ -52,7 +52,7 @@ def bench_remote(target: Target, artifacts: list[Path], options: list, *, remeas
     for flag, path in files.items():
         if path is not None:
             args += [flag, send_artifact(target, path)]
-    sent = {d: str(send_artifact(target, d)) for d in drafts}
+    sent = {d: send_artifact(target, d) for d in drafts}  # Remote paths: "$HOME/..." for the device's shell
     options = _drafts_as_sent(options, sent)
     out = Remote(f"$HOME/.cache/edgectl/bench-{os.getpid()}-{os.urandom(4).hex()}.json")
     rc = run_edgectl(target, [*args, *options, "-o", out], stdout=io.StringIO())
@@ -74,7 +74,7 @@ def bench_remote(target: Target, artifacts: list[Path], options: list, *, remeas
     return data, device
 
 
-def _drafts_as_sent(options: list, sent: dict[Path, str]) -> list:
+def _drafts_as_sent(options: list, sent: dict[Path, Remote]) -> list:
     """`options` with each --draft spec that names a sent artifact replaced by its device path."""
     out = list(options)
     for i, flag in enumerate(out[:-1]):

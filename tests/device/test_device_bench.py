@@ -69,10 +69,19 @@ def test_bench_prompt_file_on_the_device(capsys, tmp_path, monkeypatch, stories_
 def test_bench_draft_on_the_device(capsys, tmp_path, monkeypatch, stories_pte, stories_shards):  # noqa: F811
     """--draft with an ssh: device: lookup goes as it is, a draft artifact is sent and named by its
     device path there; the device's rows name the local draft, and greedy output matches the local rows."""
+    from edgectl.device import remote_bench
+    from edgectl.device.remote_run import Remote
+
     home = _device(tmp_path, monkeypatch)
+    calls = []  # the stand-in device shares this file system: check what the device is told, too
+    real = remote_bench.run_edgectl
+    monkeypatch.setattr(remote_bench, "run_edgectl", lambda t, args, **kw: calls.append(list(args)) or real(t, args, **kw))
     rc, out, err = _run(capsys, "bench", stories_shards, "--device", "local", "--device", "ssh:board",
                         "--draft", f"lookup,{stories_pte}", "--draft-tokens", "3", *BENCH, "--json")
     assert rc == 0, err
+    (args,) = calls
+    spec = args[args.index("--draft") + 1]
+    assert isinstance(spec, Remote) and spec == f"lookup,$HOME/.cache/edgectl/store/{_sha(stories_pte)}.pte"
     rows = json.loads(out)["rows"]
     assert [r["device"]["name"] for r in rows] == ["here"] * 3 + ["board"] * 3
     assert [r["options"] for r in rows[:3]] == [r["options"] for r in rows[3:]]
