@@ -267,11 +267,9 @@ def measure(job: Job) -> dict:
 
         kw["plan"] = Plan.load(options["plan_file"])
     if shard_set and options.get("draft") is not None and options.get("budget"):
-        from edgectl.bench.bench_draft import DEFAULT_K
         from edgectl.runtime.speculative import parse_draft, plan_draft
 
-        kw["draft"] = plan_draft(parse_draft(options["draft"], job.artifact), options.get("draft_tokens", DEFAULT_K),
-                                 options["budget"])
+        kw["draft"] = plan_draft(parse_draft(options["draft"], job.artifact), options.get("draft_tokens"), options["budget"])
     # positions this run uses: the KV cache a shard set plans for, and the perplexity window
     kw["context"] = job.ctx_size or (job.prompt_tokens + job.new_tokens if job.mode == "gen" else None)
     t_open = time.perf_counter()

@@ -199,7 +199,6 @@ def _where(items: list[Item]) -> str:
 def clean(target: Target, dry_run: bool = False) -> dict:
     """Empty what edgectl sent to the device (the store and the shard-set directories; a run in
     progress keeps the files it has open): {files, sets, bytes, removed}. `dry_run`: count only."""
-    _need_ssh()
     r = run_ssh(target, f'n=$(find "{STORE}" -type f 2>/dev/null | wc -l); m=$(ls "{SETS}" 2>/dev/null | wc -l); '
                         f'k=$(du -skc "{STORE}" "{SETS}" 2>/dev/null | tail -n 1 | cut -f 1); echo "$n $m ${{k:-0}}"'
                         + ("" if dry_run else f' && rm -rf "{STORE}" "{SETS}"'))

@@ -71,8 +71,7 @@ def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mo
         raise UsageError(f"--mode {mode!r}", hint=f"choose one of: {', '.join(MODES)}")
     if budget_bytes <= 0:
         raise UsageError("--memory-budget must be positive")
-    kw = dict(fixed=fixed_bytes + floor_bytes + (draft.bytes if draft else 0), slot_extra=slot_extra_bytes,
-              stream_extra=stream_extra_bytes, context=context, runtime_floor=floor_bytes, draft=draft)
+    kw = _costs(fixed_bytes, floor_bytes, slot_extra_bytes, stream_extra_bytes, context, draft)
     try:
         found = _in_mode(manifest, budget_bytes, latency_target_ms, mode, kw)
         if precision is None:
@@ -82,6 +81,13 @@ def plan(manifest, budget_bytes: int, latency_target_ms: float | None = None, mo
         return found
     finally:
         _sim_cache.clear()
+
+
+def _costs(fixed: int, floor: int, slot_extra: int, stream_extra: int, context: int | None,
+           draft: DraftCost | None) -> dict:
+    """_plan's cost keywords: the floor and a resident draft count as fixed bytes."""
+    return dict(fixed=fixed + floor + (draft.bytes if draft else 0), slot_extra=slot_extra, stream_extra=stream_extra,
+                context=context, runtime_floor=floor, draft=draft)
 
 
 def _compare_without_draft(found: Plan, manifest, budget: int, target: float | None, mode: str, kw: dict,
@@ -122,8 +128,7 @@ def check_budget(manifest, budget_bytes: int, mode: str = "auto", fixed_bytes: i
     if precision is not None:
         manifest = only_precision(manifest, precision)
     check_floor(budget_bytes, floor_bytes)
-    kw = dict(fixed=fixed_bytes + floor_bytes + (draft.bytes if draft else 0), slot_extra=slot_extra_bytes,
-              stream_extra=stream_extra_bytes, context=context, runtime_floor=floor_bytes, draft=draft)
+    kw = _costs(fixed_bytes, floor_bytes, slot_extra_bytes, stream_extra_bytes, context, draft)
     err = None
     for m in (("resident", "pipelined", "on-demand") if mode == "auto" else (mode,)):
         try:

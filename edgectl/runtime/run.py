@@ -167,9 +167,9 @@ def plan_for(artifact: str | Path, budget: int | None, mode: str = "auto", laten
     counted = None
     if draft is not None:
         from edgectl.runtime.plan_cost import draft_cost
-        from edgectl.runtime.speculative import parse_draft, parse_draft_tokens, plan_draft
+        from edgectl.runtime.speculative import parse_draft, plan_draft
 
-        if counted := plan_draft(parse_draft(draft, artifact), parse_draft_tokens(draft_tokens), budget):
+        if counted := plan_draft(parse_draft(draft, artifact), draft_tokens, budget):
             counted = draft_cost(manifest, *counted, context)
     p = plan(manifest, budget or 1 << 62, latency_target_ms, mode if budget else "resident",
              precision=precision, context=context, floor_bytes=floor, draft=counted)

@@ -358,13 +358,14 @@ def check_same_tokenizer(target, draft_path: Path, target_name: str) -> None:
                            f"({sha[1]}…)", hint="a draft needs the target's tokenizer")
 
 
-def plan_draft(spec: tuple[str, object] | None, k: int | str, budget: int | None) -> tuple[str, int] | None:
+def plan_draft(spec: tuple[str, object] | None, k: int | str | None, budget: int | None) -> tuple[str, int] | None:
     """What the target's budget plan counts for `spec` (ShardModel's `draft`): a precision of
-    the same shard set, as (precision, k; auto plans for its starting K). A lookup draft
-    holds nothing. Another model as the draft under a budget is refused: the planner
-    knows only the target's shard set."""
+    the same shard set, as (precision, k; `k` as --draft-tokens takes it, auto plans for its
+    starting K). A lookup draft holds nothing. Another model as the draft under a budget is
+    refused: the planner knows only the target's shard set."""
     if spec is None or not budget or spec[0] == "lookup":
         return None
+    k = parse_draft_tokens(k)
     if spec[0] == "path":
         raise UsageError(f"--memory-budget with --draft {spec[1]}: the planner counts a draft from the same shard set "
                          "only", hint="give a precision of the shard set (e.g. --draft 8da4w) or lookup")
